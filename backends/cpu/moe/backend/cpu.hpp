@@ -1,0 +1,80 @@
+#pragma once
+// moe::backend::Cpu<S>: the reference backend, on Eigen, with OpenMP over independent rows,
+// row blocks and experts. Every other backend is tested against this one.
+
+#include <algorithm>
+#include <type_traits>
+
+#include "moe/backend/cpu/eigen.hpp"
+#include "moe/backend/cpu/gemm.hpp"
+#include "moe/backend/cpu/host_matrix.hpp"
+#include "moe/backend/cpu/parallel.hpp"
+#include "moe/backend/cpu/permute.hpp"
+#include "moe/backend/cpu/reduce.hpp"
+#include "moe/backend.hpp"
+
+namespace moe::backend {
+
+template <class S>
+class Cpu {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>,
+                "moe::backend::Cpu supports float and double");
+
+ public:
+  using Scalar = S;
+  template <class T>
+  using Buffer = HostMatrix<T>;
+
+  // Per-call state: how many threads to use (0: all that OpenMP offers).
+  struct Context {
+    int threads = 0;
+  };
+
+  static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
+                   MatrixView<S> c) {
+    cpu::gemm(ctx.threads, ta, tb, alpha, a, b, beta, c);
+  }
+  static void grouped_gemm(Context& ctx, const index* offsets, index groups, Op tw, ConstMatrixView<S> a,
+                           ConstMatrixView<S> w, MatrixView<S> c) {
+    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c);
+  }
+  static void grouped_gemm_wgrad(Context& ctx, const index* offsets, index groups, ConstMatrixView<S> a,
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w);
+  }
+  // f(i) for every i in [0, count); items must write disjoint memory.
+  template <class F>
+  static void for_each(Context& ctx, index count, F&& f) {
+    cpu::parallel_for(ctx.threads, count, std::forward<F>(f));
+  }
+  static void gather_rows(Context& ctx, ConstMatrixView<S> src, const index* rows, MatrixView<S> dst) {
+    cpu::gather_rows(ctx.threads, src, rows, dst);
+  }
+  static void sum_rows(Context&, ConstMatrixView<S> m, S* out) { cpu::sum_rows(m, out); }
+  static void histogram(Context&, const index* keys, index count, index bins, index* counts) {
+    cpu::histogram(keys, count, bins, counts);
+  }
+  static void exclusive_scan(Context&, const index* in, index count, index* out) {
+    cpu::exclusive_scan(in, count, out);
+  }
+  static void stable_sort_by_key(Context&, const index* keys, index count, index bins, index* order) {
+    cpu::stable_sort_by_key(keys, count, bins, order);
+  }
+  template <class T>
+  static void fill(Context&, MatrixView<T> m, T value) {
+    for (index r = 0; r < m.rows; ++r) std::fill_n(m.row(r), m.cols, value);
+  }
+  // Copies between backend memory and host memory (the same memory here).
+  template <class T>
+  static void copy(Context&, ConstMatrixView<T> src, MatrixView<T> dst) {
+    detail::require(src.rows == dst.rows && src.cols == dst.cols, "copy: source is ", src.rows, " x ", src.cols,
+                    ", destination ", dst.rows, " x ", dst.cols);
+    for (index r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
+  }
+  static void synchronize(Context&) {}
+};
+
+static_assert(moe::Backend<Cpu<float>>);
+static_assert(moe::Backend<Cpu<double>>);
+
+}  // namespace moe::backend

@@ -1,0 +1,109 @@
+#pragma once
+// GEMM and grouped GEMM on Eigen, split into fixed blocks of output rows (never by thread
+// count) so that every element is computed by the same instruction sequence on any thread count.
+
+#include <algorithm>
+
+#include "moe/backend/cpu/eigen.hpp"
+#include "moe/backend/cpu/parallel.hpp"
+#include "moe/error.hpp"
+#include "moe/op.hpp"
+
+namespace moe::backend::cpu {
+
+inline constexpr index kGemmRowBlock = 64;
+
+// c = alpha * op(a) * op(b) + beta * c, for a block of rows [r0, r0 + m) of c.
+template <class S>
+void gemm_rows(Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c,
+               index r0, index m) {
+  auto cb = eigen(c).middleRows(r0, m);
+  const auto am = eigen(a);
+  const auto bm = eigen(b);
+  auto product = [&](const auto& lhs) {
+    if (tb == Op::none) {
+      if (beta == S(0)) cb.noalias() = alpha * (lhs * bm);
+      else { cb *= beta; cb.noalias() += alpha * (lhs * bm); }
+    } else {
+      if (beta == S(0)) cb.noalias() = alpha * (lhs * bm.transpose());
+      else { cb *= beta; cb.noalias() += alpha * (lhs * bm.transpose()); }
+    }
+  };
+  if (ta == Op::none) product(am.middleRows(r0, m));
+  else product(am.middleCols(r0, m).transpose());
+}
+
+template <class S>
+void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c) {
+  const index m = ta == Op::none ? a.rows : a.cols;
+  const index ka = ta == Op::none ? a.cols : a.rows;
+  const index kb = tb == Op::none ? b.rows : b.cols;
+  const index n = tb == Op::none ? b.cols : b.rows;
+  detail::require(ka == kb && c.rows == m && c.cols == n, "gemm: shapes do not agree: op(a) is ", m, " x ", ka,
+                  ", op(b) is ", kb, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  if (m == 0 || n == 0) return;
+  if (ka == 0) {
+    auto cm = eigen(c);
+    if (beta == S(0)) cm.setZero();
+    else cm *= beta;
+    return;
+  }
+  const index blocks = (m + kGemmRowBlock - 1) / kGemmRowBlock;
+  parallel_for(threads, blocks, [&](index blk) {
+    const index r0 = blk * kGemmRowBlock;
+    gemm_rows(ta, tb, alpha, a, b, beta, c, r0, std::min(kGemmRowBlock, m - r0));
+  });
+}
+
+// For each group g with rows [offsets[g], offsets[g+1]) of a and c:
+//   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
+template <class S>
+void grouped_gemm(int threads, const index* offsets, index groups, Op tw, ConstMatrixView<S> a,
+                  ConstMatrixView<S> w, MatrixView<S> c) {
+  detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
+                  " stacked weight rows do not split into ", groups, " groups");
+  const index wr = w.rows / groups;
+  const index k = tw == Op::none ? wr : w.cols;
+  const index n = tw == Op::none ? w.cols : wr;
+  detail::require(a.cols == k && c.cols == n && a.rows == c.rows && offsets[groups] == a.rows,
+                  "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k,
+                  " x ", n, ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
+  // Work items: (group, block of kGemmRowBlock rows) pairs, enumerated in a fixed order.
+  index items = 0;
+  for (index g = 0; g < groups; ++g) items += (offsets[g + 1] - offsets[g] + kGemmRowBlock - 1) / kGemmRowBlock;
+  std::vector<index> item_group(static_cast<std::size_t>(items)), item_row(static_cast<std::size_t>(items));
+  for (index g = 0, it = 0; g < groups; ++g)
+    for (index r = offsets[g]; r < offsets[g + 1]; r += kGemmRowBlock, ++it) {
+      item_group[static_cast<std::size_t>(it)] = g;
+      item_row[static_cast<std::size_t>(it)] = r;
+    }
+  parallel_for(threads, items, [&](index it) {
+    const index g = item_group[static_cast<std::size_t>(it)];
+    const index r0 = item_row[static_cast<std::size_t>(it)];
+    const index m = std::min(kGemmRowBlock, offsets[g + 1] - r0);
+    const ConstMatrixView<S> wg{w.data + g * wr * w.stride, wr, w.cols, w.stride};
+    const ConstMatrixView<S> ag = a.block_rows(r0, m);
+    gemm_rows(Op::none, tw, S(1), ag, wg, S(0), c.block_rows(r0, m), 0, m);
+  });
+}
+
+// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b.
+// One thread owns each group's whole reduction, so the summation order is fixed.
+template <class S>
+void grouped_gemm_wgrad(int threads, const index* offsets, index groups, ConstMatrixView<S> a,
+                        ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+  detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows &&
+                      offsets[groups] == a.rows,
+                  "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
+                  " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  parallel_for(threads, groups, [&](index g) {
+    const index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
+    MatrixView<S> wg{w.data + g * a.cols * w.stride, a.cols, w.cols, w.stride};
+    auto wm = eigen(wg);
+    if (beta == S(0)) wm.setZero();
+    else if (beta != S(1)) wm *= beta;
+    if (m > 0) wm.noalias() += eigen(a.block_rows(r0, m)).transpose() * eigen(b.block_rows(r0, m));
+  });
+}
+
+}  // namespace moe::backend::cpu

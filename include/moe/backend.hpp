@@ -1,0 +1,54 @@
+#pragma once
+// The Backend concept: HOW the layer's math runs on a device. A backend knows nothing of MoE;
+// it offers memory, GEMM (plain and grouped), parallel per-item maps, routing primitives
+// (histogram, scan, stable sort, gather) and ordered reductions. The layer, gates and experts
+// are written once against this set.
+
+#include <concepts>
+
+#include "moe/op.hpp"
+#include "moe/view.hpp"
+
+namespace moe {
+
+namespace detail {
+// A functor the concept check passes to for_each.
+struct NoopItem {
+  MOE_HD void operator()(index) const {}
+};
+}  // namespace detail
+
+// A backend B provides:
+//   B::Scalar                 storage and compute type of activations and parameters
+//   B::Buffer<T>              an owning row-major matrix in the backend's memory
+//   B::Context                per-call state (threads, stream, handles), default-constructible
+//   gemm, grouped_gemm, grouped_gemm_wgrad, for_each, gather_rows, sum_rows,
+//   histogram, exclusive_scan, stable_sort_by_key, fill, copy, synchronize
+template <class B>
+concept Backend =
+    requires { typename B::Scalar; typename B::Context; typename B::template Buffer<typename B::Scalar>; } &&
+    std::default_initializable<typename B::Context> &&
+    requires(typename B::Context& ctx, typename B::template Buffer<typename B::Scalar>& buf,
+             typename B::template Buffer<index>& ibuf, ConstMatrixView<typename B::Scalar> a,
+             MatrixView<typename B::Scalar> c, typename B::Scalar s, const index* ip, index* op, index n) {
+      buf.resize(n, n);
+      ibuf.resize(n, n);
+      { buf.view() } -> std::convertible_to<MatrixView<typename B::Scalar>>;
+      { ibuf.data() } -> std::convertible_to<index*>;
+      { buf.rows() } -> std::convertible_to<index>;
+      { buf.cols() } -> std::convertible_to<index>;
+      B::gemm(ctx, Op::none, Op::none, s, a, a, s, c);
+      B::grouped_gemm(ctx, ip, n, Op::none, a, a, c);
+      B::grouped_gemm_wgrad(ctx, ip, n, a, a, s, c);
+      B::for_each(ctx, n, detail::NoopItem{});
+      B::gather_rows(ctx, a, ip, c);
+      B::sum_rows(ctx, a, c.data);
+      B::histogram(ctx, ip, n, n, op);
+      B::exclusive_scan(ctx, ip, n, op);
+      B::stable_sort_by_key(ctx, ip, n, n, op);
+      B::fill(ctx, c, s);
+      B::copy(ctx, a, c);
+      B::synchronize(ctx);
+    };
+
+}  // namespace moe

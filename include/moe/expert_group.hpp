@@ -1,0 +1,40 @@
+#pragma once
+// The ExpertGroup concept: n experts of one type with stacked parameters, evaluated together
+// on an expert-contiguous buffer. Rows [offsets[e], offsets[e+1]) of the buffer are the tokens
+// routed to expert e, and no expert sees any other row (MATH.md 1).
+
+#include <concepts>
+#include <cstdint>
+#include <vector>
+
+#include "moe/backend.hpp"
+#include "moe/parameter.hpp"
+
+namespace moe {
+
+// An expert group E for backend B provides:
+//   E::Saved                     what its backward needs from its forward
+//   n_experts()
+//   forward(ctx, xs, offsets, ys, saved)           xs, ys: [rows x d], offsets: n + 1 entries
+//   backward(ctx, xs, offsets, saved, dys, dxs)    adds parameter gradients into their storage
+//   parameters()                 its named parameters, stacked over experts
+template <class E, class B>
+concept ExpertGroup =
+    Backend<B> && requires { typename E::Saved; } && std::default_initializable<typename E::Saved> &&
+    requires(E& e, const E& ce, typename B::Context& ctx, ConstMatrixView<typename B::Scalar> xs,
+             MatrixView<typename B::Scalar> ys, const index* offsets, typename E::Saved& saved,
+             const typename E::Saved& csaved) {
+      { ce.n_experts() } -> std::convertible_to<index>;
+      ce.forward(ctx, xs, offsets, ys, saved);
+      e.backward(ctx, xs, offsets, csaved, xs, ys);
+      { e.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
+    };
+
+// An expert family: a tag with a Config and a Group<B> built from (config, d_model, n_experts, seed).
+template <class Expert, class B>
+concept ExpertFamily = requires { typename Expert::Config; typename Expert::template Group<B>; } &&
+                       std::constructible_from<typename Expert::template Group<B>, const typename Expert::Config&,
+                                               index, index, std::uint64_t> &&
+                       ExpertGroup<typename Expert::template Group<B>, B>;
+
+}  // namespace moe

@@ -1,0 +1,198 @@
+#pragma once
+// moe::gate::NoisyTopK: the paper's gate (MATH.md 2-3).
+//   H = x W_g + z * (softplus(x W_noise) + eps),   G = softmax(KeepTopK(H, k))
+// with the smooth load estimator P(x, i) computed from the top-(k+1) noisy logits.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moe/detail/top_k.hpp"
+#include "moe/error.hpp"
+#include "moe/gate_policy.hpp"
+#include "moe/scalar_math.hpp"
+
+namespace moe::gate {
+
+struct NoisyTopK {
+  struct Config {
+    index k = 2;              // experts per token, 1 <= k <= n_experts
+    double eps_noise = 1e-2;  // MATH.md 2: added to softplus, the noise floor
+    bool noisy = true;        // false: no noise even in training; load falls back to counts
+    double w_importance = 1e-2;
+    double w_load = 1e-2;
+  };
+  template <Backend B>
+  class Policy;
+};
+
+template <Backend B>
+class NoisyTopK::Policy {
+  using S = typename B::Scalar;
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+ public:
+  struct Saved {
+    Buffer<S> clean, raw, z, h, p;  // [T x n]: clean logits, noise logits, noise, noisy logits, P(x, i)
+    Buffer<S> gate;                 // [T x k]
+    Buffer<index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
+    bool noise_active = false;
+    bool smooth_load = false;
+  };
+
+  Policy(const Config& config, index d_model, index n_experts, std::uint64_t /*seed*/)
+      : config_(config), d_(d_model), n_(n_experts) {
+    detail::require(n_experts >= 1, "gate::NoisyTopK: n_experts = ", n_experts, ", expected at least 1");
+    detail::require(config.k >= 1 && config.k <= n_experts, "gate::NoisyTopK: k = ", config.k,
+                    ", expected 1 <= k <= n_experts = ", n_experts);
+    detail::require(config.eps_noise >= 0 && std::isfinite(config.eps_noise), "gate::NoisyTopK: eps_noise = ",
+                    config.eps_noise, ", expected a finite value >= 0");
+    detail::require(config.w_importance >= 0 && config.w_load >= 0, "gate::NoisyTopK: w_importance = ",
+                    config.w_importance, ", w_load = ", config.w_load, ", expected both >= 0");
+    // MATH.md 2: W_g and W_noise start at zero ("no signal and some noise").
+    for (auto* b : {&w_gate_, &w_noise_, &g_gate_, &g_noise_}) b->resize(d_model, n_experts, S(0));
+  }
+
+  [[nodiscard]] index k() const { return config_.k; }
+  [[nodiscard]] index n_experts() const { return n_; }
+  [[nodiscard]] bool needs_noise(Mode mode) const { return config_.noisy && mode == Mode::train; }
+  [[nodiscard]] BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
+  [[nodiscard]] const Config& config() const { return config_; }
+
+  void forward(typename B::Context& ctx, ConstMatrixView<S> x, Mode mode, const GateNoise<S>& noise,
+               GateRouting<B>& routing, Saved& saved) const {
+    const index t_count = x.rows, n = n_, k = config_.k, kk = std::min(k + 1, n);
+    saved.noise_active = needs_noise(mode);
+    // MATH.md 3: without noise, or with no (k+1)-th logit, the load is the count.
+    saved.smooth_load = saved.noise_active && k < n;
+    for (auto* b : {&saved.clean, &saved.raw, &saved.z, &saved.h, &saved.p}) b->resize(t_count, n);
+    saved.gate.resize(t_count, k);
+    saved.top.resize(t_count, kk);
+    routing.expert.resize(t_count, k);
+    routing.gate.resize(t_count, k);
+
+    B::gemm(ctx, Op::none, Op::none, S(1), x, w_gate_.view(), S(0), saved.clean.view());
+    if (saved.noise_active) B::gemm(ctx, Op::none, Op::none, S(1), x, w_noise_.view(), S(0), saved.raw.view());
+    else B::fill(ctx, saved.raw.view(), S(0));
+
+    const S* clean = saved.clean.data();
+    const S* raw = saved.raw.data();
+    S* z = saved.z.data();
+    S* h = saved.h.data();
+    S* p = saved.p.data();
+    index* top = saved.top.data();
+    S* gate = saved.gate.data();
+    S* out_gate = routing.gate.data();
+    index* out_expert = routing.expert.data();
+    const bool active = saved.noise_active, smooth = saved.smooth_load;
+    const S eps = static_cast<S>(config_.eps_noise);
+    const GateNoise<S> nz = noise;
+    B::for_each(ctx, t_count, [=](index t) {
+      const S* c = clean + t * n;
+      const S* r = raw + t * n;
+      S* zr = z + t * n;
+      S* hr = h + t * n;
+      for (index i = 0; i < n; ++i) {
+        // MATH.md 2: sigma = softplus(raw) + eps in training, 0 at inference or without noise.
+        const S sigma = active ? detail::softplus(r[i]) + eps : S(0);
+        zr[i] = active ? nz.at(t, i) : S(0);
+        hr[i] = c[i] + zr[i] * sigma;
+      }
+      index* tp = top + t * kk;
+      detail::top_k_stable(hr, n, kk, tp);
+      // MATH.md 2: softmax over the k kept noisy logits; the first is the largest.
+      S sum = 0;
+      for (index j = 0; j < k; ++j) {
+        gate[t * k + j] = std::exp(hr[tp[j]] - hr[tp[0]]);
+        sum += gate[t * k + j];
+      }
+      for (index j = 0; j < k; ++j) {
+        gate[t * k + j] /= sum;
+        out_gate[t * k + j] = gate[t * k + j];
+        out_expert[t * k + j] = tp[j];
+      }
+      if (!smooth) return;
+      for (index i = 0; i < n; ++i) {
+        // MATH.md 3: threshold is the (k+1)-th noisy logit when i is in the top k, else the k-th.
+        const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+        const S sigma = detail::softplus(r[i]) + eps;
+        p[t * n + i] = detail::normal_cdf_scaled(c[i] - hr[th], sigma);
+      }
+    });
+    routing.load_is_count = !smooth;
+    routing.load.assign(static_cast<std::size_t>(n), S(0));
+    if (smooth) B::sum_rows(ctx, saved.p.view(), routing.load.data());
+  }
+
+  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate,
+                const S* dload, MatrixView<S> dx) {
+    const index t_count = x.rows, n = n_, k = config_.k, kk = saved.top.cols();
+    dclean_.resize(t_count, n);
+    draw_.resize(t_count, n);
+    const S* clean = saved.clean.data();
+    const S* raw = saved.raw.data();
+    const S* z = saved.z.data();
+    const S* h = saved.h.data();
+    const index* top = saved.top.data();
+    const S* gate = saved.gate.data();
+    const S* dg = dgate.data;
+    const index dg_stride = dgate.stride;
+    S* dc = dclean_.data();
+    S* dr = draw_.data();
+    const bool active = saved.noise_active;
+    const bool smooth = saved.smooth_load && dload != nullptr;
+    const S eps = static_cast<S>(config_.eps_noise);
+    B::for_each(ctx, t_count, [=](index t) {
+      const index* tp = top + t * kk;
+      const S* c = clean + t * n;
+      const S* hr = h + t * n;
+      S* dh = dc + t * n;
+      for (index i = 0; i < n; ++i) dh[i] = 0;
+      // MATH.md 5: dH_j = G_j (dG_j - sum_l G_l dG_l) for kept j.
+      S dot = 0;
+      for (index j = 0; j < k; ++j) dot += gate[t * k + j] * dg[t * dg_stride + j];
+      for (index j = 0; j < k; ++j) dh[tp[j]] += gate[t * k + j] * (dg[t * dg_stride + j] - dot);
+      // MATH.md 5: the threshold is another expert's noisy logit, and gradient flows into it.
+      if (smooth)
+        for (index i = 0; i < n; ++i) {
+          const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+          const S sigma = detail::softplus(raw[t * n + i]) + eps;
+          dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma).dz;
+        }
+      for (index i = 0; i < n; ++i) {
+        S dclean = dh[i];
+        S dsigma = dh[i] * z[t * n + i];  // MATH.md 5: H = clean + z * sigma
+        if (smooth) {
+          const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+          const S sigma = detail::softplus(raw[t * n + i]) + eps;
+          const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma);
+          dclean += dload[i] * g.dz;
+          dsigma += dload[i] * g.dsigma;
+        }
+        dh[i] = dclean;
+        dr[t * n + i] = active ? dsigma * detail::sigmoid(raw[t * n + i]) : S(0);
+      }
+    });
+    B::gemm(ctx, Op::transpose, Op::none, S(1), x, dclean_.view(), S(1), g_gate_.view());
+    B::gemm(ctx, Op::none, Op::transpose, S(1), dclean_.view(), w_gate_.view(), S(1), dx);
+    if (active) {
+      B::gemm(ctx, Op::transpose, Op::none, S(1), x, draw_.view(), S(1), g_noise_.view());
+      B::gemm(ctx, Op::none, Op::transpose, S(1), draw_.view(), w_noise_.view(), S(1), dx);
+    }
+  }
+
+  [[nodiscard]] std::vector<Parameter<S>> parameters() {
+    return {{"gate.w_gate", {d_, n_}, w_gate_.view(), g_gate_.view()},
+            {"gate.w_noise", {d_, n_}, w_noise_.view(), g_noise_.view()}};
+  }
+
+ private:
+  Config config_;
+  index d_, n_;
+  Buffer<S> w_gate_, w_noise_, g_gate_, g_noise_;
+  Buffer<S> dclean_, draw_;  // backward workspace, reused across calls
+};
+
+}  // namespace moe::gate

@@ -1,0 +1,344 @@
+#pragma once
+// moe::Layer: the Sparsely-Gated Mixture-of-Experts layer (MATH.md 1-3, 5).
+//   y(x) = sum_i G(x)_i E_i(x), each expert evaluated only on the tokens routed to it,
+// with the balancing losses and statistics returned beside the output.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "moe/backend.hpp"
+#include "moe/balance.hpp"
+#include "moe/comm/local.hpp"
+#include "moe/communicator.hpp"
+#include "moe/error.hpp"
+#include "moe/expert_group.hpp"
+#include "moe/gate_policy.hpp"
+#include "moe/mode.hpp"
+#include "moe/parameter.hpp"
+#include "moe/random.hpp"
+#include "moe/routing_plan.hpp"
+
+namespace moe {
+
+// Where the gate's noise z comes from in a training forward: a caller-owned Rng (one step per
+// call), or an explicit matrix [T x n_experts]. Gates without noise ignore it.
+template <class S>
+class Noise {
+ public:
+  Noise() = default;
+  Noise(Rng& rng) : rng_(&rng) {}                        // NOLINT(google-explicit-constructor)
+  Noise(ConstMatrixView<S> z) : z_(z), explicit_(true) {}  // NOLINT(google-explicit-constructor)
+
+  [[nodiscard]] bool empty() const { return rng_ == nullptr && !explicit_; }
+  [[nodiscard]] Rng* rng() const { return rng_; }
+  [[nodiscard]] bool is_explicit() const { return explicit_; }
+  [[nodiscard]] ConstMatrixView<S> values() const { return z_; }
+
+ private:
+  Rng* rng_ = nullptr;
+  ConstMatrixView<S> z_{};
+  bool explicit_ = false;
+};
+
+template <class Expert, class Gate, Backend B, int Depth = 1, Communicator Comm = comm::Local>
+  requires ExpertFamily<Expert, B> && GateFamily<Gate, B>
+class Layer {
+  static_assert(Depth >= 1, "moe::Layer: Depth must be at least 1");
+  static_assert(Depth == 1,
+                "moe::Layer: Depth > 1 (hierarchical MoE, MATH.md 4) is not available in this version; use Depth = 1");
+
+ public:
+  using Scalar = typename B::Scalar;
+  using Backend = B;
+  using ExpertGroup = typename Expert::template Group<B>;
+  using GatePolicy = typename Gate::template Policy<B>;
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+  struct Config {
+    index d_model = 0;    // d, the width of a token
+    index n_experts = 0;  // n
+    typename Expert::Config expert{};
+    typename Gate::Config gate{};
+    std::uint64_t seed = 0;    // parameter initialization
+    bool check_finite = true;  // reject NaN and Inf in inputs, noise and output gradients
+    int threads = 0;           // CPU threads, 0: all that OpenMP offers; results do not depend on it
+  };
+
+  // The result of one forward call: the output, the balance statistics, the routing, and what
+  // backward needs (kept here, owned by the caller; the layer holds no per-call state).
+  class Forward {
+   public:
+    Forward() = default;
+    [[nodiscard]] ConstMatrixView<Scalar> y() const { return y_.view(); }
+    [[nodiscard]] const BalanceStats<Scalar>& stats() const { return stats_; }
+    // The balancing loss to add to the training objective (stats().loss).
+    [[nodiscard]] Scalar loss() const { return stats_.loss; }
+    [[nodiscard]] ConstMatrixView<index> expert_index() const { return routing_.expert.view(); }  // [T x k]
+    [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }           // [T x k]
+    [[nodiscard]] Mode mode() const { return mode_; }
+    [[nodiscard]] bool valid() const { return owner_ != 0; }
+
+   private:
+    friend class Layer;
+    std::uint64_t owner_ = 0;
+    Mode mode_ = Mode::train;
+    Buffer<Scalar> x_, xs_, ys_, y_;
+    GateRouting<B> routing_;
+    RoutingPlan<B> plan_;
+    typename GatePolicy::Saved gate_saved_;
+    typename ExpertGroup::Saved expert_saved_;
+    BalanceStats<Scalar> stats_;
+  };
+
+  struct Backward {
+    Buffer<Scalar> dx;  // [T x d] gradient with respect to the input
+  };
+
+  explicit Layer(const Config& config, Comm comm = {})
+      : config_(validated(config)),
+        comm_(std::move(comm)),
+        gate_(config_.gate, config_.d_model, config_.n_experts, config_.seed),
+        experts_(config_.expert, config_.d_model, config_.n_experts, config_.seed),
+        id_(next_id()) {
+    detail::require(comm_.size() == 1, "moe::Layer: communicator has ", comm_.size(),
+                    " ranks, expected 1: expert sharding across processes is not available in this version");
+    detail::require(experts_.n_experts() == config_.n_experts && gate_.n_experts() == config_.n_experts,
+                    "moe::Layer: gate has ", gate_.n_experts(), " experts and expert group ", experts_.n_experts(),
+                    ", expected both = n_experts = ", config_.n_experts);
+  }
+
+  // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
+  Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
+    const index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
+    detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
+    detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows,
+                    " rows");
+    if (config_.check_finite) check_finite(x, "moe::Layer::forward: input");
+    GateNoise<Scalar> gate_noise{};
+    if (gate_.needs_noise(mode)) {
+      detail::require(!noise.empty(), "moe::Layer::forward: the gate draws noise in training; pass a moe::Rng ",
+                      "or an explicit noise matrix [T x n_experts] (or use Mode::inference)");
+      if (noise.is_explicit()) {
+        const auto z = noise.values();
+        detail::require(z.rows == t_count && z.cols == n, "moe::Layer::forward: noise is ", z.rows, " x ",
+                        z.cols, ", expected [T x n_experts] = ", t_count, " x ", n);
+        if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
+        gate_noise.values = z.data;
+        gate_noise.stride = z.stride;
+      } else {
+        const Rng::Draw draw = noise.rng()->next();
+        gate_noise.stream = draw.stream;
+        gate_noise.step = draw.step;
+      }
+    }
+
+    typename B::Context ctx{context()};
+    Forward f;
+    f.mode_ = mode;
+    f.x_.resize(t_count, d);
+    B::copy(ctx, x, f.x_.view());
+    const ConstMatrixView<Scalar> xc = f.x_.view();
+
+    gate_.forward(ctx, xc, mode, gate_noise, f.routing_, f.gate_saved_);
+    const index k = gate_.k();
+    detail::require(f.routing_.expert.rows() == t_count && f.routing_.expert.cols() == k &&
+                        f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
+                    "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
+                    f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
+    f.plan_.build(ctx, f.routing_.expert.view(), n);
+
+    // Dispatch: gather each slot's token into the expert-contiguous buffer.
+    const index slots = t_count * k;
+    f.xs_.resize(slots, d);
+    f.ys_.resize(slots, d);
+    B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
+    experts_.forward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.ys_.view(), f.expert_saved_);
+
+    // Combine, MATH.md 1: y[t] = sum over t's k slots, in slot order, of gate * expert output.
+    f.y_.resize(t_count, d);
+    {
+      const Scalar* ys = f.ys_.data();
+      const Scalar* g = f.routing_.gate.data();
+      const index* pos = f.plan_.position.data();
+      Scalar* y = f.y_.data();
+      B::for_each(ctx, t_count, [=](index t) {
+        for (index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
+        for (index j = 0; j < k; ++j) {
+          const Scalar gj = g[t * k + j];
+          const Scalar* row = ys + pos[t * k + j] * d;
+          for (index c = 0; c < d; ++c) y[t * d + c] += gj * row[c];
+        }
+      });
+    }
+    f.stats_ = balance(ctx, f);
+    f.owner_ = id_;
+    return f;
+  }
+
+  // Gradients of sum(dy .* y) + aux_scale * loss with respect to the input (returned) and every
+  // parameter (added into the parameters' grad storage; see zero_grad).
+  Backward backward(const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
+    detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
+    detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
+    const index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
+    detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
+                    ", expected the output's shape ", t_count, " x ", d);
+    if (config_.check_finite) check_finite(dy, "moe::Layer::backward: dy");
+    detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ",
+                    aux_scale, ", expected a finite value");
+
+    typename B::Context ctx{context()};
+    const BalanceWeights w = gate_.balance_weights();
+    const BalanceStats<Scalar>& st = f.stats_;
+    // MATH.md 5: differentiate CV^2 through mean and variance, for Importance and smooth Load.
+    std::vector<Scalar> dimportance(static_cast<std::size_t>(n), Scalar(0));
+    std::vector<Scalar> dload(static_cast<std::size_t>(n), Scalar(0));
+    cv_squared_grad(st.importance.data(), n, aux_scale * static_cast<Scalar>(w.w_importance), dimportance.data());
+    if (!st.load_is_count) cv_squared_grad(st.load.data(), n, aux_scale * static_cast<Scalar>(w.w_load), dload.data());
+
+    const index slots = t_count * k;
+    dys_.resize(slots, d);
+    dxs_.resize(slots, d);
+    dgate_.resize(t_count, k);
+    Backward out;
+    out.dx.resize(t_count, d);
+    {
+      const Scalar* g = f.routing_.gate.data();
+      const index* ex = f.routing_.expert.data();
+      const index* ord = f.plan_.order.data();
+      const index* tok = f.plan_.token_of.data();
+      const index* pos = f.plan_.position.data();
+      const Scalar* ys = f.ys_.data();
+      const Scalar* dyp = dy.data;
+      const index dy_stride = dy.stride;
+      const Scalar* dimp = dimportance.data();
+      Scalar* dys = dys_.data();
+      Scalar* dg = dgate_.data();
+      // Combine backward: each sorted row gets gate * dy of its token.
+      B::for_each(ctx, slots, [=](index p) {
+        const Scalar gs = g[ord[p]];
+        const Scalar* src = dyp + tok[p] * dy_stride;
+        for (index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
+      });
+      // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i).
+      B::for_each(ctx, t_count, [=](index t) {
+        for (index j = 0; j < k; ++j) {
+          const Scalar* row = ys + pos[t * k + j] * d;
+          Scalar acc = 0;
+          for (index c = 0; c < d; ++c) acc += dyp[t * dy_stride + c] * row[c];
+          dg[t * k + j] = acc + dimp[ex[t * k + j]];
+        }
+      });
+    }
+    experts_.backward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.expert_saved_, dys_.view(), dxs_.view());
+    {
+      const Scalar* dxs = dxs_.data();
+      const index* pos = f.plan_.position.data();
+      Scalar* dx = out.dx.data();
+      // Dispatch backward: each token sums its k slots' input gradients in slot order.
+      B::for_each(ctx, t_count, [=](index t) {
+        for (index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
+        for (index j = 0; j < k; ++j) {
+          const Scalar* row = dxs + pos[t * k + j] * d;
+          for (index c = 0; c < d; ++c) dx[t * d + c] += row[c];
+        }
+      });
+    }
+    gate_.backward(ctx, f.x_.view(), f.gate_saved_, dgate_.view(), st.load_is_count ? nullptr : dload.data(),
+                   out.dx.view());
+    return out;
+  }
+
+  // Every trainable tensor, gate first, under its stable dotted name.
+  [[nodiscard]] std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> all = gate_.parameters();
+    for (auto& p : experts_.parameters()) all.push_back(std::move(p));
+    return all;
+  }
+
+  void zero_grad() {
+    typename B::Context ctx{context()};
+    for (auto& p : parameters()) B::fill(ctx, p.grad, Scalar(0));
+  }
+
+  [[nodiscard]] const Config& config() const { return config_; }
+  [[nodiscard]] index k() const { return gate_.k(); }
+  [[nodiscard]] GatePolicy& gate() { return gate_; }
+  [[nodiscard]] ExpertGroup& experts() { return experts_; }
+  [[nodiscard]] Comm& communicator() { return comm_; }
+
+ private:
+  static Config validated(const Config& c) {
+    detail::require(c.d_model >= 1, "moe::Layer: d_model = ", c.d_model, ", expected at least 1");
+    detail::require(c.n_experts >= 1, "moe::Layer: n_experts = ", c.n_experts, ", expected at least 1");
+    detail::require(c.threads >= 0, "moe::Layer: threads = ", c.threads, ", expected >= 0 (0: all available)");
+    return c;
+  }
+
+  static std::uint64_t next_id() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+  }
+
+  typename B::Context context() const {
+    typename B::Context ctx{};
+    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
+    return ctx;
+  }
+
+  static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
+    for (index r = 0; r < m.rows; ++r)
+      for (index c = 0; c < m.cols; ++c)
+        if (!std::isfinite(static_cast<double>(m(r, c))))
+          detail::fail(what, " has the non-finite value ", m(r, c), " at (", r, ", ", c,
+                       "), expected finite values (Config::check_finite = false skips this check)");
+  }
+
+  // MATH.md 3: Importance, Load, CV^2 and the weighted losses.
+  BalanceStats<Scalar> balance(typename B::Context& ctx, const Forward& f) {
+    const index n = config_.n_experts;
+    BalanceStats<Scalar> st;
+    st.importance.assign(static_cast<std::size_t>(n), Scalar(0));
+    st.tokens_per_expert.assign(f.plan_.counts.data(), f.plan_.counts.data() + n);
+    {
+      // Importance_i = sum over the batch of G(x)_i, added in token order (stable plan).
+      const Scalar* g = f.routing_.gate.data();
+      const index* ord = f.plan_.order.data();
+      const index* off = f.plan_.offsets.data();
+      Scalar* imp = st.importance.data();
+      B::for_each(ctx, n, [=](index e) {
+        Scalar acc = 0;
+        for (index p = off[e]; p < off[e + 1]; ++p) acc += g[ord[p]];
+        imp[e] = acc;
+      });
+    }
+    st.load_is_count = f.routing_.load_is_count;
+    if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
+    else st.load = f.routing_.load;
+    detail::require(static_cast<index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ",
+                    st.load.size(), " entries, expected n_experts = ", n);
+    // MATH.md 6: summed over the global batch before CV^2.
+    comm_.all_reduce_sum(st.importance.data(), n);
+    comm_.all_reduce_sum(st.load.data(), n);
+    const BalanceWeights w = gate_.balance_weights();
+    st.cv2_importance = cv_squared(st.importance);
+    st.cv2_load = cv_squared(st.load);
+    st.loss_importance = static_cast<Scalar>(w.w_importance) * st.cv2_importance;
+    st.loss_load = static_cast<Scalar>(w.w_load) * st.cv2_load;
+    st.loss = st.loss_importance + st.loss_load;
+    return st;
+  }
+
+  Config config_;
+  Comm comm_;
+  GatePolicy gate_;
+  ExpertGroup experts_;
+  std::uint64_t id_;
+  Buffer<Scalar> dys_, dxs_, dgate_;  // backward workspace, reused across calls
+};
+
+}  // namespace moe

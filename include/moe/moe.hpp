@@ -1,0 +1,21 @@
+#pragma once
+// The whole backend-independent library. Add a backend header, e.g. <moe/backend/cpu.hpp>.
+
+#include "moe/backend.hpp"
+#include "moe/balance.hpp"
+#include "moe/comm/local.hpp"
+#include "moe/communicator.hpp"
+#include "moe/error.hpp"
+#include "moe/expert/feed_forward.hpp"
+#include "moe/expert_group.hpp"
+#include "moe/gate/noisy_top_k.hpp"
+#include "moe/gate/softmax.hpp"
+#include "moe/gate_policy.hpp"
+#include "moe/layer.hpp"
+#include "moe/mode.hpp"
+#include "moe/optim/adam.hpp"
+#include "moe/optim/sgd.hpp"
+#include "moe/parameter.hpp"
+#include "moe/random.hpp"
+#include "moe/routing_plan.hpp"
+#include "moe/view.hpp"

@@ -1,0 +1,77 @@
+#pragma once
+// moe::optim::Adam (Kingma and Ba, 2015) with bias correction, on named parameters.
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "moe/backend.hpp"
+#include "moe/error.hpp"
+#include "moe/parameter.hpp"
+
+namespace moe::optim {
+
+template <Backend B>
+class Adam {
+  using S = typename B::Scalar;
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+ public:
+  struct Config {
+    double lr = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-8;
+    double weight_decay = 0.0;  // decoupled (AdamW), 0: none
+  };
+
+  explicit Adam(const Config& config) : config_(config) {
+    detail::require(config.lr > 0, "optim::Adam: lr = ", config.lr, ", expected > 0");
+    detail::require(config.beta1 >= 0 && config.beta1 < 1 && config.beta2 >= 0 && config.beta2 < 1,
+                    "optim::Adam: beta1 = ", config.beta1, ", beta2 = ", config.beta2, ", expected both in [0, 1)");
+    detail::require(config.eps > 0, "optim::Adam: eps = ", config.eps, ", expected > 0");
+    detail::require(config.weight_decay >= 0, "optim::Adam: weight_decay = ", config.weight_decay,
+                    ", expected >= 0");
+  }
+
+  void step(const std::vector<Parameter<S>>& params) {
+    ++t_;
+    typename B::Context ctx;
+    const S lr = static_cast<S>(config_.lr), b1 = static_cast<S>(config_.beta1), b2 = static_cast<S>(config_.beta2);
+    const S eps = static_cast<S>(config_.eps), wd = static_cast<S>(config_.weight_decay);
+    const S c1 = S(1) - static_cast<S>(std::pow(config_.beta1, static_cast<double>(t_)));
+    const S c2 = S(1) - static_cast<S>(std::pow(config_.beta2, static_cast<double>(t_)));
+    for (const auto& p : params) {
+      detail::require(p.value.contiguous() && p.grad.contiguous(), "optim::Adam: parameter ", p.name,
+                      " is not contiguous");
+      auto& st = state_[p.name];
+      if (st.m.size() != p.size()) {
+        st.m.resize(p.value.rows, p.value.cols, S(0));
+        st.v.resize(p.value.rows, p.value.cols, S(0));
+      }
+      S* value = p.value.data;
+      const S* grad = p.grad.data;
+      S* m = st.m.data();
+      S* v = st.v.data();
+      B::for_each(ctx, p.size(), [=](index i) {
+        m[i] = b1 * m[i] + (S(1) - b1) * grad[i];
+        v[i] = b2 * v[i] + (S(1) - b2) * grad[i] * grad[i];
+        value[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + wd * value[i]);
+      });
+    }
+  }
+
+  [[nodiscard]] long steps() const { return t_; }
+
+ private:
+  struct Moments {
+    Buffer<S> m, v;
+  };
+  Config config_;
+  long t_ = 0;
+  std::map<std::string, Moments> state_;
+};
+
+}  // namespace moe::optim

@@ -1,0 +1,50 @@
+#pragma once
+// RoutingPlan: the T*k (token, expert, gate) slots of a batch, stably sorted by expert.
+// Slot s = t * k + j is token t's j-th choice. Sorting is stable, so within an expert the
+// tokens keep their batch order, and the plan is a pure function of the gate's choices.
+
+#include "moe/backend.hpp"
+#include "moe/error.hpp"
+
+namespace moe {
+
+template <Backend B>
+struct RoutingPlan {
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+  index tokens = 0;
+  index k = 0;
+  index experts = 0;
+  Buffer<index> order;     // [T*k] sorted position p -> slot s
+  Buffer<index> position;  // [T*k] slot s -> sorted position p
+  Buffer<index> token_of;  // [T*k] sorted position p -> token
+  Buffer<index> counts;    // [n] tokens routed to each expert
+  Buffer<index> offsets;   // [n + 1] expert e owns sorted rows [offsets[e], offsets[e+1])
+
+  // expert: [T x k] expert index of each slot.
+  void build(typename B::Context& ctx, ConstMatrixView<index> expert, index n_experts) {
+    tokens = expert.rows;
+    k = expert.cols;
+    experts = n_experts;
+    const index slots = tokens * k;
+    order.resize(slots, 1);
+    position.resize(slots, 1);
+    token_of.resize(slots, 1);
+    counts.resize(n_experts, 1);
+    offsets.resize(n_experts + 1, 1);
+    B::histogram(ctx, expert.data, slots, n_experts, counts.data());
+    B::exclusive_scan(ctx, counts.data(), n_experts, offsets.data());
+    B::stable_sort_by_key(ctx, expert.data, slots, n_experts, order.data());
+    const index* ord = order.data();
+    index* pos = position.data();
+    index* tok = token_of.data();
+    const index kk = k;
+    B::for_each(ctx, slots, [=](index p) {
+      pos[ord[p]] = p;
+      tok[p] = ord[p] / kk;
+    });
+  }
+};
+
+}  // namespace moe

@@ -1,0 +1,70 @@
+#pragma once
+// Views: a pointer, a shape and a row stride, the one currency every primitive takes.
+// They never own memory. A CPU user can pass an Eigen row-major matrix, Map or Ref directly.
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define MOE_HD __host__ __device__
+#else
+#define MOE_HD
+#endif
+
+namespace moe {
+
+using index = std::int64_t;
+
+namespace detail {
+// Anything shaped like an Eigen dense row-major matrix: data(), rows(), cols(), outerStride().
+template <class M>
+concept RowMajorDense = requires(M& m) {
+  m.data();
+  { m.rows() } -> std::convertible_to<index>;
+  { m.cols() } -> std::convertible_to<index>;
+  { m.outerStride() } -> std::convertible_to<index>;
+  requires static_cast<bool>(std::remove_cvref_t<M>::IsRowMajor);
+};
+}  // namespace detail
+
+// A row-major matrix view: element (r, c) lives at data[r * stride + c].
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  index rows = 0;
+  index cols = 0;
+  index stride = 0;
+
+  constexpr MatrixView() = default;
+  constexpr MatrixView(T* d, index r, index c) : data(d), rows(r), cols(c), stride(c) {}
+  constexpr MatrixView(T* d, index r, index c, index s) : data(d), rows(r), cols(c), stride(s) {}
+
+  // A view of non-const data converts to a view of const data.
+  template <class U>
+    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+  constexpr MatrixView(MatrixView<U> other)  // NOLINT(google-explicit-constructor)
+      : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
+
+  // Wraps an Eigen row-major matrix, Map or Ref without a copy.
+  template <detail::RowMajorDense M>
+    requires std::is_convertible_v<decltype(std::declval<M&>().data()), T*>
+  MatrixView(M& m)  // NOLINT(google-explicit-constructor)
+      : data(m.data()), rows(m.rows()), cols(m.cols()), stride(m.cols() == 0 ? 0 : m.outerStride()) {}
+
+  MOE_HD T& operator()(index r, index c) const { return data[r * stride + c]; }
+  MOE_HD T* row(index r) const { return data + r * stride; }
+  [[nodiscard]] constexpr index size() const { return rows * cols; }
+  [[nodiscard]] constexpr bool empty() const { return rows == 0 || cols == 0; }
+  [[nodiscard]] constexpr bool contiguous() const { return stride == cols || rows <= 1; }
+
+  [[nodiscard]] constexpr MatrixView block_rows(index first, index count) const {
+    return {data + first * stride, count, cols, stride};
+  }
+};
+
+template <class T>
+using ConstMatrixView = MatrixView<const T>;
+
+}  // namespace moe
