@@ -14,7 +14,7 @@ namespace moe {
 namespace detail {
 // A functor the concept check passes to for_each.
 struct NoopItem {
-  MOE_HD void operator()(index) const {}
+  MOE_HD void operator()(Index) const {}
 };
 }  // namespace detail
 
@@ -29,14 +29,14 @@ concept Backend =
     requires { typename B::Scalar; typename B::Context; typename B::template Buffer<typename B::Scalar>; } &&
     std::default_initializable<typename B::Context> &&
     requires(typename B::Context& ctx, typename B::template Buffer<typename B::Scalar>& buf,
-             typename B::template Buffer<index>& ibuf, ConstMatrixView<typename B::Scalar> a,
-             MatrixView<typename B::Scalar> c, typename B::Scalar s, const index* ip, index* op, index n) {
+             typename B::template Buffer<Index>& ibuf, ConstMatrixView<typename B::Scalar> a,
+             MatrixView<typename B::Scalar> c, typename B::Scalar s, const Index* ip, Index* op, Index n) {
       buf.resize(n, n);
       ibuf.resize(n, n);
       { buf.view() } -> std::convertible_to<MatrixView<typename B::Scalar>>;
-      { ibuf.data() } -> std::convertible_to<index*>;
-      { buf.rows() } -> std::convertible_to<index>;
-      { buf.cols() } -> std::convertible_to<index>;
+      { ibuf.data() } -> std::convertible_to<Index*>;
+      { buf.rows() } -> std::convertible_to<Index>;
+      { buf.cols() } -> std::convertible_to<Index>;
       B::gemm(ctx, Op::none, Op::none, s, a, a, s, c);
       B::grouped_gemm(ctx, ip, n, Op::none, a, a, c);
       B::grouped_gemm_wgrad(ctx, ip, n, a, a, s, c);

@@ -19,7 +19,7 @@ namespace moe {
 //   barrier()
 template <class C>
 concept Communicator = requires(C& c, const C& cc, double* d, float* f, const std::byte* send, std::byte* recv,
-                                const index* counts, index n) {
+                                const Index* counts, Index n) {
   { cc.rank() } -> std::convertible_to<int>;
   { cc.size() } -> std::convertible_to<int>;
   c.all_reduce_sum(d, n);

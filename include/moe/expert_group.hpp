@@ -22,9 +22,9 @@ template <class E, class B>
 concept ExpertGroup =
     Backend<B> && requires { typename E::Saved; } && std::default_initializable<typename E::Saved> &&
     requires(E& e, const E& ce, typename B::Context& ctx, ConstMatrixView<typename B::Scalar> xs,
-             MatrixView<typename B::Scalar> ys, const index* offsets, typename E::Saved& saved,
+             MatrixView<typename B::Scalar> ys, const Index* offsets, typename E::Saved& saved,
              const typename E::Saved& csaved) {
-      { ce.n_experts() } -> std::convertible_to<index>;
+      { ce.n_experts() } -> std::convertible_to<Index>;
       ce.forward(ctx, xs, offsets, ys, saved);
       e.backward(ctx, xs, offsets, csaved, xs, ys);
       { e.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
@@ -34,7 +34,7 @@ concept ExpertGroup =
 template <class Expert, class B>
 concept ExpertFamily = requires { typename Expert::Config; typename Expert::template Group<B>; } &&
                        std::constructible_from<typename Expert::template Group<B>, const typename Expert::Config&,
-                                               index, index, std::uint64_t> &&
+                                               Index, Index, std::uint64_t> &&
                        ExpertGroup<typename Expert::template Group<B>, B>;
 
 }  // namespace moe

@@ -20,11 +20,11 @@ namespace moe {
 template <class S>
 struct GateNoise {
   const S* values = nullptr;  // explicit z, row-major with the given stride, or null
-  index stride = 0;
+  Index stride = 0;
   CounterRandom stream{};
   std::uint64_t step = 0;
 
-  MOE_HD S at(index token, index expert) const {
+  MOE_HD S at(Index token, Index expert) const {
     if (values != nullptr) return values[token * stride + expert];
     return static_cast<S>(stream.normal(static_cast<std::uint64_t>(token), static_cast<std::uint32_t>(expert),
                                         static_cast<std::uint32_t>(step)));
@@ -35,7 +35,7 @@ struct GateNoise {
 template <class B>
 struct GateRouting {
   using S = typename B::Scalar;
-  typename B::template Buffer<index> expert;  // [T x k] expert of each slot, no repeats per token
+  typename B::template Buffer<Index> expert;  // [T x k] expert of each slot, no repeats per token
   typename B::template Buffer<S> gate;        // [T x k] gate value of each slot
   std::vector<S> load;                        // [n] smooth load, when !load_is_count
   bool load_is_count = true;                  // the layer then uses the hard counts
@@ -57,8 +57,8 @@ concept GatePolicy =
              const GateNoise<typename B::Scalar>& noise, GateRouting<B>& routing, typename G::Saved& saved,
              const typename G::Saved& csaved, ConstMatrixView<typename B::Scalar> dgate,
              const typename B::Scalar* dload, MatrixView<typename B::Scalar> dx) {
-      { cg.k() } -> std::convertible_to<index>;
-      { cg.n_experts() } -> std::convertible_to<index>;
+      { cg.k() } -> std::convertible_to<Index>;
+      { cg.n_experts() } -> std::convertible_to<Index>;
       { cg.needs_noise(mode) } -> std::convertible_to<bool>;
       { cg.balance_weights() } -> std::convertible_to<BalanceWeights>;
       g.forward(ctx, x, mode, noise, routing, saved);
@@ -70,7 +70,7 @@ concept GatePolicy =
 template <class Gate, class B>
 concept GateFamily = requires { typename Gate::Config; typename Gate::template Policy<B>; } &&
                      std::constructible_from<typename Gate::template Policy<B>, const typename Gate::Config&,
-                                             index, index, std::uint64_t> &&
+                                             Index, Index, std::uint64_t> &&
                      GatePolicy<typename Gate::template Policy<B>, B>;
 
 }  // namespace moe

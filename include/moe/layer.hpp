@@ -59,8 +59,8 @@ class Layer {
   using Buffer = typename B::template Buffer<T>;
 
   struct Config {
-    index d_model = 0;    // d, the width of a token
-    index n_experts = 0;  // n
+    Index d_model = 0;    // d, the width of a token
+    Index n_experts = 0;  // n
     typename Expert::Config expert{};
     typename Gate::Config gate{};
     std::uint64_t seed = 0;    // parameter initialization
@@ -77,7 +77,7 @@ class Layer {
     [[nodiscard]] const BalanceStats<Scalar>& stats() const { return stats_; }
     // The balancing loss to add to the training objective (stats().loss).
     [[nodiscard]] Scalar loss() const { return stats_.loss; }
-    [[nodiscard]] ConstMatrixView<index> expert_index() const { return routing_.expert.view(); }  // [T x k]
+    [[nodiscard]] ConstMatrixView<Index> expert_index() const { return routing_.expert.view(); }  // [T x k]
     [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }           // [T x k]
     [[nodiscard]] Mode mode() const { return mode_; }
     [[nodiscard]] bool valid() const { return owner_ != 0; }
@@ -113,7 +113,7 @@ class Layer {
 
   // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
-    const index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
+    const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
     detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows,
                     " rows");
@@ -144,7 +144,7 @@ class Layer {
     const ConstMatrixView<Scalar> xc = f.x_.view();
 
     gate_.forward(ctx, xc, mode, gate_noise, f.routing_, f.gate_saved_);
-    const index k = gate_.k();
+    const Index k = gate_.k();
     detail::require(f.routing_.expert.rows() == t_count && f.routing_.expert.cols() == k &&
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
@@ -152,7 +152,7 @@ class Layer {
     f.plan_.build(ctx, f.routing_.expert.view(), n);
 
     // Dispatch: gather each slot's token into the expert-contiguous buffer.
-    const index slots = t_count * k;
+    const Index slots = t_count * k;
     f.xs_.resize(slots, d);
     f.ys_.resize(slots, d);
     B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
@@ -163,14 +163,14 @@ class Layer {
     {
       const Scalar* ys = f.ys_.data();
       const Scalar* g = f.routing_.gate.data();
-      const index* pos = f.plan_.position.data();
+      const Index* pos = f.plan_.position.data();
       Scalar* y = f.y_.data();
-      B::for_each(ctx, t_count, [=](index t) {
-        for (index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
-        for (index j = 0; j < k; ++j) {
+      B::for_each(ctx, t_count, [=](Index t) {
+        for (Index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
+        for (Index j = 0; j < k; ++j) {
           const Scalar gj = g[t * k + j];
           const Scalar* row = ys + pos[t * k + j] * d;
-          for (index c = 0; c < d; ++c) y[t * d + c] += gj * row[c];
+          for (Index c = 0; c < d; ++c) y[t * d + c] += gj * row[c];
         }
       });
     }
@@ -184,7 +184,7 @@ class Layer {
   Backward backward(const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
     detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
     detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
-    const index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
+    const Index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
     detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
                     ", expected the output's shape ", t_count, " x ", d);
     if (config_.check_finite) check_finite(dy, "moe::Layer::backward: dy");
@@ -200,7 +200,7 @@ class Layer {
     cv_squared_grad(st.importance.data(), n, aux_scale * static_cast<Scalar>(w.w_importance), dimportance.data());
     if (!st.load_is_count) cv_squared_grad(st.load.data(), n, aux_scale * static_cast<Scalar>(w.w_load), dload.data());
 
-    const index slots = t_count * k;
+    const Index slots = t_count * k;
     dys_.resize(slots, d);
     dxs_.resize(slots, d);
     dgate_.resize(t_count, k);
@@ -208,28 +208,28 @@ class Layer {
     out.dx.resize(t_count, d);
     {
       const Scalar* g = f.routing_.gate.data();
-      const index* ex = f.routing_.expert.data();
-      const index* ord = f.plan_.order.data();
-      const index* tok = f.plan_.token_of.data();
-      const index* pos = f.plan_.position.data();
+      const Index* ex = f.routing_.expert.data();
+      const Index* ord = f.plan_.order.data();
+      const Index* tok = f.plan_.token_of.data();
+      const Index* pos = f.plan_.position.data();
       const Scalar* ys = f.ys_.data();
       const Scalar* dyp = dy.data;
-      const index dy_stride = dy.stride;
+      const Index dy_stride = dy.stride;
       const Scalar* dimp = dimportance.data();
       Scalar* dys = dys_.data();
       Scalar* dg = dgate_.data();
       // Combine backward: each sorted row gets gate * dy of its token.
-      B::for_each(ctx, slots, [=](index p) {
+      B::for_each(ctx, slots, [=](Index p) {
         const Scalar gs = g[ord[p]];
         const Scalar* src = dyp + tok[p] * dy_stride;
-        for (index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
+        for (Index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
       });
       // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i).
-      B::for_each(ctx, t_count, [=](index t) {
-        for (index j = 0; j < k; ++j) {
+      B::for_each(ctx, t_count, [=](Index t) {
+        for (Index j = 0; j < k; ++j) {
           const Scalar* row = ys + pos[t * k + j] * d;
           Scalar acc = 0;
-          for (index c = 0; c < d; ++c) acc += dyp[t * dy_stride + c] * row[c];
+          for (Index c = 0; c < d; ++c) acc += dyp[t * dy_stride + c] * row[c];
           dg[t * k + j] = acc + dimp[ex[t * k + j]];
         }
       });
@@ -237,14 +237,14 @@ class Layer {
     experts_.backward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.expert_saved_, dys_.view(), dxs_.view());
     {
       const Scalar* dxs = dxs_.data();
-      const index* pos = f.plan_.position.data();
+      const Index* pos = f.plan_.position.data();
       Scalar* dx = out.dx.data();
       // Dispatch backward: each token sums its k slots' input gradients in slot order.
-      B::for_each(ctx, t_count, [=](index t) {
-        for (index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
-        for (index j = 0; j < k; ++j) {
+      B::for_each(ctx, t_count, [=](Index t) {
+        for (Index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
+        for (Index j = 0; j < k; ++j) {
           const Scalar* row = dxs + pos[t * k + j] * d;
-          for (index c = 0; c < d; ++c) dx[t * d + c] += row[c];
+          for (Index c = 0; c < d; ++c) dx[t * d + c] += row[c];
         }
       });
     }
@@ -266,7 +266,7 @@ class Layer {
   }
 
   [[nodiscard]] const Config& config() const { return config_; }
-  [[nodiscard]] index k() const { return gate_.k(); }
+  [[nodiscard]] Index k() const { return gate_.k(); }
   [[nodiscard]] GatePolicy& gate() { return gate_; }
   [[nodiscard]] ExpertGroup& experts() { return experts_; }
   [[nodiscard]] Comm& communicator() { return comm_; }
@@ -291,8 +291,8 @@ class Layer {
   }
 
   static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
-    for (index r = 0; r < m.rows; ++r)
-      for (index c = 0; c < m.cols; ++c)
+    for (Index r = 0; r < m.rows; ++r)
+      for (Index c = 0; c < m.cols; ++c)
         if (!std::isfinite(static_cast<double>(m(r, c))))
           detail::fail(what, " has the non-finite value ", m(r, c), " at (", r, ", ", c,
                        "), expected finite values (Config::check_finite = false skips this check)");
@@ -300,26 +300,26 @@ class Layer {
 
   // MATH.md 3: Importance, Load, CV^2 and the weighted losses.
   BalanceStats<Scalar> balance(typename B::Context& ctx, const Forward& f) {
-    const index n = config_.n_experts;
+    const Index n = config_.n_experts;
     BalanceStats<Scalar> st;
     st.importance.assign(static_cast<std::size_t>(n), Scalar(0));
     st.tokens_per_expert.assign(f.plan_.counts.data(), f.plan_.counts.data() + n);
     {
       // Importance_i = sum over the batch of G(x)_i, added in token order (stable plan).
       const Scalar* g = f.routing_.gate.data();
-      const index* ord = f.plan_.order.data();
-      const index* off = f.plan_.offsets.data();
+      const Index* ord = f.plan_.order.data();
+      const Index* off = f.plan_.offsets.data();
       Scalar* imp = st.importance.data();
-      B::for_each(ctx, n, [=](index e) {
+      B::for_each(ctx, n, [=](Index e) {
         Scalar acc = 0;
-        for (index p = off[e]; p < off[e + 1]; ++p) acc += g[ord[p]];
+        for (Index p = off[e]; p < off[e + 1]; ++p) acc += g[ord[p]];
         imp[e] = acc;
       });
     }
     st.load_is_count = f.routing_.load_is_count;
     if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
     else st.load = f.routing_.load;
-    detail::require(static_cast<index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ",
+    detail::require(static_cast<Index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ",
                     st.load.size(), " entries, expected n_experts = ", n);
     // MATH.md 6: summed over the global batch before CV^2.
     comm_.all_reduce_sum(st.importance.data(), n);

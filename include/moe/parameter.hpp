@@ -15,11 +15,11 @@ namespace moe {
 template <class S>
 struct Parameter {
   std::string name;
-  std::vector<index> shape;
+  std::vector<Index> shape;
   MatrixView<S> value;
   MatrixView<S> grad;
 
-  [[nodiscard]] index size() const { return value.rows * value.cols; }
+  [[nodiscard]] Index size() const { return value.rows * value.cols; }
 };
 
 namespace detail {
@@ -40,7 +40,7 @@ void init_uniform(typename B::Context& ctx, MatrixView<S> v, std::uint64_t seed,
   const CounterRandom stream{seed};
   const std::uint32_t id = name_id(name);
   S* data = v.data;
-  B::for_each(ctx, v.rows * v.cols, [=](index i) {
+  B::for_each(ctx, v.rows * v.cols, [=](Index i) {
     data[i] = static_cast<S>(bound * stream.symmetric_uniform(static_cast<std::uint64_t>(i), id, 0x1417u));
   });
 }

@@ -13,21 +13,21 @@ struct RoutingPlan {
   template <class T>
   using Buffer = typename B::template Buffer<T>;
 
-  index tokens = 0;
-  index k = 0;
-  index experts = 0;
-  Buffer<index> order;     // [T*k] sorted position p -> slot s
-  Buffer<index> position;  // [T*k] slot s -> sorted position p
-  Buffer<index> token_of;  // [T*k] sorted position p -> token
-  Buffer<index> counts;    // [n] tokens routed to each expert
-  Buffer<index> offsets;   // [n + 1] expert e owns sorted rows [offsets[e], offsets[e+1])
+  Index tokens = 0;
+  Index k = 0;
+  Index experts = 0;
+  Buffer<Index> order;     // [T*k] sorted position p -> slot s
+  Buffer<Index> position;  // [T*k] slot s -> sorted position p
+  Buffer<Index> token_of;  // [T*k] sorted position p -> token
+  Buffer<Index> counts;    // [n] tokens routed to each expert
+  Buffer<Index> offsets;   // [n + 1] expert e owns sorted rows [offsets[e], offsets[e+1])
 
   // expert: [T x k] expert index of each slot.
-  void build(typename B::Context& ctx, ConstMatrixView<index> expert, index n_experts) {
+  void build(typename B::Context& ctx, ConstMatrixView<Index> expert, Index n_experts) {
     tokens = expert.rows;
     k = expert.cols;
     experts = n_experts;
-    const index slots = tokens * k;
+    const Index slots = tokens * k;
     order.resize(slots, 1);
     position.resize(slots, 1);
     token_of.resize(slots, 1);
@@ -36,11 +36,11 @@ struct RoutingPlan {
     B::histogram(ctx, expert.data, slots, n_experts, counts.data());
     B::exclusive_scan(ctx, counts.data(), n_experts, offsets.data());
     B::stable_sort_by_key(ctx, expert.data, slots, n_experts, order.data());
-    const index* ord = order.data();
-    index* pos = position.data();
-    index* tok = token_of.data();
-    const index kk = k;
-    B::for_each(ctx, slots, [=](index p) {
+    const Index* ord = order.data();
+    Index* pos = position.data();
+    Index* tok = token_of.data();
+    const Index kk = k;
+    B::for_each(ctx, slots, [=](Index p) {
       pos[ord[p]] = p;
       tok[p] = ord[p] / kk;
     });

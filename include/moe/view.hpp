@@ -15,16 +15,16 @@
 
 namespace moe {
 
-using index = std::int64_t;
+using Index = std::int64_t;
 
 namespace detail {
 // Anything shaped like an Eigen dense row-major matrix: data(), rows(), cols(), outerStride().
 template <class M>
 concept RowMajorDense = requires(M& m) {
   m.data();
-  { m.rows() } -> std::convertible_to<index>;
-  { m.cols() } -> std::convertible_to<index>;
-  { m.outerStride() } -> std::convertible_to<index>;
+  { m.rows() } -> std::convertible_to<Index>;
+  { m.cols() } -> std::convertible_to<Index>;
+  { m.outerStride() } -> std::convertible_to<Index>;
   requires static_cast<bool>(std::remove_cvref_t<M>::IsRowMajor);
 };
 }  // namespace detail
@@ -33,13 +33,13 @@ concept RowMajorDense = requires(M& m) {
 template <class T>
 struct MatrixView {
   T* data = nullptr;
-  index rows = 0;
-  index cols = 0;
-  index stride = 0;
+  Index rows = 0;
+  Index cols = 0;
+  Index stride = 0;
 
   constexpr MatrixView() = default;
-  constexpr MatrixView(T* d, index r, index c) : data(d), rows(r), cols(c), stride(c) {}
-  constexpr MatrixView(T* d, index r, index c, index s) : data(d), rows(r), cols(c), stride(s) {}
+  constexpr MatrixView(T* d, Index r, Index c) : data(d), rows(r), cols(c), stride(c) {}
+  constexpr MatrixView(T* d, Index r, Index c, Index s) : data(d), rows(r), cols(c), stride(s) {}
 
   // A view of non-const data converts to a view of const data.
   template <class U>
@@ -53,13 +53,13 @@ struct MatrixView {
   MatrixView(M& m)  // NOLINT(google-explicit-constructor)
       : data(m.data()), rows(m.rows()), cols(m.cols()), stride(m.cols() == 0 ? 0 : m.outerStride()) {}
 
-  MOE_HD T& operator()(index r, index c) const { return data[r * stride + c]; }
-  MOE_HD T* row(index r) const { return data + r * stride; }
-  [[nodiscard]] constexpr index size() const { return rows * cols; }
+  MOE_HD T& operator()(Index r, Index c) const { return data[r * stride + c]; }
+  MOE_HD T* row(Index r) const { return data + r * stride; }
+  [[nodiscard]] constexpr Index size() const { return rows * cols; }
   [[nodiscard]] constexpr bool empty() const { return rows == 0 || cols == 0; }
   [[nodiscard]] constexpr bool contiguous() const { return stride == cols || rows <= 1; }
 
-  [[nodiscard]] constexpr MatrixView block_rows(index first, index count) const {
+  [[nodiscard]] constexpr MatrixView block_rows(Index first, Index count) const {
     return {data + first * stride, count, cols, stride};
   }
 };

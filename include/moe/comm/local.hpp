@@ -12,10 +12,10 @@ class Local {
  public:
   [[nodiscard]] int rank() const { return 0; }
   [[nodiscard]] int size() const { return 1; }
-  void all_reduce_sum(double*, index) {}
-  void all_reduce_sum(float*, index) {}
+  void all_reduce_sum(double*, Index) {}
+  void all_reduce_sum(float*, Index) {}
   // With one rank, what is sent to rank 0 is what is received from rank 0.
-  void all_to_all_v(const std::byte* send, const index* send_counts, std::byte* recv, const index* recv_counts) {
+  void all_to_all_v(const std::byte* send, const Index* send_counts, std::byte* recv, const Index* recv_counts) {
     detail::require(send_counts[0] == recv_counts[0], "comm::Local::all_to_all_v: sending ", send_counts[0],
                     " bytes to rank 0 but receiving ", recv_counts[0], ", expected equal counts with one rank");
     if (send_counts[0] > 0 && send != recv) std::copy_n(send, send_counts[0], recv);

@@ -8,13 +8,13 @@ namespace moe::detail {
 
 // out[0..kk) = indices of the kk largest of v[0..n), in descending order.
 template <class S>
-MOE_HD inline void top_k_stable(const S* v, index n, index kk, index* out) {
-  for (index j = 0; j < kk; ++j) {
-    index best = -1;
-    for (index i = 0; i < n; ++i) {
+MOE_HD inline void top_k_stable(const S* v, Index n, Index kk, Index* out) {
+  for (Index j = 0; j < kk; ++j) {
+    Index best = -1;
+    for (Index i = 0; i < n; ++i) {
       if (j > 0) {
         // Eligible: strictly after the previous pick in the order (value desc, index asc).
-        const index prev = out[j - 1];
+        const Index prev = out[j - 1];
         if (!(v[i] < v[prev] || (v[i] == v[prev] && i > prev))) continue;
       }
       if (best < 0 || v[i] > v[best]) best = i;
@@ -23,8 +23,8 @@ MOE_HD inline void top_k_stable(const S* v, index n, index kk, index* out) {
   }
 }
 
-MOE_HD inline bool contains(const index* list, index count, index value) {
-  for (index j = 0; j < count; ++j)
+MOE_HD inline bool contains(const Index* list, Index count, Index value) {
+  for (Index j = 0; j < count; ++j)
     if (list[j] == value) return true;
   return false;
 }

@@ -14,7 +14,7 @@ namespace moe::expert {
 
 struct FeedForward {
   struct Config {
-    index hidden = 0;   // h, the hidden width of each expert
+    Index hidden = 0;   // h, the hidden width of each expert
     bool bias = false;  // the reference implementation has none
   };
   template <Backend B>
@@ -33,12 +33,12 @@ class FeedForward::Group {
     Buffer<S> act;  // [rows x h] relu(pre)
   };
 
-  Group(const Config& config, index d_model, index n_experts, std::uint64_t seed)
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(config.hidden >= 1, "expert::FeedForward: hidden = ", config.hidden,
                     ", expected at least 1 (set Config::hidden)");
     detail::require(n_experts >= 1, "expert::FeedForward: n_experts = ", n_experts, ", expected at least 1");
-    const index h = config.hidden;
+    const Index h = config.hidden;
     w1_.resize(n_ * d_, h);
     w2_.resize(n_ * h, d_);
     g1_.resize(n_ * d_, h, S(0));
@@ -53,23 +53,23 @@ class FeedForward::Group {
     detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)));
   }
 
-  [[nodiscard]] index n_experts() const { return n_; }
+  [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] const Config& config() const { return config_; }
 
-  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const index* offsets, MatrixView<S> ys,
+  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved& saved) const {
-    const index rows = xs.rows, h = config_.hidden;
+    const Index rows = xs.rows, h = config_.hidden;
     saved.pre.resize(rows, h);
     saved.act.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.pre.view());
     S* pre = saved.pre.data();
     S* act = saved.act.data();
     const S* b1 = config_.bias ? b1_.data() : nullptr;
-    const index* off = offsets;
-    const index n = n_;
-    B::for_each(ctx, rows, [=](index r) {
+    const Index* off = offsets;
+    const Index n = n_;
+    B::for_each(ctx, rows, [=](Index r) {
       const S* bias = b1 != nullptr ? b1 + expert_of_row(off, n, r) * h : nullptr;
-      for (index c = 0; c < h; ++c) {
+      for (Index c = 0; c < h; ++c) {
         if (bias != nullptr) pre[r * h + c] += bias[c];
         act[r * h + c] = pre[r * h + c] > S(0) ? pre[r * h + c] : S(0);
       }
@@ -78,15 +78,15 @@ class FeedForward::Group {
     if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
   }
 
-  void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const index* offsets, const Saved& saved,
+  void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
-    const index rows = xs.rows, h = config_.hidden;
+    const Index rows = xs.rows, h = config_.hidden;
     dpre_.resize(rows, h);
     B::grouped_gemm_wgrad(ctx, offsets, n_, saved.act.view(), dys, S(1), g2_.view());
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dpre_.view());
     S* dpre = dpre_.data();
     const S* pre = saved.pre.data();
-    B::for_each(ctx, rows * h, [=](index i) {
+    B::for_each(ctx, rows * h, [=](Index i) {
       if (!(pre[i] > S(0))) dpre[i] = S(0);
     });
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, ConstMatrixView<S>(dpre_.view()), S(1), g1_.view());
@@ -98,7 +98,7 @@ class FeedForward::Group {
   }
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() {
-    const index h = config_.hidden;
+    const Index h = config_.hidden;
     std::vector<Parameter<S>> p{{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
                                 {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}};
     if (config_.bias) {
@@ -110,35 +110,35 @@ class FeedForward::Group {
 
  private:
   // The expert owning row r of the expert-contiguous buffer (binary search in offsets).
-  MOE_HD static index expert_of_row(const index* offsets, index n, index r) {
-    index lo = 0, hi = n;
+  MOE_HD static Index expert_of_row(const Index* offsets, Index n, Index r) {
+    Index lo = 0, hi = n;
     while (hi - lo > 1) {
-      const index mid = (lo + hi) / 2;
+      const Index mid = (lo + hi) / 2;
       if (offsets[mid] <= r) lo = mid;
       else hi = mid;
     }
     return lo;
   }
 
-  void add_row_bias(typename B::Context& ctx, const index* offsets, const S* bias, MatrixView<S> ys) const {
-    const index n = n_, cols = ys.cols;
-    B::for_each(ctx, ys.rows, [=](index r) {
+  void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
+    const Index n = n_, cols = ys.cols;
+    B::for_each(ctx, ys.rows, [=](Index r) {
       const S* b = bias + expert_of_row(offsets, n, r) * cols;
-      for (index c = 0; c < cols; ++c) ys(r, c) += b[c];
+      for (Index c = 0; c < cols; ++c) ys(r, c) += b[c];
     });
   }
 
   // grad[e, :] += sum of the rows of m owned by expert e, in row order.
-  void sum_rows_per_expert(typename B::Context& ctx, const index* offsets, ConstMatrixView<S> m, S* grad) const {
-    const index cols = m.cols;
-    B::for_each(ctx, n_, [=](index e) {
-      for (index r = offsets[e]; r < offsets[e + 1]; ++r)
-        for (index c = 0; c < cols; ++c) grad[e * cols + c] += m(r, c);
+  void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
+    const Index cols = m.cols;
+    B::for_each(ctx, n_, [=](Index e) {
+      for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
+        for (Index c = 0; c < cols; ++c) grad[e * cols + c] += m(r, c);
     });
   }
 
   Config config_;
-  index d_, n_;
+  Index d_, n_;
   Buffer<S> w1_, w2_, b1_, b2_;
   Buffer<S> g1_, g2_, gb1_, gb2_;
   Buffer<S> dpre_;  // backward workspace

@@ -17,7 +17,7 @@ namespace moe::gate {
 
 struct NoisyTopK {
   struct Config {
-    index k = 2;              // experts per token, 1 <= k <= n_experts
+    Index k = 2;              // experts per token, 1 <= k <= n_experts
     double eps_noise = 1e-2;  // MATH.md 2: added to softplus, the noise floor
     bool noisy = true;        // false: no noise even in training; load falls back to counts
     double w_importance = 1e-2;
@@ -37,12 +37,12 @@ class NoisyTopK::Policy {
   struct Saved {
     Buffer<S> clean, raw, z, h, p;  // [T x n]: clean logits, noise logits, noise, noisy logits, P(x, i)
     Buffer<S> gate;                 // [T x k]
-    Buffer<index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
+    Buffer<Index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
     bool noise_active = false;
     bool smooth_load = false;
   };
 
-  Policy(const Config& config, index d_model, index n_experts, std::uint64_t /*seed*/)
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t /*seed*/)
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(n_experts >= 1, "gate::NoisyTopK: n_experts = ", n_experts, ", expected at least 1");
     detail::require(config.k >= 1 && config.k <= n_experts, "gate::NoisyTopK: k = ", config.k,
@@ -55,15 +55,15 @@ class NoisyTopK::Policy {
     for (auto* b : {&w_gate_, &w_noise_, &g_gate_, &g_noise_}) b->resize(d_model, n_experts, S(0));
   }
 
-  [[nodiscard]] index k() const { return config_.k; }
-  [[nodiscard]] index n_experts() const { return n_; }
+  [[nodiscard]] Index k() const { return config_.k; }
+  [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] bool needs_noise(Mode mode) const { return config_.noisy && mode == Mode::train; }
   [[nodiscard]] BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
   [[nodiscard]] const Config& config() const { return config_; }
 
   void forward(typename B::Context& ctx, ConstMatrixView<S> x, Mode mode, const GateNoise<S>& noise,
                GateRouting<B>& routing, Saved& saved) const {
-    const index t_count = x.rows, n = n_, k = config_.k, kk = std::min(k + 1, n);
+    const Index t_count = x.rows, n = n_, k = config_.k, kk = std::min(k + 1, n);
     saved.noise_active = needs_noise(mode);
     // MATH.md 3: without noise, or with no (k+1)-th logit, the load is the count.
     saved.smooth_load = saved.noise_active && k < n;
@@ -82,41 +82,41 @@ class NoisyTopK::Policy {
     S* z = saved.z.data();
     S* h = saved.h.data();
     S* p = saved.p.data();
-    index* top = saved.top.data();
+    Index* top = saved.top.data();
     S* gate = saved.gate.data();
     S* out_gate = routing.gate.data();
-    index* out_expert = routing.expert.data();
+    Index* out_expert = routing.expert.data();
     const bool active = saved.noise_active, smooth = saved.smooth_load;
     const S eps = static_cast<S>(config_.eps_noise);
     const GateNoise<S> nz = noise;
-    B::for_each(ctx, t_count, [=](index t) {
+    B::for_each(ctx, t_count, [=](Index t) {
       const S* c = clean + t * n;
       const S* r = raw + t * n;
       S* zr = z + t * n;
       S* hr = h + t * n;
-      for (index i = 0; i < n; ++i) {
+      for (Index i = 0; i < n; ++i) {
         // MATH.md 2: sigma = softplus(raw) + eps in training, 0 at inference or without noise.
         const S sigma = active ? detail::softplus(r[i]) + eps : S(0);
         zr[i] = active ? nz.at(t, i) : S(0);
         hr[i] = c[i] + zr[i] * sigma;
       }
-      index* tp = top + t * kk;
+      Index* tp = top + t * kk;
       detail::top_k_stable(hr, n, kk, tp);
       // MATH.md 2: softmax over the k kept noisy logits; the first is the largest.
       S sum = 0;
-      for (index j = 0; j < k; ++j) {
+      for (Index j = 0; j < k; ++j) {
         gate[t * k + j] = std::exp(hr[tp[j]] - hr[tp[0]]);
         sum += gate[t * k + j];
       }
-      for (index j = 0; j < k; ++j) {
+      for (Index j = 0; j < k; ++j) {
         gate[t * k + j] /= sum;
         out_gate[t * k + j] = gate[t * k + j];
         out_expert[t * k + j] = tp[j];
       }
       if (!smooth) return;
-      for (index i = 0; i < n; ++i) {
+      for (Index i = 0; i < n; ++i) {
         // MATH.md 3: threshold is the (k+1)-th noisy logit when i is in the top k, else the k-th.
-        const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+        const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
         const S sigma = detail::softplus(r[i]) + eps;
         p[t * n + i] = detail::normal_cdf_scaled(c[i] - hr[th], sigma);
       }
@@ -128,44 +128,44 @@ class NoisyTopK::Policy {
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate,
                 const S* dload, MatrixView<S> dx) {
-    const index t_count = x.rows, n = n_, k = config_.k, kk = saved.top.cols();
+    const Index t_count = x.rows, n = n_, k = config_.k, kk = saved.top.cols();
     dclean_.resize(t_count, n);
     draw_.resize(t_count, n);
     const S* clean = saved.clean.data();
     const S* raw = saved.raw.data();
     const S* z = saved.z.data();
     const S* h = saved.h.data();
-    const index* top = saved.top.data();
+    const Index* top = saved.top.data();
     const S* gate = saved.gate.data();
     const S* dg = dgate.data;
-    const index dg_stride = dgate.stride;
+    const Index dg_stride = dgate.stride;
     S* dc = dclean_.data();
     S* dr = draw_.data();
     const bool active = saved.noise_active;
     const bool smooth = saved.smooth_load && dload != nullptr;
     const S eps = static_cast<S>(config_.eps_noise);
-    B::for_each(ctx, t_count, [=](index t) {
-      const index* tp = top + t * kk;
+    B::for_each(ctx, t_count, [=](Index t) {
+      const Index* tp = top + t * kk;
       const S* c = clean + t * n;
       const S* hr = h + t * n;
       S* dh = dc + t * n;
-      for (index i = 0; i < n; ++i) dh[i] = 0;
+      for (Index i = 0; i < n; ++i) dh[i] = 0;
       // MATH.md 5: dH_j = G_j (dG_j - sum_l G_l dG_l) for kept j.
       S dot = 0;
-      for (index j = 0; j < k; ++j) dot += gate[t * k + j] * dg[t * dg_stride + j];
-      for (index j = 0; j < k; ++j) dh[tp[j]] += gate[t * k + j] * (dg[t * dg_stride + j] - dot);
+      for (Index j = 0; j < k; ++j) dot += gate[t * k + j] * dg[t * dg_stride + j];
+      for (Index j = 0; j < k; ++j) dh[tp[j]] += gate[t * k + j] * (dg[t * dg_stride + j] - dot);
       // MATH.md 5: the threshold is another expert's noisy logit, and gradient flows into it.
       if (smooth)
-        for (index i = 0; i < n; ++i) {
-          const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+        for (Index i = 0; i < n; ++i) {
+          const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
           const S sigma = detail::softplus(raw[t * n + i]) + eps;
           dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma).dz;
         }
-      for (index i = 0; i < n; ++i) {
+      for (Index i = 0; i < n; ++i) {
         S dclean = dh[i];
         S dsigma = dh[i] * z[t * n + i];  // MATH.md 5: H = clean + z * sigma
         if (smooth) {
-          const index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+          const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
           const S sigma = detail::softplus(raw[t * n + i]) + eps;
           const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma);
           dclean += dload[i] * g.dz;
@@ -190,7 +190,7 @@ class NoisyTopK::Policy {
 
  private:
   Config config_;
-  index d_, n_;
+  Index d_, n_;
   Buffer<S> w_gate_, w_noise_, g_gate_, g_noise_;
   Buffer<S> dclean_, draw_;  // backward workspace, reused across calls
 };

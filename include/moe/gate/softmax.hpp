@@ -32,7 +32,7 @@ class Softmax::Policy {
     Buffer<S> gate;  // [T x n]
   };
 
-  Policy(const Config& config, index d_model, index n_experts, std::uint64_t seed)
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(n_experts >= 1, "gate::Softmax: n_experts = ", n_experts, ", expected at least 1");
     detail::require(config.w_importance >= 0 && config.w_load >= 0, "gate::Softmax: w_importance = ",
@@ -46,31 +46,31 @@ class Softmax::Policy {
     }
   }
 
-  [[nodiscard]] index k() const { return n_; }
-  [[nodiscard]] index n_experts() const { return n_; }
+  [[nodiscard]] Index k() const { return n_; }
+  [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] bool needs_noise(Mode) const { return false; }
   [[nodiscard]] BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
 
   void forward(typename B::Context& ctx, ConstMatrixView<S> x, Mode, const GateNoise<S>&, GateRouting<B>& routing,
                Saved& saved) const {
-    const index t_count = x.rows, n = n_;
+    const Index t_count = x.rows, n = n_;
     saved.gate.resize(t_count, n);
     routing.expert.resize(t_count, n);
     routing.gate.resize(t_count, n);
     B::gemm(ctx, Op::none, Op::none, S(1), x, w_gate_.view(), S(0), saved.gate.view());
     S* g = saved.gate.data();
     S* out_gate = routing.gate.data();
-    index* out_expert = routing.expert.data();
-    B::for_each(ctx, t_count, [=](index t) {
+    Index* out_expert = routing.expert.data();
+    B::for_each(ctx, t_count, [=](Index t) {
       S* row = g + t * n;
       S top = row[0];
-      for (index i = 1; i < n; ++i) top = row[i] > top ? row[i] : top;
+      for (Index i = 1; i < n; ++i) top = row[i] > top ? row[i] : top;
       S sum = 0;
-      for (index i = 0; i < n; ++i) {
+      for (Index i = 0; i < n; ++i) {
         row[i] = std::exp(row[i] - top);
         sum += row[i];
       }
-      for (index i = 0; i < n; ++i) {
+      for (Index i = 0; i < n; ++i) {
         row[i] /= sum;
         out_gate[t * n + i] = row[i];
         out_expert[t * n + i] = i;
@@ -82,16 +82,16 @@ class Softmax::Policy {
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate,
                 const S*, MatrixView<S> dx) {
-    const index t_count = x.rows, n = n_;
+    const Index t_count = x.rows, n = n_;
     dlogits_.resize(t_count, n);
     const S* g = saved.gate.data();
     const S* dg = dgate.data;
-    const index dg_stride = dgate.stride;
+    const Index dg_stride = dgate.stride;
     S* dl = dlogits_.data();
-    B::for_each(ctx, t_count, [=](index t) {
+    B::for_each(ctx, t_count, [=](Index t) {
       S dot = 0;
-      for (index i = 0; i < n; ++i) dot += g[t * n + i] * dg[t * dg_stride + i];
-      for (index i = 0; i < n; ++i) dl[t * n + i] = g[t * n + i] * (dg[t * dg_stride + i] - dot);
+      for (Index i = 0; i < n; ++i) dot += g[t * n + i] * dg[t * dg_stride + i];
+      for (Index i = 0; i < n; ++i) dl[t * n + i] = g[t * n + i] * (dg[t * dg_stride + i] - dot);
     });
     B::gemm(ctx, Op::transpose, Op::none, S(1), x, dlogits_.view(), S(1), g_gate_.view());
     B::gemm(ctx, Op::none, Op::transpose, S(1), dlogits_.view(), w_gate_.view(), S(1), dx);
@@ -103,7 +103,7 @@ class Softmax::Policy {
 
  private:
   Config config_;
-  index d_, n_;
+  Index d_, n_;
   Buffer<S> w_gate_, g_gate_;
   Buffer<S> dlogits_;
 };

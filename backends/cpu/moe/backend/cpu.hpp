@@ -34,42 +34,45 @@ class Cpu {
                    MatrixView<S> c) {
     cpu::gemm(ctx.threads, ta, tb, alpha, a, b, beta, c);
   }
-  static void grouped_gemm(Context& ctx, const index* offsets, index groups, Op tw, ConstMatrixView<S> a,
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
                            ConstMatrixView<S> w, MatrixView<S> c) {
     cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c);
   }
-  static void grouped_gemm_wgrad(Context& ctx, const index* offsets, index groups, ConstMatrixView<S> a,
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
                                  ConstMatrixView<S> b, S beta, MatrixView<S> w) {
     cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w);
   }
+  // Light items (a token's gate, an element) go parallel only in chunks of at least this many.
+  static constexpr Index kItemsPerThread = 256;
+
   // f(i) for every i in [0, count); items must write disjoint memory.
   template <class F>
-  static void for_each(Context& ctx, index count, F&& f) {
-    cpu::parallel_for(ctx.threads, count, std::forward<F>(f));
+  static void for_each(Context& ctx, Index count, F&& f) {
+    cpu::parallel_for(ctx.threads, count, std::forward<F>(f), kItemsPerThread);
   }
-  static void gather_rows(Context& ctx, ConstMatrixView<S> src, const index* rows, MatrixView<S> dst) {
+  static void gather_rows(Context& ctx, ConstMatrixView<S> src, const Index* rows, MatrixView<S> dst) {
     cpu::gather_rows(ctx.threads, src, rows, dst);
   }
   static void sum_rows(Context&, ConstMatrixView<S> m, S* out) { cpu::sum_rows(m, out); }
-  static void histogram(Context&, const index* keys, index count, index bins, index* counts) {
+  static void histogram(Context&, const Index* keys, Index count, Index bins, Index* counts) {
     cpu::histogram(keys, count, bins, counts);
   }
-  static void exclusive_scan(Context&, const index* in, index count, index* out) {
+  static void exclusive_scan(Context&, const Index* in, Index count, Index* out) {
     cpu::exclusive_scan(in, count, out);
   }
-  static void stable_sort_by_key(Context&, const index* keys, index count, index bins, index* order) {
+  static void stable_sort_by_key(Context&, const Index* keys, Index count, Index bins, Index* order) {
     cpu::stable_sort_by_key(keys, count, bins, order);
   }
   template <class T>
   static void fill(Context&, MatrixView<T> m, T value) {
-    for (index r = 0; r < m.rows; ++r) std::fill_n(m.row(r), m.cols, value);
+    for (Index r = 0; r < m.rows; ++r) std::fill_n(m.row(r), m.cols, value);
   }
   // Copies between backend memory and host memory (the same memory here).
   template <class T>
   static void copy(Context&, ConstMatrixView<T> src, MatrixView<T> dst) {
     detail::require(src.rows == dst.rows && src.cols == dst.cols, "copy: source is ", src.rows, " x ", src.cols,
                     ", destination ", dst.rows, " x ", dst.cols);
-    for (index r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
+    for (Index r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
   }
   static void synchronize(Context&) {}
 };

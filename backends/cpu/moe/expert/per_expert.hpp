@@ -32,8 +32,8 @@ namespace moe::expert {
 struct ParamSpec {
   enum class Init { fan_in, zero };
   std::string name;
-  index rows = 0;
-  index cols = 0;
+  Index rows = 0;
+  Index cols = 0;
   Init init = Init::fan_in;
 };
 
@@ -86,7 +86,7 @@ class PerExpert<E>::Group {
  public:
   struct Saved {};
 
-  Group(const Config& config, index d_model, index n_experts, std::uint64_t seed)
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts), specs_(E::parameters(config, d_model)) {
     moe::detail::require(n_experts >= 1, "expert::PerExpert: n_experts = ", n_experts, ", expected at least 1");
     typename B::Context ctx;
@@ -101,24 +101,24 @@ class PerExpert<E>::Group {
     }
   }
 
-  [[nodiscard]] index n_experts() const { return n_; }
+  [[nodiscard]] Index n_experts() const { return n_; }
 
-  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const index* offsets, MatrixView<S> ys,
+  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved&) const {
     check_width(xs, "forward");
-    B::for_each(ctx, n_, [&](index e) {
-      const index r0 = offsets[e], m = offsets[e + 1] - r0;
+    B::for_each(ctx, n_, [&](Index e) {
+      const Index r0 = offsets[e], m = offsets[e + 1] - r0;
       if (m == 0) return;
       Out<S> y = backend::cpu::eigen(ys.block_rows(r0, m));
       E::template forward<S>(config_, weights(e), backend::cpu::eigen(xs.block_rows(r0, m)), y);
     });
   }
 
-  void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const index* offsets, const Saved&,
+  void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved&,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
     check_width(xs, "backward");
-    B::for_each(ctx, n_, [&](index e) {
-      const index r0 = offsets[e], m = offsets[e + 1] - r0;
+    B::for_each(ctx, n_, [&](Index e) {
+      const Index r0 = offsets[e], m = offsets[e + 1] - r0;
       if (m == 0) return;
       Out<S> dx = backend::cpu::eigen(dxs.block_rows(r0, m));
       E::template backward<S>(config_, weights(e), backend::cpu::eigen(xs.block_rows(r0, m)),
@@ -140,14 +140,14 @@ class PerExpert<E>::Group {
                          " columns, expected d_model = ", d_);
   }
 
-  Weights<S> weights(index e) const {
+  Weights<S> weights(Index e) const {
     std::vector<In<S>> maps;
     for (std::size_t i = 0; i < specs_.size(); ++i)
       maps.push_back(backend::cpu::eigen(values_[i].view().block_rows(e * specs_[i].rows, specs_[i].rows)));
     return Weights<S>(std::move(maps));
   }
 
-  Grads<S> grads(index e) {
+  Grads<S> grads(Index e) {
     std::vector<Out<S>> maps;
     for (std::size_t i = 0; i < specs_.size(); ++i)
       maps.push_back(backend::cpu::eigen(grads_[i].view().block_rows(e * specs_[i].rows, specs_[i].rows)));
@@ -155,7 +155,7 @@ class PerExpert<E>::Group {
   }
 
   Config config_;
-  index d_, n_;
+  Index d_, n_;
   std::vector<ParamSpec> specs_;
   std::vector<typename B::template Buffer<S>> values_, grads_;
 };

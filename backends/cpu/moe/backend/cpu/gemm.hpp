@@ -11,12 +11,12 @@
 
 namespace moe::backend::cpu {
 
-inline constexpr index kGemmRowBlock = 64;
+inline constexpr Index kGemmRowBlock = 64;
 
 // c = alpha * op(a) * op(b) + beta * c, for a block of rows [r0, r0 + m) of c.
 template <class S>
 void gemm_rows(Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c,
-               index r0, index m) {
+               Index r0, Index m) {
   auto cb = eigen(c).middleRows(r0, m);
   const auto am = eigen(a);
   const auto bm = eigen(b);
@@ -35,10 +35,10 @@ void gemm_rows(Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b
 
 template <class S>
 void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c) {
-  const index m = ta == Op::none ? a.rows : a.cols;
-  const index ka = ta == Op::none ? a.cols : a.rows;
-  const index kb = tb == Op::none ? b.rows : b.cols;
-  const index n = tb == Op::none ? b.cols : b.rows;
+  const Index m = ta == Op::none ? a.rows : a.cols;
+  const Index ka = ta == Op::none ? a.cols : a.rows;
+  const Index kb = tb == Op::none ? b.rows : b.cols;
+  const Index n = tb == Op::none ? b.cols : b.rows;
   detail::require(ka == kb && c.rows == m && c.cols == n, "gemm: shapes do not agree: op(a) is ", m, " x ", ka,
                   ", op(b) is ", kb, " x ", n, ", c is ", c.rows, " x ", c.cols);
   if (m == 0 || n == 0) return;
@@ -48,9 +48,9 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
     else cm *= beta;
     return;
   }
-  const index blocks = (m + kGemmRowBlock - 1) / kGemmRowBlock;
-  parallel_for(threads, blocks, [&](index blk) {
-    const index r0 = blk * kGemmRowBlock;
+  const Index blocks = (m + kGemmRowBlock - 1) / kGemmRowBlock;
+  parallel_for(threads_for_work(threads, m * n * ka), blocks, [&](Index blk) {
+    const Index r0 = blk * kGemmRowBlock;
     gemm_rows(ta, tb, alpha, a, b, beta, c, r0, std::min(kGemmRowBlock, m - r0));
   });
 }
@@ -58,29 +58,29 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
 template <class S>
-void grouped_gemm(int threads, const index* offsets, index groups, Op tw, ConstMatrixView<S> a,
+void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
                   ConstMatrixView<S> w, MatrixView<S> c) {
   detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
                   " stacked weight rows do not split into ", groups, " groups");
-  const index wr = w.rows / groups;
-  const index k = tw == Op::none ? wr : w.cols;
-  const index n = tw == Op::none ? w.cols : wr;
+  const Index wr = w.rows / groups;
+  const Index k = tw == Op::none ? wr : w.cols;
+  const Index n = tw == Op::none ? w.cols : wr;
   detail::require(a.cols == k && c.cols == n && a.rows == c.rows && offsets[groups] == a.rows,
                   "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k,
                   " x ", n, ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
   // Work items: (group, block of kGemmRowBlock rows) pairs, enumerated in a fixed order.
-  index items = 0;
-  for (index g = 0; g < groups; ++g) items += (offsets[g + 1] - offsets[g] + kGemmRowBlock - 1) / kGemmRowBlock;
-  std::vector<index> item_group(static_cast<std::size_t>(items)), item_row(static_cast<std::size_t>(items));
-  for (index g = 0, it = 0; g < groups; ++g)
-    for (index r = offsets[g]; r < offsets[g + 1]; r += kGemmRowBlock, ++it) {
+  Index items = 0;
+  for (Index g = 0; g < groups; ++g) items += (offsets[g + 1] - offsets[g] + kGemmRowBlock - 1) / kGemmRowBlock;
+  std::vector<Index> item_group(static_cast<std::size_t>(items)), item_row(static_cast<std::size_t>(items));
+  for (Index g = 0, it = 0; g < groups; ++g)
+    for (Index r = offsets[g]; r < offsets[g + 1]; r += kGemmRowBlock, ++it) {
       item_group[static_cast<std::size_t>(it)] = g;
       item_row[static_cast<std::size_t>(it)] = r;
     }
-  parallel_for(threads, items, [&](index it) {
-    const index g = item_group[static_cast<std::size_t>(it)];
-    const index r0 = item_row[static_cast<std::size_t>(it)];
-    const index m = std::min(kGemmRowBlock, offsets[g + 1] - r0);
+  parallel_for(threads_for_work(threads, a.rows * k * n), items, [&](Index it) {
+    const Index g = item_group[static_cast<std::size_t>(it)];
+    const Index r0 = item_row[static_cast<std::size_t>(it)];
+    const Index m = std::min(kGemmRowBlock, offsets[g + 1] - r0);
     const ConstMatrixView<S> wg{w.data + g * wr * w.stride, wr, w.cols, w.stride};
     const ConstMatrixView<S> ag = a.block_rows(r0, m);
     gemm_rows(Op::none, tw, S(1), ag, wg, S(0), c.block_rows(r0, m), 0, m);
@@ -90,14 +90,14 @@ void grouped_gemm(int threads, const index* offsets, index groups, Op tw, ConstM
 // For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b.
 // One thread owns each group's whole reduction, so the summation order is fixed.
 template <class S>
-void grouped_gemm_wgrad(int threads, const index* offsets, index groups, ConstMatrixView<S> a,
+void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a,
                         ConstMatrixView<S> b, S beta, MatrixView<S> w) {
   detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows &&
                       offsets[groups] == a.rows,
                   "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
                   " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
-  parallel_for(threads, groups, [&](index g) {
-    const index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
+  parallel_for(threads_for_work(threads, a.rows * a.cols * b.cols), groups, [&](Index g) {
+    const Index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
     MatrixView<S> wg{w.data + g * a.cols * w.stride, a.cols, w.cols, w.stride};
     auto wm = eigen(wg);
     if (beta == S(0)) wm.setZero();

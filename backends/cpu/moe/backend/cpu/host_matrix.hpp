@@ -12,10 +12,10 @@ template <class T>
 class HostMatrix {
  public:
   HostMatrix() = default;
-  HostMatrix(index rows, index cols, T value = T{}) { resize(rows, cols, value); }
+  HostMatrix(Index rows, Index cols, T value = T{}) { resize(rows, cols, value); }
 
   // Resizes to rows x cols; contents are unspecified afterwards unless a value is given.
-  void resize(index rows, index cols, T value = T{}) {
+  void resize(Index rows, Index cols, T value = T{}) {
     detail::require(rows >= 0 && cols >= 0, "HostMatrix: shape ", rows, " x ", cols,
                     " has a negative extent, expected rows >= 0 and cols >= 0");
     rows_ = rows;
@@ -23,15 +23,15 @@ class HostMatrix {
     data_.assign(static_cast<std::size_t>(rows * cols), value);
   }
 
-  [[nodiscard]] index rows() const { return rows_; }
-  [[nodiscard]] index cols() const { return cols_; }
-  [[nodiscard]] index size() const { return rows_ * cols_; }
+  [[nodiscard]] Index rows() const { return rows_; }
+  [[nodiscard]] Index cols() const { return cols_; }
+  [[nodiscard]] Index size() const { return rows_ * cols_; }
   [[nodiscard]] T* data() { return data_.data(); }
   [[nodiscard]] const T* data() const { return data_.data(); }
-  T& operator()(index r, index c) { return data_[static_cast<std::size_t>(r * cols_ + c)]; }
-  const T& operator()(index r, index c) const { return data_[static_cast<std::size_t>(r * cols_ + c)]; }
-  T& operator[](index i) { return data_[static_cast<std::size_t>(i)]; }
-  const T& operator[](index i) const { return data_[static_cast<std::size_t>(i)]; }
+  T& operator()(Index r, Index c) { return data_[static_cast<std::size_t>(r * cols_ + c)]; }
+  const T& operator()(Index r, Index c) const { return data_[static_cast<std::size_t>(r * cols_ + c)]; }
+  T& operator[](Index i) { return data_[static_cast<std::size_t>(i)]; }
+  const T& operator[](Index i) const { return data_[static_cast<std::size_t>(i)]; }
 
   [[nodiscard]] MatrixView<T> view() { return {data_.data(), rows_, cols_}; }
   [[nodiscard]] ConstMatrixView<T> view() const { return {data_.data(), rows_, cols_}; }
@@ -39,8 +39,8 @@ class HostMatrix {
 
  private:
   std::vector<T> data_;
-  index rows_ = 0;
-  index cols_ = 0;
+  Index rows_ = 0;
+  Index cols_ = 0;
 };
 
 }  // namespace moe::backend

@@ -2,6 +2,8 @@
 // Parallel loops over independent items. Each item is computed by one thread in full, and
 // items write disjoint memory, so the result is the same bits for any thread count.
 
+#include <algorithm>
+
 #include "moe/view.hpp"
 
 #if defined(_OPENMP)
@@ -20,20 +22,30 @@ inline int resolve_threads(int requested) {
 #endif
 }
 
+// Multiply-adds below which a GEMM runs on one thread: starting a parallel region costs more.
+inline constexpr Index kMinParallelMultiplyAdds = Index{1} << 18;
+
+inline int threads_for_work(int threads, Index multiply_adds) {
+  return multiply_adds < kMinParallelMultiplyAdds ? 1 : threads;
+}
+
+// f(i) for i in [0, count), on at most count / min_per_thread threads: a parallel region costs
+// microseconds, more than a few small items, so light loops stay on one thread.
 template <class F>
-void parallel_for(int threads, index count, F&& f) {
+void parallel_for(int threads, Index count, F&& f, Index min_per_thread = 1) {
   if (count <= 0) return;
 #if defined(_OPENMP)
-  const int n = resolve_threads(threads);
-  if (n > 1 && count > 1) {
+  const Index useful = count / (min_per_thread > 0 ? min_per_thread : 1);
+  const int n = static_cast<int>(std::min<Index>(resolve_threads(threads), useful));
+  if (n > 1) {
 #pragma omp parallel for num_threads(n) schedule(static)
-    for (index i = 0; i < count; ++i) f(i);
+    for (Index i = 0; i < count; ++i) f(i);
     return;
   }
 #else
   (void)threads;
 #endif
-  for (index i = 0; i < count; ++i) f(i);
+  for (Index i = 0; i < count; ++i) f(i);
 }
 
 }  // namespace moe::backend::cpu

@@ -11,9 +11,9 @@ namespace moe::backend::cpu {
 template <class S>
 void sum_rows(ConstMatrixView<S> m, S* out) {
   std::fill(out, out + m.cols, S(0));
-  for (index r = 0; r < m.rows; ++r) {
+  for (Index r = 0; r < m.rows; ++r) {
     const S* row = m.row(r);
-    for (index c = 0; c < m.cols; ++c) out[c] += row[c];
+    for (Index c = 0; c < m.cols; ++c) out[c] += row[c];
   }
 }
 
