@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/backend/cpu.hpp"
+#include "moe/expert/per_expert.hpp"
 #include "moe/moe.hpp"
 
 namespace moe::test {

@@ -77,6 +77,11 @@ class Cpu {
   static void synchronize(Context&) {}
 };
 
+template <class B>
+inline constexpr bool is_cpu = false;
+template <class S>
+inline constexpr bool is_cpu<Cpu<S>> = true;
+
 static_assert(moe::Backend<Cpu<float>>);
 static_assert(moe::Backend<Cpu<double>>);
 

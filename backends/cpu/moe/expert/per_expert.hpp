@@ -63,13 +63,6 @@ class Grads {
   std::vector<Out<S>> maps_;
 };
 
-namespace detail {
-template <class B>
-inline constexpr bool is_cpu_backend = false;
-template <class S>
-inline constexpr bool is_cpu_backend<backend::Cpu<S>> = true;
-}  // namespace detail
-
 template <class E>
 struct PerExpert {
   using Config = typename E::Config;
@@ -80,7 +73,7 @@ struct PerExpert {
 template <class E>
 template <Backend B>
 class PerExpert<E>::Group {
-  static_assert(detail::is_cpu_backend<B>, "expert::PerExpert runs on the CPU backend only (moe::backend::Cpu<S>)");
+  static_assert(backend::is_cpu<B>, "expert::PerExpert runs on the CPU backend only (moe::backend::Cpu<S>)");
   using S = typename B::Scalar;
 
  public:
@@ -88,15 +81,15 @@ class PerExpert<E>::Group {
 
   Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts), specs_(E::parameters(config, d_model)) {
-    moe::detail::require(n_experts >= 1, "expert::PerExpert: n_experts = ", n_experts, ", expected at least 1");
+    detail::require(n_experts >= 1, "expert::PerExpert: n_experts = ", n_experts, ", expected at least 1");
     typename B::Context ctx;
     for (const auto& s : specs_) {
-      moe::detail::require(s.rows >= 1 && s.cols >= 1, "expert::PerExpert: parameter ", s.name, " is ", s.rows,
+      detail::require(s.rows >= 1 && s.cols >= 1, "expert::PerExpert: parameter ", s.name, " is ", s.rows,
                            " x ", s.cols, ", expected both extents >= 1");
       values_.emplace_back(n_ * s.rows, s.cols, S(0));
       grads_.emplace_back(n_ * s.rows, s.cols, S(0));
       if (s.init == ParamSpec::Init::fan_in)
-        moe::detail::init_uniform<B>(ctx, values_.back().view(), seed, "experts." + s.name,
+        detail::init_uniform<B>(ctx, values_.back().view(), seed, "experts." + s.name,
                                      1.0 / std::sqrt(static_cast<double>(s.rows)));
     }
   }
@@ -136,7 +129,7 @@ class PerExpert<E>::Group {
 
  private:
   void check_width(ConstMatrixView<S> xs, const char* call) const {
-    moe::detail::require(xs.cols == d_, "expert::PerExpert::", call, ": rows have ", xs.cols,
+    detail::require(xs.cols == d_, "expert::PerExpert::", call, ": rows have ", xs.cols,
                          " columns, expected d_model = ", d_);
   }
 
