@@ -77,6 +77,13 @@ TEST_CASE("top-k is stable: larger first, ties to the lower index (MATH.md 2)") 
   CHECK(out[0] == 1);
   CHECK(out[1] == 2);
   CHECK(out[2] == 0);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double with_nan[] = {nan, 1.0, nan, 2.0};
+  detail::top_k_stable(with_nan, 4, 4, out);
+  CHECK(out[0] == 3);
+  CHECK(out[1] == 1);
+  CHECK(out[2] == 0);
+  CHECK(out[3] == 2);
 }
 
 TEST_CASE("Philox4x32-10 matches the published known-answer vectors") {

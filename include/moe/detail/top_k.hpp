@@ -6,18 +6,24 @@
 
 namespace moe::detail {
 
+// Whether element a ranks before element b: larger value first, ties to the lower index, and
+// NaN (possible only when the caller turned the finite check off) after every number.
+template <class S>
+MOE_HD inline bool ranks_before(const S* v, Index a, Index b) {
+  const bool a_nan = v[a] != v[a], b_nan = v[b] != v[b];
+  if (a_nan || b_nan) return a_nan == b_nan ? a < b : b_nan;
+  if (v[a] != v[b]) return v[a] > v[b];
+  return a < b;
+}
+
 // out[0..kk) = indices of the kk largest of v[0..n), in descending order.
 template <class S>
 MOE_HD inline void top_k_stable(const S* v, Index n, Index kk, Index* out) {
   for (Index j = 0; j < kk; ++j) {
     Index best = -1;
     for (Index i = 0; i < n; ++i) {
-      if (j > 0) {
-        // Eligible: strictly after the previous pick in the order (value desc, index asc).
-        const Index prev = out[j - 1];
-        if (!(v[i] < v[prev] || (v[i] == v[prev] && i > prev))) continue;
-      }
-      if (best < 0 || v[i] > v[best]) best = i;
+      if (j > 0 && !ranks_before(v, out[j - 1], i)) continue;  // already picked
+      if (best < 0 || ranks_before(v, i, best)) best = i;
     }
     out[j] = best;
   }

@@ -1,0 +1,116 @@
+// The concepts accept the built-in types and reject a type missing a member.
+
+#include "support.hpp"
+
+using namespace moe;
+
+namespace {
+using B = backend::Cpu<float>;
+
+static_assert(Backend<backend::Cpu<float>>);
+static_assert(Backend<backend::Cpu<double>>);
+static_assert(GatePolicy<gate::NoisyTopK::Policy<B>, B>);
+static_assert(GatePolicy<gate::Softmax::Policy<B>, B>);
+static_assert(GateFamily<gate::NoisyTopK, B>);
+static_assert(ExpertGroup<expert::FeedForward::Group<B>, B>);
+static_assert(ExpertFamily<expert::FeedForward, B>);
+static_assert(Communicator<comm::Local>);
+
+// A backend without its primitives.
+struct HalfBackend {
+  using Scalar = float;
+  struct Context {};
+  template <class T>
+  using Buffer = backend::HostMatrix<T>;
+};
+static_assert(!Backend<HalfBackend>);
+static_assert(!Backend<int>);
+
+// A gate that forgot backward.
+struct NoBackwardGate {
+  struct Saved {};
+  Index k() const { return 1; }
+  Index n_experts() const { return 1; }
+  bool needs_noise(Mode) const { return false; }
+  BalanceWeights balance_weights() const { return {}; }
+  void forward(B::Context&, ConstMatrixView<float>, Mode, const GateNoise<float>&, GateRouting<B>&, Saved&) {}
+  std::vector<Parameter<float>> parameters() { return {}; }
+};
+static_assert(!GatePolicy<NoBackwardGate, B>);
+
+// The same gate with backward is accepted: the concept asks for exactly this set.
+struct FullGate : NoBackwardGate {
+  void backward(B::Context&, ConstMatrixView<float>, const Saved&, ConstMatrixView<float>, const float*, MatrixView<float>) {}
+};
+static_assert(GatePolicy<FullGate, B>);
+
+// An expert group without named parameters.
+struct NoParametersExperts {
+  struct Saved {};
+  Index n_experts() const { return 1; }
+  void forward(B::Context&, ConstMatrixView<float>, const Index*, MatrixView<float>, Saved&) const {}
+  void backward(B::Context&, ConstMatrixView<float>, const Index*, const Saved&, ConstMatrixView<float>, MatrixView<float>) {}
+};
+static_assert(!ExpertGroup<NoParametersExperts, B>);
+
+struct WithParametersExperts : NoParametersExperts {
+  std::vector<Parameter<float>> parameters() { return {}; }
+};
+static_assert(ExpertGroup<WithParametersExperts, B>);
+
+// A communicator without barrier.
+struct NoBarrier {
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  void all_reduce_sum(double*, Index) {}
+  void all_reduce_sum(float*, Index) {}
+  void all_to_all_v(const std::byte*, const Index*, std::byte*, const Index*) {}
+};
+static_assert(!Communicator<NoBarrier>);
+
+// The per-expert adapter makes a group from a simple expert.
+struct Scale {
+  struct Config {};
+  static std::vector<expert::ParamSpec> parameters(const Config&, Index d) { return {{"s", 1, d}}; }
+  template <class S>
+  static void forward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::Out<S> y) {
+    y = x.array().rowwise() * w[0].row(0).array();
+  }
+  template <class S>
+  static void backward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::In<S> dy, expert::Out<S> dx, expert::Grads<S> g) {
+    dx = dy.array().rowwise() * w[0].row(0).array();
+    g[0].row(0) += (x.array() * dy.array()).colwise().sum().matrix();
+  }
+};
+static_assert(ExpertFamily<expert::PerExpert<Scale>, B>);
+}  // namespace
+
+TEST_CASE("the communicator Local is the identity") {
+  comm::Local c;
+  CHECK(c.rank() == 0);
+  CHECK(c.size() == 1);
+  double v[2] = {1.5, 2.5};
+  c.all_reduce_sum(v, 2);
+  CHECK(v[0] == 1.5);
+  const std::byte send[3] = {std::byte{1}, std::byte{2}, std::byte{3}};
+  std::byte recv[3] = {};
+  const Index counts[1] = {3};
+  c.all_to_all_v(send, counts, recv, counts);
+  CHECK(recv[2] == std::byte{3});
+  const Index fewer[1] = {2};
+  CHECK_THROWS_AS(c.all_to_all_v(send, counts, recv, fewer), Error);
+  c.barrier();
+}
+
+TEST_CASE("a per-expert expert trains inside a layer") {
+  Layer<expert::PerExpert<Scale>, gate::NoisyTopK, backend::Cpu<double>> layer(
+      {.d_model = 3, .n_experts = 4, .gate = {.k = 2}});
+  const auto x = test::random_matrix<double>(10, 3, 1);
+  Rng rng(1);
+  auto f = layer.forward(x.view(), Mode::train, rng);
+  const auto b = layer.backward(f, x.view());
+  CHECK(b.dx.rows() == 10);
+  const auto params = layer.parameters();
+  CHECK(params.back().name == "experts.s");
+  CHECK(params.back().shape == std::vector<Index>{4, 1, 3});
+}
