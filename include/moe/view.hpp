@@ -53,6 +53,16 @@ struct MatrixView {
   MatrixView(M& m)  // NOLINT(google-explicit-constructor)
       : data(m.data()), rows(m.rows()), cols(m.cols()), stride(m.cols() == 0 ? 0 : m.outerStride()) {}
 
+  // Column-major Eigen storage is refused with a message rather than silently transposed.
+  template <class M>
+    requires(requires { std::remove_cvref_t<M>::IsRowMajor; } && !std::remove_cvref_t<M>::IsRowMajor &&
+             std::remove_cvref_t<M>::ColsAtCompileTime != 1)
+  MatrixView(M&) {  // NOLINT(google-explicit-constructor)
+    static_assert(sizeof(M) == 0,
+                  "moe::MatrixView wraps row-major memory only: use "
+                  "Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> (or a Map/Ref of it)");
+  }
+
   MOE_HD T& operator()(Index r, Index c) const { return data[r * stride + c]; }
   MOE_HD T* row(Index r) const { return data + r * stride; }
   [[nodiscard]] constexpr Index size() const { return rows * cols; }
