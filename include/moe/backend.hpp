@@ -32,8 +32,11 @@ concept Backend =
              typename B::template Buffer<Index>& ibuf, ConstMatrixView<typename B::Scalar> a,
              MatrixView<typename B::Scalar> c, typename B::Scalar s, const Index* ip, Index* op, Index n) {
       buf.resize(n, n);
+      buf.resize(n, n, s);
       ibuf.resize(n, n);
       { buf.view() } -> std::convertible_to<MatrixView<typename B::Scalar>>;
+      { buf.data() } -> std::convertible_to<typename B::Scalar*>;
+      { ibuf.view() } -> std::convertible_to<MatrixView<Index>>;
       { ibuf.data() } -> std::convertible_to<Index*>;
       { buf.rows() } -> std::convertible_to<Index>;
       { buf.cols() } -> std::convertible_to<Index>;

@@ -1,8 +1,8 @@
 #pragma once
 // Counter-based random numbers (Philox4x32-10, Salmon et al., SC'11): a value is a pure
-// function of (seed, counter), so the noise for (step, token, expert) is the same on any
-// thread count, batch split or backend. No std::rand, no standard-library distribution
-// (their output differs between standard libraries).
+// function of (seed, counter), so the noise for (token, expert, step) is the same on any
+// thread count and backend. No std::rand, no standard-library distribution (their output
+// differs between standard libraries).
 
 #include <cmath>
 #include <cstdint>
@@ -32,7 +32,7 @@ MOE_HD inline Philox4x32 philox4x32_10(Philox4x32 ctr, std::uint32_t k0, std::ui
   return ctr;
 }
 
-// Two words of the block for (seed, a, b, c) turned into a uniform in (0, 1].
+// A 32-bit word turned into a uniform in (0, 1].
 MOE_HD inline double uniform_open0(std::uint32_t word) { return (static_cast<double>(word) + 1.0) * 0x1p-32; }
 
 }  // namespace detail
@@ -61,7 +61,8 @@ struct CounterRandom {
 };
 
 // The caller-owned noise generator of the noisy gate: each training forward draws one step,
-// and the noise of token t, expert i at that step is normal(step, t, i).
+// and the noise of token t (its row in that call), expert i at that step is
+// normal(t, i, step mod 2^32).
 class Rng {
  public:
   explicit Rng(std::uint64_t seed) : stream_{seed} {}

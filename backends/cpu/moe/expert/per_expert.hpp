@@ -3,7 +3,7 @@
 // its tokens with Eigen, into an ExpertGroup for the CPU backend. E provides:
 //
 //   struct Config { ... };
-//   static std::vector<moe::expert::ParamSpec> parameters(const Config&, moe::index d_model);
+//   static std::vector<moe::expert::ParamSpec> parameters(const Config&, moe::Index d_model);
 //   template <class S> static void forward(const Config&, moe::expert::Weights<S> w,
 //                                          moe::expert::In<S> x, moe::expert::Out<S> y);
 //   template <class S> static void backward(const Config&, moe::expert::Weights<S> w,
@@ -99,7 +99,7 @@ class PerExpert<E>::Group {
   void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved&) const {
     check_width(xs, "forward");
-    B::for_each(ctx, n_, [&](Index e) {
+    backend::cpu::parallel_for(ctx.threads, n_, [&](Index e) {
       const Index r0 = offsets[e], m = offsets[e + 1] - r0;
       if (m == 0) return;
       Out<S> y = backend::cpu::eigen(ys.block_rows(r0, m));
@@ -110,7 +110,7 @@ class PerExpert<E>::Group {
   void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved&,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
     check_width(xs, "backward");
-    B::for_each(ctx, n_, [&](Index e) {
+    backend::cpu::parallel_for(ctx.threads, n_, [&](Index e) {
       const Index r0 = offsets[e], m = offsets[e + 1] - r0;
       if (m == 0) return;
       Out<S> dx = backend::cpu::eigen(dxs.block_rows(r0, m));
