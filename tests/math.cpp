@@ -62,24 +62,24 @@ TEST_CASE("softplus, sigmoid and the guarded normal CDF (MATH.md 2-3)") {
 TEST_CASE("top-k is stable: larger first, ties to the lower index (MATH.md 2)") {
   const double v[] = {1.0, 3.0, 3.0, 2.0, 3.0};
   Index out[4];
-  detail::top_k_stable(v, 5, 4, out);
+  top_k_stable(v, 5, 4, out);
   CHECK(out[0] == 1);
   CHECK(out[1] == 2);
   CHECK(out[2] == 4);
   CHECK(out[3] == 3);
   const double flat[] = {0.0, 0.0, 0.0, 0.0};
-  detail::top_k_stable(flat, 4, 3, out);
+  top_k_stable(flat, 4, 3, out);
   CHECK(out[0] == 0);
   CHECK(out[1] == 1);
   CHECK(out[2] == 2);
   const double neg[] = {-5.0, -1.0, -3.0};
-  detail::top_k_stable(neg, 3, 3, out);
+  top_k_stable(neg, 3, 3, out);
   CHECK(out[0] == 1);
   CHECK(out[1] == 2);
   CHECK(out[2] == 0);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double with_nan[] = {nan, 1.0, nan, 2.0};
-  detail::top_k_stable(with_nan, 4, 4, out);
+  top_k_stable(with_nan, 4, 4, out);
   CHECK(out[0] == 3);
   CHECK(out[1] == 1);
   CHECK(out[2] == 0);

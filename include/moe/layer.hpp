@@ -31,6 +31,7 @@ class Noise {
   Noise() = default;
   Noise(Rng& rng) : rng_(&rng) {}                        // NOLINT(google-explicit-constructor)
   Noise(ConstMatrixView<S> z) : z_(z), explicit_(true) {}  // NOLINT(google-explicit-constructor)
+  Noise(MatrixView<S> z) : Noise(ConstMatrixView<S>(z)) {}  // NOLINT(google-explicit-constructor)
 
   [[nodiscard]] bool empty() const { return rng_ == nullptr && !explicit_; }
   [[nodiscard]] Rng* rng() const { return rng_; }

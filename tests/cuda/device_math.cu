@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "moe/detail/top_k.hpp"
+#include "moe/top_k.hpp"
 #include "moe/random.hpp"
 #include "moe/scalar_math.hpp"
 
@@ -34,7 +34,7 @@ MOE_HD void evaluate(int i, Sample& s) {
   s.cdf = moe::detail::normal_cdf_scaled(s.normal, 0.25 + 0.001 * (i % 100));
   double v[kWidth];
   for (int j = 0; j < kWidth; ++j) v[j] = static_cast<double>((i * 7 + j * 13) % 5);  // many ties
-  moe::detail::top_k_stable(v, kWidth, kWidth, s.top);
+  moe::top_k_stable(v, kWidth, kWidth, s.top);
 }
 
 __global__ void evaluate_all(Sample* out) {

@@ -8,10 +8,18 @@
 #include <cstdint>
 #include <vector>
 
-#include "moe/detail/top_k.hpp"
+#include "moe/top_k.hpp"
 #include "moe/error.hpp"
 #include "moe/gate_policy.hpp"
 #include "moe/scalar_math.hpp"
+
+namespace moe::detail {
+// MATH.md 3: the threshold of expert i is the (k+1)-th noisy logit when i is in the top k,
+// else the k-th; top holds the top-(k+1) indices in order.
+MOE_HD inline Index load_threshold(const Index* top, Index k, Index i) {
+  return is_among(top, k, i) ? top[k] : top[k - 1];
+}
+}  // namespace moe::detail
 
 namespace moe::gate {
 
@@ -101,7 +109,7 @@ class NoisyTopK::Policy {
         hr[i] = c[i] + zr[i] * sigma;
       }
       Index* tp = top + t * kk;
-      detail::top_k_stable(hr, n, kk, tp);
+      top_k_stable(hr, n, kk, tp);
       // MATH.md 2: softmax over the k kept noisy logits; the first is the largest.
       S sum = 0;
       for (Index j = 0; j < k; ++j) {
@@ -115,8 +123,7 @@ class NoisyTopK::Policy {
       }
       if (!smooth) return;
       for (Index i = 0; i < n; ++i) {
-        // MATH.md 3: threshold is the (k+1)-th noisy logit when i is in the top k, else the k-th.
-        const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+        const Index th = detail::load_threshold(tp, k, i);
         const S sigma = detail::softplus(r[i]) + eps;
         p[t * n + i] = detail::normal_cdf_scaled(c[i] - hr[th], sigma);
       }
@@ -157,7 +164,7 @@ class NoisyTopK::Policy {
       // MATH.md 5: the threshold is another expert's noisy logit, and gradient flows into it.
       if (smooth)
         for (Index i = 0; i < n; ++i) {
-          const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+          const Index th = detail::load_threshold(tp, k, i);
           const S sigma = detail::softplus(raw[t * n + i]) + eps;
           dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma).dz;
         }
@@ -165,7 +172,7 @@ class NoisyTopK::Policy {
         S dclean = dh[i];
         S dsigma = dh[i] * z[t * n + i];  // MATH.md 5: H = clean + z * sigma
         if (smooth) {
-          const Index th = detail::contains(tp, k, i) ? tp[k] : tp[k - 1];
+          const Index th = detail::load_threshold(tp, k, i);
           const S sigma = detail::softplus(raw[t * n + i]) + eps;
           const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma);
           dclean += dload[i] * g.dz;

@@ -25,6 +25,7 @@ class Adam {
     double beta2 = 0.999;
     double eps = 1e-8;
     double weight_decay = 0.0;  // decoupled (AdamW), 0: none
+    int threads = 0;            // CPU threads, 0: all that OpenMP offers
   };
 
   explicit Adam(const Config& config) : config_(config) {
@@ -38,7 +39,8 @@ class Adam {
 
   void step(const std::vector<Parameter<S>>& params) {
     ++t_;
-    typename B::Context ctx;
+    typename B::Context ctx{};
+    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
     const S lr = static_cast<S>(config_.lr), b1 = static_cast<S>(config_.beta1), b2 = static_cast<S>(config_.beta2);
     const S eps = static_cast<S>(config_.eps), wd = static_cast<S>(config_.weight_decay);
     const S c1 = S(1) - static_cast<S>(std::pow(config_.beta1, static_cast<double>(t_)));

@@ -19,6 +19,7 @@ class Sgd {
   struct Config {
     double lr = 1e-2;
     double momentum = 0.0;  // 0: plain SGD
+    int threads = 0;        // CPU threads, 0: all that OpenMP offers
   };
 
   explicit Sgd(const Config& config) : config_(config) {
@@ -29,7 +30,8 @@ class Sgd {
 
   // p <- p - lr * v, v <- momentum * v + grad (v = grad without momentum).
   void step(const std::vector<Parameter<S>>& params) {
-    typename B::Context ctx;
+    typename B::Context ctx{};
+    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
     const S lr = static_cast<S>(config_.lr), mu = static_cast<S>(config_.momentum);
     for (const auto& p : params) {
       detail::require(p.value.contiguous() && p.grad.contiguous(), "optim::Sgd: parameter ", p.name,

@@ -1,10 +1,10 @@
 #pragma once
-// Per-row top-k selection, stable: larger values first, ties to the lower index (MATH.md 2).
+// Stable top-k selection of one row, stable: larger values first, ties to the lower index (MATH.md 2).
 // O(n * k) per row with no scratch memory, so it runs unchanged in a device kernel.
 
 #include "moe/view.hpp"
 
-namespace moe::detail {
+namespace moe {
 
 // Whether element a ranks before element b: larger value first, ties to the lower index, and
 // NaN (possible only when the caller turned the finite check off) after every number.
@@ -29,10 +29,11 @@ MOE_HD inline void top_k_stable(const S* v, Index n, Index kk, Index* out) {
   }
 }
 
-MOE_HD inline bool contains(const Index* list, Index count, Index value) {
+// Whether value is one of list[0..count).
+MOE_HD inline bool is_among(const Index* list, Index count, Index value) {
   for (Index j = 0; j < count; ++j)
     if (list[j] == value) return true;
   return false;
 }
 
-}  // namespace moe::detail
+}  // namespace moe
