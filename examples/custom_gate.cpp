@@ -1,0 +1,181 @@
+// A user-defined gate: the top k of a softmax over all n experts, not renormalized over the kept k
+// (as in the Switch Transformer, Fedus et al. 2021). Renormalized, it would be the softmax over the
+// kept logits, i.e. NoisyTopK without noise; unnormalized, the task loss reaches the router even at
+// k = 1, where NoisyTopK's only gate value is 1 (MATH.md 3). Its load is the router's probability mass
+// sum_x p_i(x): smooth without noise, so the load loss has a gradient too.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "example_support.hpp"
+#include "moe/backend/cpu.hpp"
+#include "moe/moe.hpp"
+
+namespace {
+
+using moe::Index, moe::Op;
+
+struct TopKSoftmax {
+  struct Config {
+    Index k = 1;
+    double init_scale = 1.0;  // router uniform in (-s/sqrt(d), s/sqrt(d)]; at 0 every logit ties
+    double w_importance = 1e-2, w_load = 1e-2;
+  };
+  template <moe::Backend B>
+  class Policy;
+};
+
+template <moe::Backend B>
+class TopKSoftmax::Policy {
+  using S = typename B::Scalar;
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+ public:
+  struct Saved {
+    Buffer<S> prob;     // [T x n] softmax over all experts
+    Buffer<Index> top;  // [T x k] the kept experts
+  };
+
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
+      : config_(config), d_(d_model), n_(n_experts) {
+    if (config.k < 1 || config.k > n_experts)
+      throw moe::Error("TopKSoftmax: k = " + std::to_string(config.k) +
+                       ", expected 1 <= k <= n_experts = " + std::to_string(n_experts));
+    w_.resize(d_, n_);
+    grad_.resize(d_, n_, S(0));
+    const double bound = config.init_scale / std::sqrt(static_cast<double>(d_));
+    const moe::CounterRandom random{seed};
+    typename B::Context ctx;
+    B::for_each(ctx, w_.size(), [w = w_.data(), bound, random](Index i) {
+      w[i] = static_cast<S>(bound * random.symmetric_uniform(static_cast<std::uint64_t>(i), 0, 1));
+    });
+  }
+
+  [[nodiscard]] Index k() const { return config_.k; }
+  [[nodiscard]] Index n_experts() const { return n_; }
+  [[nodiscard]] bool needs_noise(moe::Mode) const { return false; }
+  [[nodiscard]] moe::BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
+
+  void forward(typename B::Context& ctx, moe::ConstMatrixView<S> x, moe::Mode mode, const moe::GateNoise<S>&,
+               moe::GateRouting<B>& routing, Saved& saved) const {
+    const Index t_count = x.rows, n = n_, k = config_.k;
+    saved.prob.resize(t_count, n);
+    saved.top.resize(t_count, k);
+    routing.expert.resize(t_count, k);
+    routing.gate.resize(t_count, k);
+    B::gemm(ctx, Op::none, Op::none, S(1), x, w_.view(), S(0), saved.prob.view());
+    S* prob = saved.prob.data();
+    Index* top = saved.top.data();
+    Index* expert = routing.expert.data();
+    S* gate = routing.gate.data();
+    B::for_each(ctx, t_count, [=](Index t) {
+      S* p = prob + t * n;
+      const S max = *std::max_element(p, p + n);
+      S sum = 0;
+      for (Index i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - max));
+      for (Index i = 0; i < n; ++i) p[i] /= sum;
+      Index* kept = top + t * k;
+      moe::top_k_stable(p, n, k, kept);  // the k largest in order, ties to the lower index
+      for (Index j = 0; j < k; ++j) {
+        expert[t * k + j] = kept[j];
+        gate[t * k + j] = p[kept[j]];
+      }
+    });
+    // As the built-in gates do, inference reports the hard counts.
+    routing.load_is_count = mode == moe::Mode::inference;
+    routing.load.assign(static_cast<std::size_t>(n), S(0));
+    if (!routing.load_is_count) B::sum_rows(ctx, saved.prob.view(), routing.load.data());
+  }
+
+  void backward(typename B::Context& ctx, moe::ConstMatrixView<S> x, const Saved& saved, moe::ConstMatrixView<S> dgate,
+                const S* dload, moe::MatrixView<S> dx) {
+    const Index t_count = x.rows, n = n_, k = config_.k;
+    dlogits_.resize(t_count, n);
+    const S* prob = saved.prob.data();
+    const Index* top = saved.top.data();
+    S* dlogits = dlogits_.data();
+    B::for_each(ctx, t_count, [=](Index t) {
+      const S* p = prob + t * n;
+      S* dl = dlogits + t * n;
+      // dp_i gathers the kept slots' dgate and, through load_i = sum_x p_i(x), dload_i.
+      for (Index i = 0; i < n; ++i) dl[i] = dload != nullptr ? dload[i] : S(0);
+      for (Index j = 0; j < k; ++j) dl[top[t * k + j]] += dgate(t, j);
+      S dot = 0;  // softmax backward: dlogit_i = p_i (dp_i - sum_l p_l dp_l)
+      for (Index i = 0; i < n; ++i) dot += p[i] * dl[i];
+      for (Index i = 0; i < n; ++i) dl[i] = p[i] * (dl[i] - dot);
+    });
+    B::gemm(ctx, Op::transpose, Op::none, S(1), x, dlogits_.view(), S(1), grad_.view());
+    B::gemm(ctx, Op::none, Op::transpose, S(1), dlogits_.view(), w_.view(), S(1), dx);
+  }
+
+  [[nodiscard]] std::vector<moe::Parameter<S>> parameters() {
+    return {{"gate.w_gate", {d_, n_}, w_.view(), grad_.view()}};
+  }
+
+ private:
+  Config config_;
+  Index d_, n_;
+  Buffer<S> w_, grad_;
+  Buffer<S> dlogits_;  // backward workspace
+};
+
+using Cpu = moe::backend::Cpu<double>;
+using example::eigen, example::expect, example::Matrix, example::random_matrix, example::relative_error;
+static_assert(moe::GatePolicy<TopKSoftmax::Policy<Cpu>, Cpu>);
+static_assert(moe::GateFamily<TopKSoftmax, Cpu>);
+
+void print_routing(const char* when, const auto& forward) {
+  std::printf("%-26s tokens per expert", when);
+  for (const Index c : forward.stats().tokens_per_expert) std::printf(" %4lld", static_cast<long long>(c));
+  std::printf(", mean gate %.3f, CV^2 importance %.4f, load %.4f\n", eigen(forward.gates()).mean(),
+              forward.stats().cv2_importance, forward.stats().cv2_load);
+}
+
+}  // namespace
+
+int main() {
+  try {
+    constexpr Index kD = 8, kExperts = 4, kTokens = 16;
+    using Model = moe::Layer<moe::expert::FeedForward, TopKSoftmax, Cpu>;
+    Model layer({.d_model = kD, .n_experts = kExperts, .expert = {.hidden = 8}, .gate = {.k = 2}, .seed = 3});
+    Matrix x = random_matrix(kTokens, kD, 1);
+    const Matrix r = random_matrix(kTokens, kD, 2);
+    const auto objective = [&] {  // sum(r .* y) + balancing loss: backward(r) with aux_scale = 1
+      const auto f = layer.forward(x.view());
+      return (eigen(r.view()).array() * eigen(f.y()).array()).sum() + f.loss();
+    };
+    const auto back = layer.backward(layer.forward(x.view()), r.view());
+    const auto gate = layer.parameters().front();
+    const double error_gate = relative_error(gate.value, gate.grad, objective);
+    const double error_x = relative_error(x.view(), back.dx.view(), objective);
+    std::printf("finite differences: gate.w_gate relative error %.2e, input x %.2e\n", error_gate, error_x);
+    if (!expect(std::max(error_gate, error_x) < 1e-6, "relative errors below 1e-6")) return 1;
+
+    // The balancing losses alone (dy = 0, weights raised) even out a skewed router through dload.
+    Model skewed({.d_model = kD,
+                  .n_experts = kExperts,
+                  .expert = {.hidden = 8},
+                  .gate = {.k = 1, .init_scale = 4.0, .w_importance = 1.0, .w_load = 1.0},
+                  .seed = 9});
+    const Matrix batch = random_matrix(2048, kD, 3), zero(2048, kD, 0.0);
+    moe::optim::Adam<Cpu> adam({.lr = 0.05});
+    const auto before = skewed.forward(batch.view(), moe::Mode::inference);
+    print_routing("at initialization:", before);
+    for (int step = 0; step < 50; ++step) {
+      skewed.backward(skewed.forward(batch.view()), zero.view());
+      adam.step(skewed.parameters());
+      skewed.zero_grad();
+    }
+    const auto after = skewed.forward(batch.view(), moe::Mode::inference);
+    print_routing("after 50 balancing steps:", after);
+    return expect(after.stats().cv2_load < 0.25 * before.stats().cv2_load, "CV^2(load) falls below a quarter") ? 0 : 1;
+  } catch (const moe::Error& e) {
+    std::fprintf(stderr, "moe::Error: %s\n", e.what());
+    return 1;
+  }
+}
