@@ -40,7 +40,8 @@ static_assert(!GatePolicy<NoBackwardGate, B>);
 
 // The same gate with backward is accepted: the concept asks for exactly this set.
 struct FullGate : NoBackwardGate {
-  void backward(B::Context&, ConstMatrixView<float>, const Saved&, ConstMatrixView<float>, const float*, MatrixView<float>) {}
+  void backward(B::Context&, ConstMatrixView<float>, const Saved&, ConstMatrixView<float>, const float*,
+                MatrixView<float>) {}
 };
 static_assert(GatePolicy<FullGate, B>);
 
@@ -49,7 +50,8 @@ struct NoParametersExperts {
   struct Saved {};
   Index n_experts() const { return 1; }
   void forward(B::Context&, ConstMatrixView<float>, const Index*, MatrixView<float>, Saved&) const {}
-  void backward(B::Context&, ConstMatrixView<float>, const Index*, const Saved&, ConstMatrixView<float>, MatrixView<float>) {}
+  void backward(B::Context&, ConstMatrixView<float>, const Index*, const Saved&, ConstMatrixView<float>,
+                MatrixView<float>) {}
 };
 static_assert(!ExpertGroup<NoParametersExperts, B>);
 
@@ -77,7 +79,8 @@ struct Scale {
     y = x.array().rowwise() * w[0].row(0).array();
   }
   template <class S>
-  static void backward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::In<S> dy, expert::Out<S> dx, expert::Grads<S> g) {
+  static void backward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::In<S> dy, expert::Out<S> dx,
+                       expert::Grads<S> g) {
     dx = dy.array().rowwise() * w[0].row(0).array();
     g[0].row(0) += (x.array() * dy.array()).colwise().sum().matrix();
   }

@@ -83,7 +83,8 @@ TEST_CASE("bad calls throw, name the problem, and leave the layer usable") {
   CHECK(contains(error_of([&] { (void)layer.backward(empty, dy.view()); }), "call forward first"));
   const auto f = layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
   const auto dy_bad = test::random_matrix<double>(5, 4, 3);
-  CHECK(contains(error_of([&] { (void)layer.backward(f, dy_bad.view()); }), "dy is 5 x 4, expected the output's shape 6 x 4"));
+  CHECK(contains(error_of([&] { (void)layer.backward(f, dy_bad.view()); }),
+                 "dy is 5 x 4, expected the output's shape 6 x 4"));
   auto dy_nan = dy;
   dy_nan(0, 0) = std::numeric_limits<double>::quiet_NaN();
   CHECK(contains(error_of([&] { (void)layer.backward(f, dy_nan.view()); }), "dy has the non-finite value"));

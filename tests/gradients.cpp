@@ -49,7 +49,8 @@ double margin(L& layer, ConstMatrixView<double> x, ConstMatrixView<double> z, In
       std::vector<double> hv;
       for (Index i = 0; i < n; ++i) hv.push_back(clean(t, i) + z(t, i) * (detail::softplus(raw(t, i)) + eps_noise));
       std::sort(hv.begin(), hv.end(), std::greater<>());
-      for (Index j = k - 1; j <= k && j + 1 < n; ++j) m = std::min(m, hv[static_cast<std::size_t>(j)] - hv[static_cast<std::size_t>(j + 1)]);
+      for (Index j = k - 1; j <= k && j + 1 < n; ++j)
+        m = std::min(m, hv[static_cast<std::size_t>(j)] - hv[static_cast<std::size_t>(j + 1)]);
     }
   }
   return m;
@@ -59,7 +60,11 @@ template <class Gate>
 void check_gradients(const Case& c, const typename Gate::Config& gate_config, Index k_of_gate, double eps_noise) {
   using L = Layer<expert::FeedForward, Gate, B>;
   for (std::uint64_t seed = 1; seed < 40; ++seed) {
-    L layer({.d_model = c.d, .n_experts = c.n, .expert = {.hidden = c.h, .bias = c.bias}, .gate = gate_config, .seed = seed});
+    L layer({.d_model = c.d,
+             .n_experts = c.n,
+             .expert = {.hidden = c.h, .bias = c.bias},
+             .gate = gate_config,
+             .seed = seed});
     test::randomize_parameters(layer, seed, 0.8);
     auto x = test::random_matrix<double>(c.t, c.d, seed * 31 + 1);
     auto dy = test::random_matrix<double>(c.t, c.d, seed * 31 + 2);

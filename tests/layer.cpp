@@ -57,9 +57,17 @@ Dense<double> naive_mixture(NoisyLayer& layer, const Matrix<double>& x, const De
   Dense<double> y = Dense<double>::Zero(x.rows(), d);
   for (Index e = 0; e < n; ++e) {
     Dense<double> pre = xd * test::to_dense(ConstMatrixView<double>(w1->value.block_rows(e * d, d)));
-    if (bias) pre.rowwise() += test::to_dense(ConstMatrixView<double>(test::find_parameter<NoisyLayer>(params, "experts.b1")->value.block_rows(e, 1))).row(0);
+    if (bias)
+      pre.rowwise() +=
+          test::to_dense(
+              ConstMatrixView<double>(test::find_parameter<NoisyLayer>(params, "experts.b1")->value.block_rows(e, 1)))
+              .row(0);
     Dense<double> out = pre.cwiseMax(0.0) * test::to_dense(ConstMatrixView<double>(w2->value.block_rows(e * h, h)));
-    if (bias) out.rowwise() += test::to_dense(ConstMatrixView<double>(test::find_parameter<NoisyLayer>(params, "experts.b2")->value.block_rows(e, 1))).row(0);
+    if (bias)
+      out.rowwise() +=
+          test::to_dense(
+              ConstMatrixView<double>(test::find_parameter<NoisyLayer>(params, "experts.b2")->value.block_rows(e, 1)))
+              .row(0);
     y += gates.col(e).asDiagonal() * out;
   }
   return y;
@@ -72,7 +80,8 @@ TEST_CASE("the layer equals a naive dense evaluation of sum_i G(x)_i E_i(x) (MAT
     for (const Index k : {1, 2, 3}) {
       CAPTURE(bias);
       CAPTURE(k);
-      NoisyLayer layer({.d_model = 5, .n_experts = 8, .expert = {.hidden = 7, .bias = bias}, .gate = {.k = k}, .seed = 3});
+      NoisyLayer layer(
+          {.d_model = 5, .n_experts = 8, .expert = {.hidden = 7, .bias = bias}, .gate = {.k = k}, .seed = 3});
       test::randomize_parameters(layer, 11);
       const auto x = test::random_matrix<double>(23, 5, 4);
       Matrix<double> z(23, 8);
@@ -136,7 +145,8 @@ struct Recorder {
     y = 2 * x;
   }
   template <class S>
-  static void backward(const Config&, expert::Weights<S>, expert::In<S>, expert::In<S> dy, expert::Out<S> dx, expert::Grads<S>) {
+  static void backward(const Config&, expert::Weights<S>, expert::In<S>, expert::In<S> dy, expert::Out<S> dx,
+                       expert::Grads<S>) {
     dx = 2 * dy;
   }
 };
@@ -163,7 +173,8 @@ TEST_CASE("each expert sees exactly its routed rows, in token order, and nothing
         if (f.expert_index()(t, j) == e) expected.push_back({x(t, 0), x(t, 1), x(t, 2)});
     CAPTURE(e);
     CHECK(g_seen[static_cast<std::size_t>(e)] == expected);
-    CHECK(static_cast<Index>(g_seen[static_cast<std::size_t>(e)].size()) == f.stats().tokens_per_expert[static_cast<std::size_t>(e)]);
+    CHECK(static_cast<Index>(g_seen[static_cast<std::size_t>(e)].size()) ==
+          f.stats().tokens_per_expert[static_cast<std::size_t>(e)]);
     total += static_cast<Index>(g_seen[static_cast<std::size_t>(e)].size());
   }
   CHECK(g_seen[5].empty());
@@ -239,7 +250,12 @@ struct Run {
 template <class S>
 Run<S> run_once(std::uint64_t seed, int threads, Index t_count) {
   using L = Layer<expert::FeedForward, gate::NoisyTopK, backend::Cpu<S>>;
-  L layer({.d_model = 32, .n_experts = 16, .expert = {.hidden = 64, .bias = true}, .gate = {.k = 2}, .seed = seed, .threads = threads});
+  L layer({.d_model = 32,
+           .n_experts = 16,
+           .expert = {.hidden = 64, .bias = true},
+           .gate = {.k = 2},
+           .seed = seed,
+           .threads = threads});
   test::randomize_parameters(layer, seed, 0.5);
   const auto x = test::random_matrix<S>(t_count, 32, seed + 1);
   const auto dy = test::random_matrix<S>(t_count, 32, seed + 2);

@@ -55,8 +55,12 @@ TEST_CASE("softplus, sigmoid and the guarded normal CDF (MATH.md 2-3)") {
   // Partial derivatives against finite differences.
   const auto g = detail::normal_cdf_scaled_grad(0.4, 0.7);
   const double h = 1e-6;
-  CHECK(g.dz == doctest::Approx((detail::normal_cdf_scaled(0.4 + h, 0.7) - detail::normal_cdf_scaled(0.4 - h, 0.7)) / (2 * h)).epsilon(1e-8));
-  CHECK(g.dsigma == doctest::Approx((detail::normal_cdf_scaled(0.4, 0.7 + h) - detail::normal_cdf_scaled(0.4, 0.7 - h)) / (2 * h)).epsilon(1e-8));
+  CHECK(g.dz ==
+        doctest::Approx((detail::normal_cdf_scaled(0.4 + h, 0.7) - detail::normal_cdf_scaled(0.4 - h, 0.7)) / (2 * h))
+            .epsilon(1e-8));
+  CHECK(g.dsigma ==
+        doctest::Approx((detail::normal_cdf_scaled(0.4, 0.7 + h) - detail::normal_cdf_scaled(0.4, 0.7 - h)) / (2 * h))
+            .epsilon(1e-8));
 }
 
 TEST_CASE("top-k is stable: larger first, ties to the lower index (MATH.md 2)") {
@@ -180,7 +184,8 @@ TEST_CASE("P(x, i) and the gates for a token worked out by hand (MATH.md 2-3)") 
 
 TEST_CASE("the balancing loss is w_importance CV^2(Importance) + w_load CV^2(Load) (MATH.md 3)") {
   using L = Layer<expert::FeedForward, gate::NoisyTopK, backend::Cpu<double>>;
-  L layer({.d_model = 3, .n_experts = 4, .expert = {.hidden = 2}, .gate = {.k = 2, .w_importance = 0.3, .w_load = 0.7}});
+  L layer(
+      {.d_model = 3, .n_experts = 4, .expert = {.hidden = 2}, .gate = {.k = 2, .w_importance = 0.3, .w_load = 0.7}});
   test::randomize_parameters(layer, 5);
   auto x = test::random_matrix<double>(9, 3, 17);
   Rng rng(2);
@@ -194,5 +199,7 @@ TEST_CASE("the balancing loss is w_importance CV^2(Importance) + w_load CV^2(Loa
   std::vector<double> imp(4, 0.0);
   for (Index t = 0; t < 9; ++t)
     for (Index j = 0; j < 2; ++j) imp[static_cast<std::size_t>(f.expert_index()(t, j))] += f.gates()(t, j);
-  for (int i = 0; i < 4; ++i) CHECK(st.importance[static_cast<std::size_t>(i)] == doctest::Approx(imp[static_cast<std::size_t>(i)]).epsilon(1e-14));
+  for (int i = 0; i < 4; ++i)
+    CHECK(st.importance[static_cast<std::size_t>(i)] ==
+          doctest::Approx(imp[static_cast<std::size_t>(i)]).epsilon(1e-14));
 }

@@ -26,7 +26,9 @@ void fill_uniform(MatrixView<S> m, std::uint64_t seed, double lo, double hi) {
   const CounterRandom r{seed};
   for (Index i = 0; i < m.rows; ++i)
     for (Index j = 0; j < m.cols; ++j)
-      m(i, j) = static_cast<S>(lo + (hi - lo) * 0.5 * (1.0 + r.symmetric_uniform(static_cast<std::uint64_t>(i), static_cast<std::uint32_t>(j), 7)));
+      m(i, j) = static_cast<S>(
+          lo + (hi - lo) * 0.5 *
+                   (1.0 + r.symmetric_uniform(static_cast<std::uint64_t>(i), static_cast<std::uint32_t>(j), 7)));
 }
 
 template <class S>

@@ -24,6 +24,7 @@ struct NoopItem {
 //   B::Context                per-call state (threads, stream, handles), default-constructible
 //   gemm, grouped_gemm, grouped_gemm_wgrad, for_each, gather_rows, sum_rows,
 //   histogram, exclusive_scan, stable_sort_by_key, fill, copy, synchronize
+// clang-format off
 template <class B>
 concept Backend =
     requires { typename B::Scalar; typename B::Context; typename B::template Buffer<typename B::Scalar>; } &&
@@ -53,5 +54,6 @@ concept Backend =
       B::copy(ctx, a, c);
       B::synchronize(ctx);
     };
+// clang-format on
 
 }  // namespace moe

@@ -18,6 +18,7 @@ namespace moe {
 //   forward(ctx, xs, offsets, ys, saved)           xs, ys: [rows x d], offsets: n + 1 entries
 //   backward(ctx, xs, offsets, saved, dys, dxs)    adds parameter gradients into their storage
 //   parameters()                 its named parameters, stacked over experts
+// clang-format off
 template <class E, class B>
 concept ExpertGroup =
     Backend<B> && requires { typename E::Saved; } && std::default_initializable<typename E::Saved> &&
@@ -29,12 +30,15 @@ concept ExpertGroup =
       e.backward(ctx, xs, offsets, csaved, xs, ys);
       { e.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
     };
+// clang-format on
 
 // An expert family: a tag with a Config and a Group<B> built from (config, d_model, n_experts, seed).
+// clang-format off
 template <class Expert, class B>
 concept ExpertFamily = requires { typename Expert::Config; typename Expert::template Group<B>; } &&
                        std::constructible_from<typename Expert::template Group<B>, const typename Expert::Config&,
                                                Index, Index, std::uint64_t> &&
                        ExpertGroup<typename Expert::template Group<B>, B>;
+// clang-format on
 
 }  // namespace moe

@@ -50,6 +50,7 @@ struct GateRouting {
 //   backward(ctx, x, saved, dgate [T x k], dload [n] or null, dx [T x d], accumulated)
 //     adds its parameters' gradients into their grad storage
 //   parameters()                 its named parameters
+// clang-format off
 template <class G, class B>
 concept GatePolicy =
     Backend<B> && requires { typename G::Saved; } && std::default_initializable<typename G::Saved> &&
@@ -65,12 +66,15 @@ concept GatePolicy =
       g.backward(ctx, x, csaved, dgate, dload, dx);
       { g.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
     };
+// clang-format on
 
 // A gate family: a tag with a Config and a Policy<B> built from (config, d_model, n_experts, seed).
+// clang-format off
 template <class Gate, class B>
 concept GateFamily = requires { typename Gate::Config; typename Gate::template Policy<B>; } &&
                      std::constructible_from<typename Gate::template Policy<B>, const typename Gate::Config&,
                                              Index, Index, std::uint64_t> &&
                      GatePolicy<typename Gate::template Policy<B>, B>;
+// clang-format on
 
 }  // namespace moe

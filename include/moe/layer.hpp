@@ -29,8 +29,8 @@ template <class S>
 class Noise {
  public:
   Noise() = default;
-  Noise(Rng& rng) : rng_(&rng) {}                        // NOLINT(google-explicit-constructor)
-  Noise(ConstMatrixView<S> z) : z_(z), explicit_(true) {}  // NOLINT(google-explicit-constructor)
+  Noise(Rng& rng) : rng_(&rng) {}                           // NOLINT(google-explicit-constructor)
+  Noise(ConstMatrixView<S> z) : z_(z), explicit_(true) {}   // NOLINT(google-explicit-constructor)
   Noise(MatrixView<S> z) : Noise(ConstMatrixView<S>(z)) {}  // NOLINT(google-explicit-constructor)
 
   [[nodiscard]] bool empty() const { return rng_ == nullptr && !explicit_; }
@@ -44,9 +44,11 @@ class Noise {
   bool explicit_ = false;
 };
 
+// clang-format off
 template <class Expert, class Gate, Backend B, int Depth = 1, Communicator Comm = comm::Local>
   requires ExpertFamily<Expert, B> && GateFamily<Gate, B>
 class Layer {
+  // clang-format on
   static_assert(Depth >= 1, "moe::Layer: Depth must be at least 1");
   static_assert(Depth == 1,
                 "moe::Layer: Depth > 1 (hierarchical MoE, MATH.md 4) is not available in this version; use Depth = 1");
@@ -79,7 +81,7 @@ class Layer {
     // The balancing loss to add to the training objective (stats().loss).
     [[nodiscard]] Scalar loss() const { return stats_.loss; }
     [[nodiscard]] ConstMatrixView<Index> expert_index() const { return routing_.expert.view(); }  // [T x k]
-    [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }           // [T x k]
+    [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }          // [T x k]
     [[nodiscard]] Mode mode() const { return mode_; }
     [[nodiscard]] bool valid() const { return owner_ != 0; }
 
@@ -116,8 +118,7 @@ class Layer {
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
-    detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows,
-                    " rows");
+    detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows, " rows");
     if (config_.check_finite) check_finite(x, "moe::Layer::forward: input");
     GateNoise<Scalar> gate_noise{};
     if (gate_.needs_noise(mode)) {
@@ -125,8 +126,8 @@ class Layer {
                       "or an explicit noise matrix [T x n_experts] (or use Mode::inference)");
       if (noise.is_explicit()) {
         const auto z = noise.values();
-        detail::require(z.rows == t_count && z.cols == n, "moe::Layer::forward: noise is ", z.rows, " x ",
-                        z.cols, ", expected [T x n_experts] = ", t_count, " x ", n);
+        detail::require(z.rows == t_count && z.cols == n, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
+                        ", expected [T x n_experts] = ", t_count, " x ", n);
         if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
         gate_noise.values = z.data;
         gate_noise.stride = z.stride;
@@ -189,8 +190,8 @@ class Layer {
     detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
                     ", expected the output's shape ", t_count, " x ", d);
     if (config_.check_finite) check_finite(dy, "moe::Layer::backward: dy");
-    detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ",
-                    aux_scale, ", expected a finite value");
+    detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ", aux_scale,
+                    ", expected a finite value");
 
     typename B::Context ctx{context()};
     const BalanceWeights w = gate_.balance_weights();
@@ -318,10 +319,12 @@ class Layer {
       });
     }
     st.load_is_count = f.routing_.load_is_count;
-    if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    else st.load = f.routing_.load;
-    detail::require(static_cast<Index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ",
-                    st.load.size(), " entries, expected n_experts = ", n);
+    if (st.load_is_count)
+      st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
+    else
+      st.load = f.routing_.load;
+    detail::require(static_cast<Index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ", st.load.size(),
+                    " entries, expected n_experts = ", n);
     // MATH.md 6: summed over the global batch before CV^2.
     comm_.all_reduce_sum(st.importance.data(), n);
     comm_.all_reduce_sum(st.load.data(), n);

@@ -19,6 +19,7 @@ using Index = std::int64_t;
 
 namespace detail {
 // Anything shaped like an Eigen dense row-major matrix: data(), rows(), cols(), outerStride().
+// clang-format off
 template <class M>
 concept RowMajorDense = requires(M& m) {
   m.data();
@@ -27,6 +28,7 @@ concept RowMajorDense = requires(M& m) {
   { m.outerStride() } -> std::convertible_to<Index>;
   requires static_cast<bool>(std::remove_cvref_t<M>::IsRowMajor);
 };
+// clang-format on
 }  // namespace detail
 
 // A row-major matrix view: element (r, c) lives at data[r * stride + c].
@@ -41,6 +43,7 @@ struct MatrixView {
   constexpr MatrixView(T* d, Index r, Index c) : data(d), rows(r), cols(c), stride(c) {}
   constexpr MatrixView(T* d, Index r, Index c, Index s) : data(d), rows(r), cols(c), stride(s) {}
 
+  // clang-format off
   // A view of non-const data converts to a view of const data.
   template <class U>
     requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
@@ -63,6 +66,7 @@ struct MatrixView {
                   "Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> (or a Map/Ref of it)");
   }
 
+  // clang-format on
   MOE_HD T& operator()(Index r, Index c) const { return data[r * stride + c]; }
   MOE_HD T* row(Index r) const { return data + r * stride; }
   [[nodiscard]] constexpr Index size() const { return rows * cols; }

@@ -2,6 +2,4 @@
 #include <moe/backend/cpu.hpp>
 #include <moe/moe.hpp>
 
-int main() {
-  moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, moe::backend::Cpu<float>, 2> layer({});
-}
+int main() { moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, moe::backend::Cpu<float>, 2> layer({}); }

@@ -6,6 +6,4 @@ struct NotAGate {
   struct Config {};
 };
 
-int main() {
-  moe::Layer<moe::expert::FeedForward, NotAGate, moe::backend::Cpu<float>> layer({});
-}
+int main() { moe::Layer<moe::expert::FeedForward, NotAGate, moe::backend::Cpu<float>> layer({}); }

@@ -8,9 +8,9 @@
 #include <cstdio>
 #include <vector>
 
-#include "moe/top_k.hpp"
 #include "moe/random.hpp"
 #include "moe/scalar_math.hpp"
+#include "moe/top_k.hpp"
 
 namespace {
 

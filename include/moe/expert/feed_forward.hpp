@@ -114,8 +114,10 @@ class FeedForward::Group {
     Index lo = 0, hi = n;
     while (hi - lo > 1) {
       const Index mid = (lo + hi) / 2;
-      if (offsets[mid] <= r) lo = mid;
-      else hi = mid;
+      if (offsets[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
     }
     return lo;
   }

@@ -8,10 +8,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "moe/top_k.hpp"
 #include "moe/error.hpp"
 #include "moe/gate_policy.hpp"
 #include "moe/scalar_math.hpp"
+#include "moe/top_k.hpp"
 
 namespace moe::detail {
 // MATH.md 3: the threshold of expert i is the (k+1)-th noisy logit when i is in the top k,
@@ -55,10 +55,11 @@ class NoisyTopK::Policy {
     detail::require(n_experts >= 1, "gate::NoisyTopK: n_experts = ", n_experts, ", expected at least 1");
     detail::require(config.k >= 1 && config.k <= n_experts, "gate::NoisyTopK: k = ", config.k,
                     ", expected 1 <= k <= n_experts = ", n_experts);
-    detail::require(config.eps_noise >= 0 && std::isfinite(config.eps_noise), "gate::NoisyTopK: eps_noise = ",
-                    config.eps_noise, ", expected a finite value >= 0");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0, "gate::NoisyTopK: w_importance = ",
-                    config.w_importance, ", w_load = ", config.w_load, ", expected both >= 0");
+    detail::require(config.eps_noise >= 0 && std::isfinite(config.eps_noise),
+                    "gate::NoisyTopK: eps_noise = ", config.eps_noise, ", expected a finite value >= 0");
+    detail::require(config.w_importance >= 0 && config.w_load >= 0,
+                    "gate::NoisyTopK: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
+                    ", expected both >= 0");
     // MATH.md 2: W_g and W_noise start at zero ("no signal and some noise").
     for (auto* b : {&w_gate_, &w_noise_, &g_gate_, &g_noise_}) b->resize(d_model, n_experts, S(0));
   }
@@ -82,8 +83,10 @@ class NoisyTopK::Policy {
     routing.gate.resize(t_count, k);
 
     B::gemm(ctx, Op::none, Op::none, S(1), x, w_gate_.view(), S(0), saved.clean.view());
-    if (saved.noise_active) B::gemm(ctx, Op::none, Op::none, S(1), x, w_noise_.view(), S(0), saved.raw.view());
-    else B::fill(ctx, saved.raw.view(), S(0));
+    if (saved.noise_active)
+      B::gemm(ctx, Op::none, Op::none, S(1), x, w_noise_.view(), S(0), saved.raw.view());
+    else
+      B::fill(ctx, saved.raw.view(), S(0));
 
     const S* clean = saved.clean.data();
     const S* raw = saved.raw.data();

@@ -14,7 +14,7 @@ namespace moe::gate {
 struct Softmax {
   struct Config {
     double w_importance = 1e-2;
-    double w_load = 1e-2;  // the load is the count (T for every expert), so this term is 0
+    double w_load = 1e-2;     // the load is the count (T for every expert), so this term is 0
     double init_scale = 0.0;  // W_g uniform in (-s / sqrt(d), s / sqrt(d)]; 0 starts uniform
   };
   template <Backend B>
@@ -35,8 +35,9 @@ class Softmax::Policy {
   Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(n_experts >= 1, "gate::Softmax: n_experts = ", n_experts, ", expected at least 1");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0, "gate::Softmax: w_importance = ",
-                    config.w_importance, ", w_load = ", config.w_load, ", expected both >= 0");
+    detail::require(config.w_importance >= 0 && config.w_load >= 0,
+                    "gate::Softmax: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
+                    ", expected both >= 0");
     w_gate_.resize(d_model, n_experts, S(0));
     g_gate_.resize(d_model, n_experts, S(0));
     if (config.init_scale != 0.0 && d_model > 0) {
@@ -80,8 +81,8 @@ class Softmax::Policy {
     routing.load.clear();
   }
 
-  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate,
-                const S*, MatrixView<S> dx) {
+  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate, const S*,
+                MatrixView<S> dx) {
     const Index t_count = x.rows, n = n_;
     dlogits_.resize(t_count, n);
     const S* g = saved.gate.data();

@@ -33,8 +33,7 @@ class Adam {
     detail::require(config.beta1 >= 0 && config.beta1 < 1 && config.beta2 >= 0 && config.beta2 < 1,
                     "optim::Adam: beta1 = ", config.beta1, ", beta2 = ", config.beta2, ", expected both in [0, 1)");
     detail::require(config.eps > 0, "optim::Adam: eps = ", config.eps, ", expected > 0");
-    detail::require(config.weight_decay >= 0, "optim::Adam: weight_decay = ", config.weight_decay,
-                    ", expected >= 0");
+    detail::require(config.weight_decay >= 0, "optim::Adam: weight_decay = ", config.weight_decay, ", expected >= 0");
   }
 
   void step(const std::vector<Parameter<S>>& params) {

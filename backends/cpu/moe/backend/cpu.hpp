@@ -5,20 +5,19 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "moe/backend.hpp"
 #include "moe/backend/cpu/eigen.hpp"
 #include "moe/backend/cpu/gemm.hpp"
 #include "moe/backend/cpu/host_matrix.hpp"
 #include "moe/backend/cpu/parallel.hpp"
 #include "moe/backend/cpu/permute.hpp"
 #include "moe/backend/cpu/reduce.hpp"
-#include "moe/backend.hpp"
 
 namespace moe::backend {
 
 template <class S>
 class Cpu {
-  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>,
-                "moe::backend::Cpu supports float and double");
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, double>, "moe::backend::Cpu supports float and double");
 
  public:
   using Scalar = S;

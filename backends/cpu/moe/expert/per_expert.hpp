@@ -84,20 +84,19 @@ class PerExpert<E>::Group {
     detail::require(n_experts >= 1, "expert::PerExpert: n_experts = ", n_experts, ", expected at least 1");
     typename B::Context ctx;
     for (const auto& s : specs_) {
-      detail::require(s.rows >= 1 && s.cols >= 1, "expert::PerExpert: parameter ", s.name, " is ", s.rows,
-                           " x ", s.cols, ", expected both extents >= 1");
+      detail::require(s.rows >= 1 && s.cols >= 1, "expert::PerExpert: parameter ", s.name, " is ", s.rows, " x ",
+                      s.cols, ", expected both extents >= 1");
       values_.emplace_back(n_ * s.rows, s.cols, S(0));
       grads_.emplace_back(n_ * s.rows, s.cols, S(0));
       if (s.init == ParamSpec::Init::fan_in)
         detail::init_uniform<B>(ctx, values_.back().view(), seed, "experts." + s.name,
-                                     1.0 / std::sqrt(static_cast<double>(s.rows)));
+                                1.0 / std::sqrt(static_cast<double>(s.rows)));
     }
   }
 
   [[nodiscard]] Index n_experts() const { return n_; }
 
-  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
-               Saved&) const {
+  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys, Saved&) const {
     check_width(xs, "forward");
     backend::cpu::parallel_for(ctx.threads, n_, [&](Index e) {
       const Index r0 = offsets[e], m = offsets[e + 1] - r0;
@@ -122,15 +121,15 @@ class PerExpert<E>::Group {
   [[nodiscard]] std::vector<Parameter<S>> parameters() {
     std::vector<Parameter<S>> p;
     for (std::size_t i = 0; i < specs_.size(); ++i)
-      p.push_back({"experts." + specs_[i].name, {n_, specs_[i].rows, specs_[i].cols}, values_[i].view(),
-                   grads_[i].view()});
+      p.push_back(
+          {"experts." + specs_[i].name, {n_, specs_[i].rows, specs_[i].cols}, values_[i].view(), grads_[i].view()});
     return p;
   }
 
  private:
   void check_width(ConstMatrixView<S> xs, const char* call) const {
     detail::require(xs.cols == d_, "expert::PerExpert::", call, ": rows have ", xs.cols,
-                         " columns, expected d_model = ", d_);
+                    " columns, expected d_model = ", d_);
   }
 
   Weights<S> weights(Index e) const {

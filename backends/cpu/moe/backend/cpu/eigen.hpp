@@ -3,7 +3,8 @@
 // GEMM threading stays off: the backend parallelizes over fixed row blocks itself.
 
 #if defined(EIGEN_WORLD_VERSION) && defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-#error "moe's CPU backend needs Eigen's internal threading off: include <moe/backend/cpu.hpp> before any Eigen header, or define EIGEN_DONT_PARALLELIZE"
+#error \
+    "moe's CPU backend needs Eigen's internal threading off: include <moe/backend/cpu.hpp> before any Eigen header, or define EIGEN_DONT_PARALLELIZE"
 #endif
 #ifndef EIGEN_DONT_PARALLELIZE
 #define EIGEN_DONT_PARALLELIZE
@@ -29,9 +30,11 @@ ConstMap<S> eigen(ConstMatrixView<S> v) {
   return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.stride > 0 ? v.stride : v.cols)};
 }
 
+// clang-format off
 template <class S>
   requires(!std::is_const_v<S>)
 Map<S> eigen(MatrixView<S> v) {
+  // clang-format on
   return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.stride > 0 ? v.stride : v.cols)};
 }
 

@@ -15,22 +15,32 @@ inline constexpr Index kGemmRowBlock = 64;
 
 // c = alpha * op(a) * op(b) + beta * c, for a block of rows [r0, r0 + m) of c.
 template <class S>
-void gemm_rows(Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c,
-               Index r0, Index m) {
+void gemm_rows(Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta, MatrixView<S> c, Index r0,
+               Index m) {
   auto cb = eigen(c).middleRows(r0, m);
   const auto am = eigen(a);
   const auto bm = eigen(b);
   auto product = [&](const auto& lhs) {
     if (tb == Op::none) {
-      if (beta == S(0)) cb.noalias() = alpha * (lhs * bm);
-      else { cb *= beta; cb.noalias() += alpha * (lhs * bm); }
+      if (beta == S(0))
+        cb.noalias() = alpha * (lhs * bm);
+      else {
+        cb *= beta;
+        cb.noalias() += alpha * (lhs * bm);
+      }
     } else {
-      if (beta == S(0)) cb.noalias() = alpha * (lhs * bm.transpose());
-      else { cb *= beta; cb.noalias() += alpha * (lhs * bm.transpose()); }
+      if (beta == S(0))
+        cb.noalias() = alpha * (lhs * bm.transpose());
+      else {
+        cb *= beta;
+        cb.noalias() += alpha * (lhs * bm.transpose());
+      }
     }
   };
-  if (ta == Op::none) product(am.middleRows(r0, m));
-  else product(am.middleCols(r0, m).transpose());
+  if (ta == Op::none)
+    product(am.middleRows(r0, m));
+  else
+    product(am.middleCols(r0, m).transpose());
 }
 
 template <class S>
@@ -44,8 +54,10 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
   if (m == 0 || n == 0) return;
   if (ka == 0) {
     auto cm = eigen(c);
-    if (beta == S(0)) cm.setZero();
-    else cm *= beta;
+    if (beta == S(0))
+      cm.setZero();
+    else
+      cm *= beta;
     return;
   }
   const Index blocks = (m + kGemmRowBlock - 1) / kGemmRowBlock;
@@ -58,16 +70,16 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
 template <class S>
-void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                  ConstMatrixView<S> w, MatrixView<S> c) {
+void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a, ConstMatrixView<S> w,
+                  MatrixView<S> c) {
   detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
                   " stacked weight rows do not split into ", groups, " groups");
   const Index wr = w.rows / groups;
   const Index k = tw == Op::none ? wr : w.cols;
   const Index n = tw == Op::none ? w.cols : wr;
   detail::require(a.cols == k && c.cols == n && a.rows == c.rows && offsets[groups] == a.rows,
-                  "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k,
-                  " x ", n, ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
+                  "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n,
+                  ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
   // Work items: (group, block of kGemmRowBlock rows) pairs, enumerated in a fixed order.
   Index items = 0;
   for (Index g = 0; g < groups; ++g) items += (offsets[g + 1] - offsets[g] + kGemmRowBlock - 1) / kGemmRowBlock;
@@ -90,18 +102,20 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
 // For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b.
 // One thread owns each group's whole reduction, so the summation order is fixed.
 template <class S>
-void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                        ConstMatrixView<S> b, S beta, MatrixView<S> w) {
-  detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows &&
-                      offsets[groups] == a.rows,
-                  "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
-                  " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a, ConstMatrixView<S> b,
+                        S beta, MatrixView<S> w) {
+  detail::require(
+      groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows && offsets[groups] == a.rows,
+      "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows, " x ", b.cols,
+      ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
   parallel_for(threads_for_work(threads, a.rows * a.cols * b.cols), groups, [&](Index g) {
     const Index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
     MatrixView<S> wg{w.data + g * a.cols * w.stride, a.cols, w.cols, w.stride};
     auto wm = eigen(wg);
-    if (beta == S(0)) wm.setZero();
-    else if (beta != S(1)) wm *= beta;
+    if (beta == S(0))
+      wm.setZero();
+    else if (beta != S(1))
+      wm *= beta;
     if (m > 0) wm.noalias() += eigen(a.block_rows(r0, m)).transpose() * eigen(b.block_rows(r0, m));
   });
 }

@@ -13,8 +13,8 @@ namespace moe::backend::cpu {
 inline void histogram(const Index* keys, Index count, Index bins, Index* counts) {
   std::fill(counts, counts + bins, Index{0});
   for (Index i = 0; i < count; ++i) {
-    detail::require(keys[i] >= 0 && keys[i] < bins, "histogram: key ", keys[i], " at position ", i,
-                    " is outside [0, ", bins, ")");
+    detail::require(keys[i] >= 0 && keys[i] < bins, "histogram: key ", keys[i], " at position ", i, " is outside [0, ",
+                    bins, ")");
     ++counts[keys[i]];
   }
 }
@@ -37,9 +37,8 @@ inline void stable_sort_by_key(const Index* keys, Index count, Index bins, Index
 template <class S>
 void gather_rows(int threads, ConstMatrixView<S> src, const Index* rows, MatrixView<S> dst) {
   detail::require(src.cols == dst.cols, "gather_rows: source has ", src.cols, " columns, destination ", dst.cols);
-  parallel_for(threads, dst.rows, [&](Index i) {
-    std::copy_n(src.row(rows[i]), src.cols, dst.row(i));
-  }, 256);
+  parallel_for(
+      threads, dst.rows, [&](Index i) { std::copy_n(src.row(rows[i]), src.cols, dst.row(i)); }, 256);
 }
 
 }  // namespace moe::backend::cpu
