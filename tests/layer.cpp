@@ -328,3 +328,29 @@ TEST_CASE("Eigen row-major matrices, maps and blocks pass as views without a cop
   const auto b = layer.forward(left, Mode::inference);
   CHECK(test::same_bits(a.y(), b.y()));
 }
+
+TEST_CASE("forward_into reuses a Forward's buffers and gives the same bits as a fresh forward") {
+  NoisyLayer layer({.d_model = 6, .n_experts = 8, .expert = {.hidden = 5}, .gate = {.k = 2}});
+  test::randomize_parameters(layer, 4);
+  const auto x = test::random_matrix<double>(30, 6, 1);
+  const auto dy = test::random_matrix<double>(30, 6, 2);
+  Rng a(3), b(3);
+  NoisyLayer::Forward reused;
+  layer.forward_into(reused, x.view(), Mode::train, a);
+  const double* y_storage = reused.y().data;
+  for (int step = 0; step < 3; ++step) {
+    layer.forward_into(reused, x.view(), Mode::train, a);
+    (void)layer.forward(x.view(), Mode::train, b);
+  }
+  const auto fresh = layer.forward(x.view(), Mode::train, b);
+  CHECK(reused.y().data == y_storage);  // no reallocation in steady state
+  CHECK(test::same_bits(reused.y(), fresh.y()));
+  const auto g1 = layer.backward(reused, dy.view());
+  const auto g2 = layer.backward(fresh, dy.view());
+  CHECK(test::same_bits(g1.dx.view(), g2.dx.view()));
+  // A rejected input leaves the previous result usable.
+  const auto wide = test::random_matrix<double>(30, 7, 1);
+  CHECK_THROWS_AS(layer.forward_into(reused, wide.view(), Mode::inference), Error);
+  CHECK(reused.valid());
+  CHECK(test::same_bits(reused.y(), fresh.y()));
+}

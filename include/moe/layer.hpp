@@ -116,6 +116,14 @@ class Layer {
 
   // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
+    Forward f;
+    forward_into(f, x, mode, noise);
+    return f;
+  }
+
+  // The same, reusing the buffers of a previous result: a training loop that keeps one Forward
+  // allocates nothing in steady state. If the input is rejected, f is left as it was.
+  void forward_into(Forward& f, ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
     detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows, " rows");
@@ -139,7 +147,7 @@ class Layer {
     }
 
     typename B::Context ctx{context()};
-    Forward f;
+    f.owner_ = 0;  // invalid until complete
     f.mode_ = mode;
     f.x_.resize(t_count, d);
     B::copy(ctx, x, f.x_.view());
@@ -178,7 +186,6 @@ class Layer {
     }
     f.stats_ = balance(ctx, f);
     f.owner_ = id_;
-    return f;
   }
 
   // Gradients of sum(dy .* y) + aux_scale * loss with respect to the input (returned) and every

@@ -99,24 +99,28 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
   });
 }
 
-// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b.
-// One thread owns each group's whole reduction, so the summation order is fixed.
+// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b. Work items
+// are (group, block of kGemmRowBlock columns of w): each item's reduction over the group's rows
+// is done by one thread in full, so the summation order is fixed, and a single busy expert
+// still spreads over the threads.
 template <class S>
 void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a, ConstMatrixView<S> b,
                         S beta, MatrixView<S> w) {
-  detail::require(
-      groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows && offsets[groups] == a.rows,
-      "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows, " x ", b.cols,
-      ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
-  parallel_for(threads_for_work(threads, a.rows * a.cols * b.cols), groups, [&](Index g) {
+  detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows &&
+                      offsets[groups] == a.rows,
+                  "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows, " x ",
+                  b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  const Index col_blocks = (w.cols + kGemmRowBlock - 1) / kGemmRowBlock;
+  parallel_for(threads_for_work(threads, a.rows * a.cols * b.cols), groups * col_blocks, [&](Index item) {
+    const Index g = item / col_blocks, c0 = (item % col_blocks) * kGemmRowBlock;
+    const Index nc = std::min(kGemmRowBlock, w.cols - c0);
     const Index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
-    MatrixView<S> wg{w.data + g * a.cols * w.stride, a.cols, w.cols, w.stride};
-    auto wm = eigen(wg);
+    auto wm = eigen(MatrixView<S>{w.data + g * a.cols * w.stride + c0, a.cols, nc, w.stride});
     if (beta == S(0))
       wm.setZero();
     else if (beta != S(1))
       wm *= beta;
-    if (m > 0) wm.noalias() += eigen(a.block_rows(r0, m)).transpose() * eigen(b.block_rows(r0, m));
+    if (m > 0) wm.noalias() += eigen(a.block_rows(r0, m)).transpose() * eigen(b.block_rows(r0, m)).middleCols(c0, nc);
   });
 }
 

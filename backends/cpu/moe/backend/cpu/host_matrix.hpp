@@ -14,10 +14,18 @@ class HostMatrix {
   HostMatrix() = default;
   HostMatrix(Index rows, Index cols, T value = T{}) { resize(rows, cols, value); }
 
-  // Resizes to rows x cols; contents are unspecified afterwards unless a value is given.
-  void resize(Index rows, Index cols, T value = T{}) {
-    detail::require(rows >= 0 && cols >= 0, "HostMatrix: shape ", rows, " x ", cols,
-                    " has a negative extent, expected rows >= 0 and cols >= 0");
+  // Resizes to rows x cols, keeping the allocation when it is large enough: buffers reused
+  // across calls cost no allocation in steady state. Contents are unspecified afterwards.
+  void resize(Index rows, Index cols) {
+    check_shape(rows, cols);
+    rows_ = rows;
+    cols_ = cols;
+    data_.resize(static_cast<std::size_t>(rows * cols));
+  }
+
+  // Resizes to rows x cols with every element set to value.
+  void resize(Index rows, Index cols, T value) {
+    check_shape(rows, cols);
     rows_ = rows;
     cols_ = cols;
     data_.assign(static_cast<std::size_t>(rows * cols), value);
@@ -38,6 +46,11 @@ class HostMatrix {
   [[nodiscard]] const std::vector<T>& values() const { return data_; }
 
  private:
+  static void check_shape(Index rows, Index cols) {
+    detail::require(rows >= 0 && cols >= 0, "HostMatrix: shape ", rows, " x ", cols,
+                    " has a negative extent, expected rows >= 0 and cols >= 0");
+  }
+
   std::vector<T> data_;
   Index rows_ = 0;
   Index cols_ = 0;
