@@ -1,0 +1,621 @@
+// Throughput of moe::Layer<FeedForward, NoisyTopK, Cpu<float>> (MATH.md 1-2) at growing expert
+// counts, against a dense ReLU MLP of the same active FLOPs (hidden k*h) and a naive per-expert
+// loop on the layer's own gate, weights and routing, all measured in one run, round-robin.
+// Prints a table and writes JSON. Timings live here, never in the tests.
+//
+//   moe_layer [--quick] [--threads N] [--json PATH]
+
+#include <moe/backend/cpu.hpp>  // first: it defines EIGEN_DONT_PARALLELIZE before Eigen is seen
+#include <moe/moe.hpp>
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using moe::Index;
+using Cpu = moe::backend::Cpu<float>;
+using Layer = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, Cpu>;
+using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  bool quick = false;
+  bool help = false;
+  int threads = 0;  // 0: all that OpenMP offers
+  std::string json = "bench_results.json";
+};
+
+struct Shape {
+  Index tokens, d, h, k;
+  std::vector<Index> experts;
+  int warmup, reps;
+
+  [[nodiscard]] double expert_flop() const { return 4.0 * double(tokens * k * d * h); }  // two GEMMs
+  [[nodiscard]] double gate_flop(Index n) const { return 4.0 * double(tokens * d * n); }  // x W_g, x W_noise
+};
+
+// The paper's expert size (d = 512, h = 1024); with T = 2048 one measurement takes 150-700 ms on 2 cores.
+Shape shape_for(bool quick) {
+  if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1};
+  return {2048, 512, 1024, 2, {4, 16, 64, 256}, 1, 7};
+}
+
+int threads_from(const std::string& text) {
+  int threads = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), threads);
+  if (error != std::errc{} || end != text.data() + text.size() || threads < 0)
+    throw std::invalid_argument("--threads " + text + ": expected an integer >= 0 (0: all available)");
+  return threads;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&] {
+      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
+      return std::string(argv[++i]);
+    };
+    if (arg == "--quick") o.quick = true;
+    else if (arg == "--help" || arg == "-h") o.help = true;
+    else if (arg == "--threads") o.threads = threads_from(value());
+    else if (arg == "--json") o.json = value();
+    else throw std::invalid_argument("unknown argument " + arg);
+  }
+  return o;
+}
+
+long minor_faults() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+struct Measured {
+  double seconds = 0;  // median
+  double faults = 0;   // minor page faults per call: memory touched for the first time
+};
+
+// Runs the tasks round-robin, shape.warmup untimed rounds then shape.reps timed ones, so that a
+// drift of the machine (a neighbour, the clock) shifts every task alike and the ratios stay fair.
+std::vector<Measured> measure(const Shape& s, const std::vector<std::function<void()>>& tasks) {
+  std::vector<std::vector<double>> times(tasks.size());
+  std::vector<long> faults(tasks.size(), 0);
+  for (int round = 0; round < s.warmup + s.reps; ++round)
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      const long faults_before = minor_faults();
+      const auto start = Clock::now();
+      tasks[i]();
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      if (round < s.warmup) continue;
+      times[i].push_back(seconds);
+      faults[i] += minor_faults() - faults_before;
+    }
+  std::vector<Measured> out;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    std::vector<double>& t = times[i];
+    std::sort(t.begin(), t.end());
+    const std::size_t mid = t.size() / 2;
+    out.push_back({t.size() % 2 == 1 ? t[mid] : 0.5 * (t[mid - 1] + t[mid]), double(faults[i]) / s.reps});
+  }
+  return out;
+}
+
+// c = a * b (or c += a * b) with the rows of c cut into one even chunk per thread, each chunk one
+// plain Eigen GEMM: the fastest plain use of Eigen here, since its own threading is off.
+template <class A, class B, class C>
+void par_gemm(int threads, const A& a, const B& b, C&& c, bool accumulate = false) {
+  const Index rows = c.rows();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int p = 0; p < threads; ++p) {
+    const Index r0 = rows * p / threads, m = rows * (p + 1) / threads - r0;
+    if (m == 0) continue;
+    auto cb = c.middleRows(r0, m);
+    if (accumulate) cb.noalias() += a.middleRows(r0, m) * b;
+    else cb.noalias() = a.middleRows(r0, m) * b;
+  }
+}
+
+// E(x) = relu(x W1) W2 forward, and its backward into g1, g2 and dx. Used by the dense baseline
+// (one MLP over all tokens) and by the naive loop (one call per expert on its gathered tokens).
+struct MlpPass {
+  Mat pre, act, y, dpre, dx;
+
+  template <class W>
+  void forward(int threads, const Mat& x, const W& w1, const W& w2) {
+    pre.resize(x.rows(), w1.cols());
+    par_gemm(threads, x, w1, pre);
+    act = pre.cwiseMax(0.f);
+    y.resize(x.rows(), w2.cols());
+    par_gemm(threads, act, w2, y);
+  }
+
+  template <class W, class G>
+  void backward(int threads, const Mat& x, const Mat& dy, const W& w1, const W& w2, G&& g1, G&& g2) {
+    par_gemm(threads, act.transpose(), dy, g2, true);
+    dpre.resize(dy.rows(), w2.rows());
+    par_gemm(threads, dy, w2.transpose(), dpre);
+    dpre.array() *= (pre.array() > 0.f).cast<float>();
+    par_gemm(threads, x.transpose(), dpre, g1, true);
+    dx.resize(x.rows(), x.cols());
+    par_gemm(threads, dpre, w1.transpose(), dx);
+  }
+};
+
+// The dense baseline: one ReLU MLP with hidden k*h, so its FLOPs per token equal the MoE's active
+// expert FLOPs.
+struct Dense {
+  Mat w1, w2, g1, g2;
+  MlpPass pass;
+
+  Dense(Index d, Index hidden)
+      : w1(Mat::Random(d, hidden) / std::sqrt(float(d))), w2(Mat::Random(hidden, d) / std::sqrt(float(hidden))),
+        g1(Mat::Zero(d, hidden)), g2(Mat::Zero(hidden, d)) {}
+
+  void step(int threads, const Mat& x, const Mat& dy, bool backward) {
+    pass.forward(threads, x, w1, w2);
+    if (backward) pass.backward(threads, x, dy, w1, w2, g1, g2);
+  }
+};
+
+// The layer's gate run on its own with one fixed noise draw: moe::Rng(kNoiseSeed)'s first draw,
+// which is also what the layer's first forward uses, so the routing is that forward's.
+constexpr std::uint64_t kNoiseSeed = 42;
+
+struct GateRun {
+  Layer& layer;
+  Cpu::Context ctx;
+  moe::GateNoise<float> noise;
+  moe::GateRouting<Cpu> routing;
+  Layer::GatePolicy::Saved saved;
+  std::vector<float> dload;  // d loss / d Load, as the layer passes it in training
+
+  GateRun(Layer& l, int threads) : layer(l), ctx{threads}, dload(std::size_t(l.config().n_experts), 1e-3f) {
+    const moe::Rng::Draw draw = moe::Rng(kNoiseSeed).next();
+    noise = {nullptr, 0, draw.stream, draw.step};
+  }
+  void forward(moe::ConstMatrixView<float> x) { layer.gate().forward(ctx, x, moe::Mode::train, noise, routing, saved); }
+  void backward(moe::ConstMatrixView<float> x, moe::ConstMatrixView<float> dgate, moe::MatrixView<float> dx) {
+    layer.gate().backward(ctx, x, saved, dgate, dload.data(), dx);
+  }
+};
+
+// The per-expert loop a first implementation would write, on the layer's own gate and weights:
+// the gate, then for each expert scan the routing for its slots, copy its tokens, run the MLP
+// and scatter-add the gated outputs into y. Backward mirrors it: dgate = <dy, expert output>,
+// the MLP's backward, then the gate's.
+struct Naive {
+  GateRun gate;
+  moe::backend::cpu::Map<float> w1, w2, g1, g2;  // stacked [n*d x h] and [n*h x d], as in the layer
+  Mat y, dx, dgate, xe, dye;
+  MlpPass pass;
+  std::vector<Index> slots;
+
+  static moe::backend::cpu::Map<float> param(Layer& layer, const std::string& name, bool grad) {
+    for (auto& p : layer.parameters())
+      if (p.name == name) return moe::backend::cpu::eigen(grad ? p.grad : p.value);
+    throw std::logic_error("the layer has no parameter " + name);
+  }
+  Naive(Layer& layer, int threads)
+      : gate(layer, threads), w1(param(layer, "experts.w1", false)), w2(param(layer, "experts.w2", false)),
+        g1(param(layer, "experts.w1", true)), g2(param(layer, "experts.w2", true)) {}
+
+  void step(const Mat& x, const Mat& dy, bool backward) {
+    gate.forward(x);
+    const moe::GateRouting<Cpu>& r = gate.routing;
+    const Index d = x.cols(), h = w1.cols(), n = w1.rows() / d, k = r.expert.cols();
+    const int threads = gate.ctx.threads;
+    y.setZero(x.rows(), d);
+    if (backward) {
+      dx.setZero(x.rows(), d);
+      dgate.resize(x.rows(), k);
+    }
+    for (Index e = 0; e < n; ++e) {
+      slots.clear();
+      for (Index s = 0; s < r.expert.size(); ++s)
+        if (r.expert[s] == e) slots.push_back(s);
+      const auto m = Index(slots.size());
+      if (m == 0) continue;
+      xe.resize(m, d);
+      for (Index i = 0; i < m; ++i) xe.row(i) = x.row(slots[i] / k);
+      const auto w1e = w1.middleRows(e * d, d);
+      const auto w2e = w2.middleRows(e * h, h);
+      pass.forward(threads, xe, w1e, w2e);
+      for (Index i = 0; i < m; ++i) y.row(slots[i] / k) += r.gate[slots[i]] * pass.y.row(i);
+      if (!backward) continue;
+      dye.resize(m, d);
+      for (Index i = 0; i < m; ++i) {
+        const Index s = slots[i], t = s / k;
+        dye.row(i) = r.gate[s] * dy.row(t);
+        dgate(t, s % k) = dy.row(t).dot(pass.y.row(i));
+      }
+      pass.backward(threads, xe, dye, w1e, w2e, g1.middleRows(e * d, d), g2.middleRows(e * h, h));
+      for (Index i = 0; i < m; ++i) dx.row(slots[i] / k) += pass.dx.row(i);
+    }
+    if (backward) gate.backward(x, dgate, dx);
+  }
+};
+
+// The layer's stages run alone through its own gate, routing plan and expert group, to split its
+// time into gate, dispatch, experts and the rest (combine, balance, input copy, finiteness checks,
+// whatever the first calls allocated). Each stage reads what the one before it wrote.
+struct Stages {
+  GateRun gate;
+  moe::RoutingPlan<Cpu> plan;
+  Layer::ExpertGroup::Saved expert_saved;
+  Cpu::Buffer<float> xs, ys, dys, dxs, dgate, dx, logits, w;
+
+  Stages(Layer& layer, const Shape& s, int threads)
+      : gate(layer, threads), xs(s.tokens * s.k, s.d), ys(s.tokens * s.k, s.d), dys(s.tokens * s.k, s.d, 1e-3f),
+        dxs(s.tokens * s.k, s.d), dgate(s.tokens, s.k, 1e-3f), dx(s.tokens, s.d),
+        logits(s.tokens, layer.config().n_experts), w(s.d, layer.config().n_experts) {}
+
+  void dispatch(moe::ConstMatrixView<float> x) {
+    plan.build(gate.ctx, gate.routing.expert.view(), gate.layer.config().n_experts);
+    Cpu::gather_rows(gate.ctx, x, plan.token_of.data(), xs.view());
+  }
+  void experts_forward() {
+    gate.layer.experts().forward(gate.ctx, xs.view(), plan.offsets.data(), ys.view(), expert_saved);
+  }
+  void experts_backward() {
+    gate.layer.experts().backward(gate.ctx, xs.view(), plan.offsets.data(), expert_saved, dys.view(), dxs.view());
+  }
+  // MATH.md 2: x W_g and x W_noise through the backend's gemm; backward: their weight and input gradients.
+  void gate_gemms(moe::ConstMatrixView<float> x, bool backward) {
+    using moe::Op;
+    for (int i = 0; i < 2; ++i) {
+      if (!backward) {
+        Cpu::gemm(gate.ctx, Op::none, Op::none, 1.f, x, w.view(), 0.f, logits.view());
+        continue;
+      }
+      Cpu::gemm(gate.ctx, Op::transpose, Op::none, 1.f, x, logits.view(), 1.f, w.view());
+      Cpu::gemm(gate.ctx, Op::none, Op::transpose, 1.f, logits.view(), w.view(), 1.f, dx.view());
+    }
+  }
+};
+
+// The achievable rate: the experts' whole forward ([T*k x d][d x h], then [T*k x h][h x d]) as
+// plain Eigen GEMMs, a row chunk per thread, and through the backend's gemm (fixed 64-row blocks).
+struct Floor {
+  Mat a, w1, w2, hid, out;
+
+  explicit Floor(const Shape& s)
+      : a(Mat::Random(s.tokens * s.k, s.d)), w1(Mat::Random(s.d, s.h)), w2(Mat::Random(s.h, s.d)),
+        hid(s.tokens * s.k, s.h), out(s.tokens * s.k, s.d) {}
+  void eigen(int threads) {
+    par_gemm(threads, a, w1, hid);
+    par_gemm(threads, hid, w2, out);
+  }
+  void backend(int threads) {
+    Cpu::Context ctx{threads};
+    Cpu::gemm(ctx, moe::Op::none, moe::Op::none, 1.f, a, w1, 0.f, hid);
+    Cpu::gemm(ctx, moe::Op::none, moe::Op::none, 1.f, hid, w2, 0.f, out);
+  }
+};
+
+// What one round times, in this order: the layer, the two baselines, then the layer's stages.
+enum Task : int {
+  kMoeFwd, kMoeFwdBwd, kDenseFwd, kDenseFwdBwd, kNaiveFwd, kNaiveFwdBwd,
+  kGateFwd, kGateGemmFwd, kDispatch, kExpertsFwd, kExpertsBwd, kGateBwd, kGateGemmBwd, kFloorEigen, kFloorBackend,
+  kTaskCount
+};
+constexpr const char* kTaskNames[kTaskCount] = {
+    "moe_forward", "moe_forward_backward", "dense_forward", "dense_forward_backward", "naive_forward",
+    "naive_forward_backward", "gate_forward", "gate_gemm_forward", "dispatch", "experts_forward",
+    "experts_backward", "gate_backward", "gate_gemm_backward", "floor_eigen_gemm", "floor_backend_gemm"};
+
+// The two passes the main table reports; backward doubles the GEMM FLOPs and writes a gradient
+// beside each weight.
+struct Pass {
+  const char* name;
+  const char* json_name;
+  Task moe, dense, naive;
+  double flop_scale, bytes_scale;
+};
+constexpr Pass kPasses[] = {{"fwd", "forward", kMoeFwd, kDenseFwd, kNaiveFwd, 1, 1},
+                            {"fwd+bwd", "forward_backward", kMoeFwdBwd, kDenseFwdBwd, kNaiveFwdBwd, 3, 2}};
+
+struct Result {
+  Index n = 0, min_tokens = 0, max_tokens = 0, experts_used = 0;
+  double naive_max_abs_diff = 0;
+  double flop = 0, expert_flop = 0, param_bytes = 0;  // of one forward
+  std::vector<Measured> m;                            // by Task
+
+  [[nodiscard]] double seconds(Task t) const { return m[std::size_t(t)].seconds; }
+  [[nodiscard]] double gflops(const Pass& p) const { return p.flop_scale * flop / seconds(p.moe) * 1e-9; }
+  // GFLOP/s of a task that does the experts' forward FLOPs `times` times.
+  [[nodiscard]] double expert_gflops(Task t, double times = 1) const { return times * expert_flop / seconds(t) * 1e-9; }
+  [[nodiscard]] double fraction_of_floor(const Pass& p) const { return gflops(p) / expert_gflops(kFloorEigen); }
+};
+
+Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& floor, const Mat& x, const Mat& dy) {
+  Layer layer(Layer::Config{.d_model = s.d, .n_experts = n, .expert = {.hidden = s.h}, .gate = {.k = s.k},
+                            .seed = 1, .threads = threads});
+  const moe::ConstMatrixView<float> xv(x), dyv(dy);
+  moe::Rng rng(kNoiseSeed);
+  Result r;
+  r.n = n;
+
+  const Layer::Forward first = layer.forward(xv, moe::Mode::train, rng);
+  const auto& counts = first.stats().tokens_per_expert;
+  r.min_tokens = *std::min_element(counts.begin(), counts.end());
+  r.max_tokens = *std::max_element(counts.begin(), counts.end());
+  r.experts_used = Index(std::count_if(counts.begin(), counts.end(), [](Index c) { return c > 0; }));
+  // Parameters read by a forward: the gate's two d x n matrices and every expert that got a token.
+  r.param_bytes = 4.0 * double(2 * s.d * n + r.experts_used * 2 * s.d * s.h);
+  r.expert_flop = s.expert_flop();
+  r.flop = r.expert_flop + s.gate_flop(n);
+
+  Naive naive(layer, threads);
+  naive.step(x, dy, false);
+  r.naive_max_abs_diff = double((naive.y - Eigen::Map<const Mat>(first.y().data, s.tokens, s.d)).cwiseAbs().maxCoeff());
+
+  Stages st(layer, s, threads);
+  Layer::Forward step;  // reused across calls, as a training loop does: no allocation in steady state
+  r.m = measure(s, {
+      [&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
+      [&] {
+        layer.forward_into(step, xv, moe::Mode::train, rng);
+        (void)layer.backward(step, dyv);
+      },
+      [&] { dense.step(threads, x, dy, false); },
+      [&] { dense.step(threads, x, dy, true); },
+      [&] { naive.step(x, dy, false); },
+      [&] { naive.step(x, dy, true); },
+      [&] { st.gate.forward(xv); },
+      [&] { st.gate_gemms(xv, false); },
+      [&] { st.dispatch(xv); },
+      [&] { st.experts_forward(); },
+      [&] { st.experts_backward(); },
+      [&] { st.gate.backward(xv, st.dgate.view(), st.dx.view()); },
+      [&] { st.gate_gemms(xv, true); },
+      [&] { floor.eigen(threads); },
+      [&] { floor.backend(threads); },
+  });
+  return r;
+}
+
+// CPU seconds that every other process on the machine has used since boot, or -1 if unknown:
+// other work during the run distorts every number here, so the run reports how much there was.
+double others_cpu_seconds() {
+  std::FILE* machine = std::fopen("/proc/stat", "r");
+  std::FILE* self = std::fopen("/proc/self/stat", "r");
+  unsigned long long user = 0, nice = 0, sys = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  unsigned long long self_user = 0, self_sys = 0;
+  char line[1024] = {};
+  const bool ok = machine != nullptr && self != nullptr &&
+                  std::fscanf(machine, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &sys, &idle,
+                              &iowait, &irq, &softirq, &steal) == 8 &&
+                  std::fgets(line, sizeof line, self) != nullptr && std::strrchr(line, ')') != nullptr &&
+                  // fields 14 and 15 (utime, stime), counted after the parenthesized command name
+                  std::sscanf(std::strrchr(line, ')') + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+                              &self_user, &self_sys) == 2;
+  if (machine != nullptr) std::fclose(machine);
+  if (self != nullptr) std::fclose(self);
+  const double busy = double(user + nice + sys + irq + softirq + steal) - double(self_user + self_sys);
+  return ok ? busy / double(::sysconf(_SC_CLK_TCK)) : -1;
+}
+
+// Everything one run measured.
+struct Run {
+  Shape shape;
+  int threads = 1;
+  bool quick = false;
+  double others_busy = -1;  // the share of the machine's cores that other processes used during the run
+  std::vector<Result> results;
+};
+
+void print_tables(const Run& run) {
+  const Shape& s = run.shape;
+  std::printf("moe_layer: d=%lld h=%lld k=%lld T=%lld, float, %d threads, SIMD %s, median of %d after %d warm-up\n",
+              (long long)s.d, (long long)s.h, (long long)s.k, (long long)s.tokens, run.threads,
+              Eigen::SimdInstructionSetsInUse(), s.reps, s.warmup);
+  if (run.others_busy >= 0)
+    std::printf("other processes used %.0f%% of the machine's cores during the run%s\n", 100 * run.others_busy,
+                run.others_busy > 0.05 ? ": these timings are distorted, rerun on an idle machine" : "");
+  std::printf("floor: the experts' forward GEMMs ([T*k x d][d x h], [T*k x h][h x d]) as plain Eigen GEMMs, a row "
+              "chunk per thread,\nmeasured in the same rounds as each row\n\n");
+
+  std::printf("%6s %-8s %9s %7s %8s %8s %8s %7s %9s %9s %10s %10s\n", "n", "pass", "tok/exp", "GFLOP", "param MB",
+              "MoE ms", "GFLOP/s", "%floor", "dense ms", "naive ms", "MoE/dense", "MoE/naive");
+  for (const Result& r : run.results)
+    for (const Pass& p : kPasses) {
+      const std::string tokens = std::to_string(r.min_tokens) + "-" + std::to_string(r.max_tokens);
+      std::printf("%6lld %-8s %9s %7.2f %8.1f %8.1f %8.1f %6.0f%% %9.1f %9.1f %10.2f %10.2f\n", (long long)r.n,
+                  p.name, tokens.c_str(), p.flop_scale * r.flop * 1e-9, p.bytes_scale * r.param_bytes / 1e6,
+                  r.seconds(p.moe) * 1e3, r.gflops(p), 100 * r.fraction_of_floor(p), r.seconds(p.dense) * 1e3,
+                  r.seconds(p.naive) * 1e3, r.seconds(p.moe) / r.seconds(p.dense),
+                  r.seconds(p.moe) / r.seconds(p.naive));
+    }
+  std::printf("GFLOP: experts 4*T*k*d*h + gate 4*T*d*n, x3 with backward. param MB: the weights a forward reads "
+              "(x2 with backward,\nwhich writes their gradients). dense: one ReLU MLP with hidden k*h. naive: the "
+              "layer's gate, then a per-expert loop.\n");
+
+  std::printf("\nwhere the time goes, ms (each stage run alone; rest = the layer's time minus its stages; "
+              "faults: minor page faults per call)\n");
+  std::printf("%6s | %-57s | %-47s | %s\n", "", "forward", "backward (rest: of forward + backward)",
+              "GFLOP/s: experts, floor GEMMs");
+  std::printf("%6s | %9s %9s %9s %9s %9s %7s | %9s %9s %9s %9s %7s | %7s %7s %7s %7s\n", "n", "gate GEMM",
+              "gate rest", "dispatch", "experts", "rest", "faults", "experts", "gate GEMM", "gate rest", "rest",
+              "faults", "fwd", "bwd", "Eigen", "backend");
+  for (const Result& r : run.results) {
+    const auto ms = [&](Task t) { return r.seconds(t) * 1e3; };
+    const double fwd_stages = ms(kGateFwd) + ms(kDispatch) + ms(kExpertsFwd);
+    const double all_stages = fwd_stages + ms(kExpertsBwd) + ms(kGateBwd);
+    std::printf("%6lld | %9.1f %9.1f %9.1f %9.1f %9.1f %7.0f | %9.1f %9.1f %9.1f %9.1f %7.0f | "
+                "%7.1f %7.1f %7.1f %7.1f\n",
+                (long long)r.n, ms(kGateGemmFwd), ms(kGateFwd) - ms(kGateGemmFwd), ms(kDispatch), ms(kExpertsFwd),
+                ms(kMoeFwd) - fwd_stages, r.m[kMoeFwd].faults, ms(kExpertsBwd), ms(kGateGemmBwd),
+                ms(kGateBwd) - ms(kGateGemmBwd), ms(kMoeFwdBwd) - all_stages, r.m[kMoeFwdBwd].faults,
+                r.expert_gflops(kExpertsFwd), r.expert_gflops(kExpertsBwd, 2), r.expert_gflops(kFloorEigen),
+                r.expert_gflops(kFloorBackend));
+  }
+  std::printf("\nnaive loop vs layer output (same routing and weights), max |difference|:");
+  for (const Result& r : run.results) std::printf(" n=%lld: %.2g", (long long)r.n, r.naive_max_abs_diff);
+  std::printf("\n");
+}
+
+// A small JSON writer: objects, arrays, numbers (non-finite ones become null) and plain strings.
+class Json {
+ public:
+  Json& open(const std::string& key, char bracket) {
+    item(key);
+    out_ += bracket;
+    first_.push_back(true);
+    return *this;
+  }
+  Json& close(char bracket) {
+    first_.pop_back();
+    out_ += '\n' + std::string(2 * first_.size(), ' ') + bracket;
+    return *this;
+  }
+  Json& num(const std::string& key, double v) {
+    item(key);
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.6g", v);
+    out_ += std::isfinite(v) ? buf : "null";
+    return *this;
+  }
+  Json& str(const std::string& key, const std::string& v) {
+    item(key);
+    out_ += '"' + v + '"';
+    return *this;
+  }
+  [[nodiscard]] std::string text() const { return out_ + '\n'; }
+
+ private:
+  void item(const std::string& key) {
+    if (!first_.empty()) {
+      if (!first_.back()) out_ += ',';
+      first_.back() = false;
+      out_ += '\n' + std::string(2 * first_.size(), ' ');
+    }
+    if (!key.empty()) out_ += '"' + key + "\": ";
+  }
+  std::string out_;
+  std::vector<bool> first_;
+};
+
+std::string to_json(const Run& run) {
+  const Shape& s = run.shape;
+  Json j;
+  j.open("", '{').str("benchmark", "moe_layer").str("scalar", "float").str("simd", Eigen::SimdInstructionSetsInUse());
+  j.num("d_model", double(s.d)).num("hidden", double(s.h)).num("k", double(s.k)).num("tokens", double(s.tokens));
+  j.num("threads", run.threads).num("repetitions", s.reps).num("warmup", s.warmup).num("quick", run.quick ? 1 : 0);
+  j.num("other_processes_cpu_share", run.others_busy);
+  j.open("results", '[');
+  for (const Result& r : run.results) {
+    j.open("", '{').num("n_experts", double(r.n)).num("experts_used", double(r.experts_used));
+    j.num("min_tokens_per_expert", double(r.min_tokens)).num("max_tokens_per_expert", double(r.max_tokens));
+    j.num("naive_max_abs_diff", r.naive_max_abs_diff);
+    j.num("floor_eigen_gemm_gflops", r.expert_gflops(kFloorEigen));
+    j.num("floor_backend_gemm_gflops", r.expert_gflops(kFloorBackend));
+    for (const Pass& p : kPasses) {
+      j.open(p.json_name, '{').num("flop", p.flop_scale * r.flop).num("param_bytes", p.bytes_scale * r.param_bytes);
+      j.num("moe_s", r.seconds(p.moe)).num("gflops", r.gflops(p));
+      j.num("fraction_of_floor", r.fraction_of_floor(p));
+      j.num("dense_s", r.seconds(p.dense)).num("naive_s", r.seconds(p.naive));
+      j.num("moe_over_dense", r.seconds(p.moe) / r.seconds(p.dense));
+      j.num("moe_over_naive", r.seconds(p.moe) / r.seconds(p.naive)).close('}');
+    }
+    j.open("tasks", '{');
+    for (int t = 0; t < kTaskCount; ++t)
+      j.open(kTaskNames[t], '{').num("median_s", r.m[std::size_t(t)].seconds)
+          .num("page_faults_per_call", r.m[std::size_t(t)].faults).close('}');
+    j.close('}').close('}');
+  }
+  j.close(']').close('}');
+  return j.text();
+}
+
+// Writes text to path atomically: a temporary file beside it, fsync, then rename over path.
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";  // .gitignore has *.json.tmp
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
+  const auto fail = [&](const char* what) {
+    const std::string message = std::string(what) + " " + tmp + ": " + std::strerror(errno);
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(message);
+  };
+  for (std::size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno != EINTR) fail("cannot write");
+    if (n > 0) done += std::size_t(n);
+  }
+  if (::fsync(fd) != 0) fail("cannot fsync");
+  if (::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    throw std::runtime_error("cannot close " + tmp + ": " + std::strerror(errno));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string message = "cannot rename " + tmp + " to " + path + ": " + std::strerror(errno);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(message);
+  }
+}
+
+}  // namespace
+
+constexpr const char* kUsage =
+    "usage: moe_layer [--quick] [--threads N] [--json PATH]\n"
+    "  --quick      tiny sizes and one repetition: a smoke run, not a measurement\n"
+    "  --threads N  CPU threads for the layer and the baselines (default 0: all that OpenMP offers)\n"
+    "  --json PATH  where to write the results (default bench_results.json)\n";
+
+int main(int argc, char** argv) {
+  Options opt;
+  try {
+    opt = parse_options(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_layer: %s\n%s", e.what(), kUsage);
+    return 2;
+  }
+  if (opt.help) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  try {
+    const auto start = Clock::now();
+    const double others_before = others_cpu_seconds();
+    Run run;
+    run.shape = shape_for(opt.quick);
+    run.threads = moe::backend::cpu::resolve_threads(opt.threads);
+    run.quick = opt.quick;
+    const Shape& s = run.shape;
+    const Mat x = Mat::Random(s.tokens, s.d), dy = Mat::Random(s.tokens, s.d) * 1e-2f;
+
+    Dense dense(s.d, s.k * s.h);
+    Floor floor(s);
+    for (const Index n : s.experts) run.results.push_back(run_experts(s, n, run.threads, dense, floor, x, dy));
+    const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+    if (others_before >= 0)
+      run.others_busy = (others_cpu_seconds() - others_before) / (wall * double(::sysconf(_SC_NPROCESSORS_ONLN)));
+
+    print_tables(run);
+    write_atomically(opt.json, to_json(run));
+    std::printf("wrote %s\n", opt.json.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe_layer: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
