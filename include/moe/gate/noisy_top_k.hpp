@@ -43,7 +43,7 @@ class NoisyTopK::Policy {
 
  public:
   struct Saved {
-    Buffer<S> clean, raw, z, h, p;  // [T x n]: clean logits, noise logits, noise, noisy logits, P(x, i)
+    Buffer<S> clean, raw, sigma, z, h, p;  // [T x n]: clean and noise logits, noise scale, noise, H, P(x, i)
     Buffer<S> gate;                 // [T x k]
     Buffer<Index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
     bool noise_active = false;
@@ -76,7 +76,7 @@ class NoisyTopK::Policy {
     saved.noise_active = needs_noise(mode);
     // MATH.md 3: without noise, or with no (k+1)-th logit, the load is the count.
     saved.smooth_load = saved.noise_active && k < n;
-    for (auto* b : {&saved.clean, &saved.raw, &saved.z, &saved.h, &saved.p}) b->resize(t_count, n);
+    for (auto* b : {&saved.clean, &saved.raw, &saved.sigma, &saved.z, &saved.h, &saved.p}) b->resize(t_count, n);
     saved.gate.resize(t_count, k);
     saved.top.resize(t_count, kk);
     routing.expert.resize(t_count, k);
@@ -90,6 +90,7 @@ class NoisyTopK::Policy {
 
     const S* clean = saved.clean.data();
     const S* raw = saved.raw.data();
+    S* sigma = saved.sigma.data();
     S* z = saved.z.data();
     S* h = saved.h.data();
     S* p = saved.p.data();
@@ -103,13 +104,14 @@ class NoisyTopK::Policy {
     B::for_each(ctx, t_count, [=](Index t) {
       const S* c = clean + t * n;
       const S* r = raw + t * n;
+      S* sr = sigma + t * n;
       S* zr = z + t * n;
       S* hr = h + t * n;
       for (Index i = 0; i < n; ++i) {
         // MATH.md 2: sigma = softplus(raw) + eps in training, 0 at inference or without noise.
-        const S sigma = active ? detail::softplus(r[i]) + eps : S(0);
+        sr[i] = active ? detail::softplus(r[i]) + eps : S(0);
         zr[i] = active ? nz.at(t, i) : S(0);
-        hr[i] = c[i] + zr[i] * sigma;
+        hr[i] = c[i] + zr[i] * sr[i];
       }
       Index* tp = top + t * kk;
       top_k_stable(hr, n, kk, tp);
@@ -127,8 +129,7 @@ class NoisyTopK::Policy {
       if (!smooth) return;
       for (Index i = 0; i < n; ++i) {
         const Index th = detail::load_threshold(tp, k, i);
-        const S sigma = detail::softplus(r[i]) + eps;
-        p[t * n + i] = detail::normal_cdf_scaled(c[i] - hr[th], sigma);
+        p[t * n + i] = detail::normal_cdf_scaled(c[i] - hr[th], sr[i]);
       }
     });
     routing.load_is_count = !smooth;
@@ -143,6 +144,7 @@ class NoisyTopK::Policy {
     draw_.resize(t_count, n);
     const S* clean = saved.clean.data();
     const S* raw = saved.raw.data();
+    const S* sigma = saved.sigma.data();
     const S* z = saved.z.data();
     const S* h = saved.h.data();
     const Index* top = saved.top.data();
@@ -153,7 +155,6 @@ class NoisyTopK::Policy {
     S* dr = draw_.data();
     const bool active = saved.noise_active;
     const bool smooth = saved.smooth_load && dload != nullptr;
-    const S eps = static_cast<S>(config_.eps_noise);
     B::for_each(ctx, t_count, [=](Index t) {
       const Index* tp = top + t * kk;
       const S* c = clean + t * n;
@@ -168,16 +169,14 @@ class NoisyTopK::Policy {
       if (smooth)
         for (Index i = 0; i < n; ++i) {
           const Index th = detail::load_threshold(tp, k, i);
-          const S sigma = detail::softplus(raw[t * n + i]) + eps;
-          dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma).dz;
+          dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma[t * n + i]).dz;
         }
       for (Index i = 0; i < n; ++i) {
         S dclean = dh[i];
         S dsigma = dh[i] * z[t * n + i];  // MATH.md 5: H = clean + z * sigma
         if (smooth) {
           const Index th = detail::load_threshold(tp, k, i);
-          const S sigma = detail::softplus(raw[t * n + i]) + eps;
-          const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma);
+          const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma[t * n + i]);
           dclean += dload[i] * g.dz;
           dsigma += dload[i] * g.dsigma;
         }
