@@ -90,6 +90,9 @@ TEST_CASE("bad calls throw, name the problem, and leave the layer usable") {
   CHECK(contains(error_of([&] { (void)layer.backward(f, dy_nan.view()); }), "dy has the non-finite value"));
   NoisyLayer other(config());
   CHECK(contains(error_of([&] { (void)other.backward(f, dy.view()); }), "produced by another layer"));
+  NoisyLayer copy = layer;  // same parameters, but a layer of its own
+  CHECK(contains(error_of([&] { (void)copy.backward(f, dy.view()); }), "produced by another layer"));
+  CHECK(test::same_bits(copy.forward(x.view(), Mode::train, Noise<double>(z.view())).y(), reference.y()));
 
   // Still usable: the same forward gives the same bits, and backward runs.
   const auto again = layer.forward(x.view(), Mode::train, Noise<double>(z.view()));

@@ -114,6 +114,23 @@ class Layer {
                     ", expected both = n_experts = ", config_.n_experts);
   }
 
+  // A copy is a new layer with the same parameters: results of the original's forward are not
+  // accepted by the copy's backward, and the other way round.
+  Layer(const Layer& other)
+      : config_(other.config_), comm_(other.comm_), gate_(other.gate_), experts_(other.experts_), id_(next_id()) {}
+  Layer& operator=(const Layer& other) {
+    if (this != &other) {
+      config_ = other.config_;
+      comm_ = other.comm_;
+      gate_ = other.gate_;
+      experts_ = other.experts_;
+      id_ = next_id();
+    }
+    return *this;
+  }
+  Layer(Layer&&) noexcept = default;
+  Layer& operator=(Layer&&) noexcept = default;
+
   // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     Forward f;

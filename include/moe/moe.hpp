@@ -18,4 +18,5 @@
 #include "moe/parameter.hpp"
 #include "moe/random.hpp"
 #include "moe/routing_plan.hpp"
+#include "moe/top_k.hpp"
 #include "moe/view.hpp"
