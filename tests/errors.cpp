@@ -122,3 +122,55 @@ TEST_CASE("optimizers reject bad settings") {
   CHECK(contains(error_of([] { optim::Adam<B> o({.lr = -1}); }), "lr = -1"));
   CHECK(contains(error_of([] { optim::Adam<B> o({.beta1 = 1.0}); }), "beta1 = 1"));
 }
+
+TEST_CASE("moved-from layers and results, null data, bad strides and shapes are errors, not crashes") {
+  NoisyLayer layer(config());
+  const auto x = test::random_matrix<double>(6, 4, 2);
+  const auto dy = test::random_matrix<double>(6, 4, 3);
+  Rng rng(1);
+  auto f = layer.forward(x.view(), Mode::train, rng);
+  const auto moved = std::move(f);
+  CHECK_FALSE(f.valid());  // NOLINT(bugprone-use-after-move): what is tested
+  CHECK(contains(error_of([&] { (void)layer.backward(f, dy.view()); }), "call forward first"));
+  CHECK_NOTHROW((void)layer.backward(moved, dy.view()));
+
+  CHECK(contains(error_of([&] { (void)layer.backward(moved, ConstMatrixView<double>(nullptr, 6, 4)); }),
+                 "dy is 6 x 4 with null data"));
+  Matrix<double> z(6, 8);
+  CHECK(contains(error_of([&] { (void)layer.forward(x.view(), Mode::train, Noise<double>(ConstMatrixView<double>(nullptr, 6, 8))); }),
+                 "noise is 6 x 8 with null data"));
+  CHECK(contains(error_of([&] { (void)layer.forward(ConstMatrixView<double>(x.data(), 6, 4, 2), Mode::inference); }),
+                 "row stride 2, expected at least its 4 columns"));
+
+  // A rejected input leaves the Forward and the generator as they were.
+  NoisyLayer::Forward kept = layer.forward(x.view(), Mode::train, rng);
+  const auto step = rng.step();
+  CHECK(contains(error_of([&] { layer.forward_into(kept, ConstMatrixView<double>(x.data(), -1, 4), Mode::train, rng); }),
+                 "shape -1 x 4"));
+  CHECK(rng.step() == step);
+  CHECK(kept.valid());
+
+  NoisyLayer taken = std::move(layer);
+  CHECK(contains(error_of([&] { (void)layer.forward(x.view(), Mode::inference); }), "this layer was moved from"));  // NOLINT
+  CHECK_NOTHROW((void)taken.backward(kept, dy.view()));
+
+  auto c = config();
+  c.gate.w_importance = std::numeric_limits<double>::infinity();
+  CHECK(contains(error_of([&] { NoisyLayer l(c); }), "expected both finite and >= 0"));
+}
+
+TEST_CASE("one optimizer over two layers keeps their states apart") {
+  NoisyLayer a(config()), b(config());
+  auto params = a.parameters();
+  for (auto& p : b.parameters()) params.push_back(p);  // the same names twice
+  for (auto& p : params)
+    for (Index i = 0; i < p.size(); ++i) p.grad.data[i] = 1.0;
+  for (auto& p : b.parameters())
+    for (Index i = 0; i < p.size(); ++i) p.grad.data[i] = -1.0;
+  optim::Sgd<B> sgd({.lr = 0.1, .momentum = 0.9});
+  sgd.step(params);
+  sgd.step(params);
+  // Each layer's velocity sees only its own gradients: after two steps each moved by 0.1 * (1 + 1.9).
+  CHECK(a.parameters()[0].value.data[0] == doctest::Approx(-0.29));
+  CHECK(b.parameters()[0].value.data[0] == doctest::Approx(0.29));
+}

@@ -76,6 +76,24 @@ class Layer {
   class Forward {
    public:
     Forward() = default;
+    Forward(const Forward&) = default;
+    Forward& operator=(const Forward&) = default;
+    // A moved-from Forward holds no forward pass: backward refuses it.
+    Forward(Forward&& other) noexcept { *this = std::move(other); }
+    Forward& operator=(Forward&& other) noexcept {
+      owner_ = std::exchange(other.owner_, 0);
+      mode_ = other.mode_;
+      x_ = std::move(other.x_);
+      xs_ = std::move(other.xs_);
+      ys_ = std::move(other.ys_);
+      y_ = std::move(other.y_);
+      routing_ = std::move(other.routing_);
+      plan_ = std::move(other.plan_);
+      gate_saved_ = std::move(other.gate_saved_);
+      expert_saved_ = std::move(other.expert_saved_);
+      stats_ = std::move(other.stats_);
+      return *this;
+    }
     [[nodiscard]] ConstMatrixView<Scalar> y() const { return y_.view(); }
     [[nodiscard]] const BalanceStats<Scalar>& stats() const { return stats_; }
     // The balancing loss to add to the training objective (stats().loss).
@@ -128,8 +146,23 @@ class Layer {
     }
     return *this;
   }
-  Layer(Layer&&) noexcept = default;
-  Layer& operator=(Layer&&) noexcept = default;
+  // A moved-from layer refuses every call with a moe::Error.
+  Layer(Layer&& other) noexcept
+      : config_(std::move(other.config_)),
+        comm_(std::move(other.comm_)),
+        gate_(std::move(other.gate_)),
+        experts_(std::move(other.experts_)),
+        id_(std::exchange(other.id_, 0)) {}
+  Layer& operator=(Layer&& other) noexcept {
+    if (this != &other) {
+      config_ = std::move(other.config_);
+      comm_ = std::move(other.comm_);
+      gate_ = std::move(other.gate_);
+      experts_ = std::move(other.experts_);
+      id_ = std::exchange(other.id_, 0);
+    }
+    return *this;
+  }
 
   // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
@@ -142,8 +175,9 @@ class Layer {
   // allocates nothing in steady state. If the input is rejected, f is left as it was.
   void forward_into(Forward& f, ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
+    require_usable("forward");
+    check_view(x, "moe::Layer::forward: input");
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
-    detail::require(x.data != nullptr || x.rows == 0, "moe::Layer::forward: input data is null for ", x.rows, " rows");
     if (config_.check_finite) check_finite(x, "moe::Layer::forward: input");
     GateNoise<Scalar> gate_noise{};
     if (gate_.needs_noise(mode)) {
@@ -151,6 +185,7 @@ class Layer {
                       "or an explicit noise matrix [T x n_experts] (or use Mode::inference)");
       if (noise.is_explicit()) {
         const auto z = noise.values();
+        check_view(z, "moe::Layer::forward: noise");
         detail::require(z.rows == t_count && z.cols == n, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
                         ", expected [T x n_experts] = ", t_count, " x ", n);
         if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
@@ -208,9 +243,11 @@ class Layer {
   // Gradients of sum(dy .* y) + aux_scale * loss with respect to the input (returned) and every
   // parameter (added into the parameters' grad storage; see zero_grad).
   Backward backward(const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
+    require_usable("backward");
     detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
     detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
     const Index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
+    check_view(dy, "moe::Layer::backward: dy");
     detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
                     ", expected the output's shape ", t_count, " x ", d);
     if (config_.check_finite) check_finite(dy, "moe::Layer::backward: dy");
@@ -314,6 +351,20 @@ class Layer {
     typename B::Context ctx{};
     if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
     return ctx;
+  }
+
+  void require_usable(const char* call) const {
+    detail::require(id_ != 0, "moe::Layer::", call, ": this layer was moved from; use the layer it was moved to");
+  }
+
+  // A view the layer reads: a non-negative shape, data behind it, rows that do not overlap.
+  static void check_view(ConstMatrixView<Scalar> m, const char* what) {
+    detail::require(m.rows >= 0 && m.cols >= 0, what, " has the shape ", m.rows, " x ", m.cols,
+                    ", expected non-negative extents");
+    detail::require(m.data != nullptr || m.rows == 0 || m.cols == 0, what, " is ", m.rows, " x ", m.cols,
+                    " with null data");
+    detail::require(m.rows <= 1 || m.stride >= m.cols, what, " has the row stride ", m.stride,
+                    ", expected at least its ", m.cols, " columns");
   }
 
   static void check_finite(ConstMatrixView<Scalar> m, const char* what) {

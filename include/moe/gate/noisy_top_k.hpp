@@ -57,9 +57,10 @@ class NoisyTopK::Policy {
                     ", expected 1 <= k <= n_experts = ", n_experts);
     detail::require(config.eps_noise >= 0 && std::isfinite(config.eps_noise),
                     "gate::NoisyTopK: eps_noise = ", config.eps_noise, ", expected a finite value >= 0");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0,
+    detail::require(config.w_importance >= 0 && config.w_load >= 0 && std::isfinite(config.w_importance) &&
+                        std::isfinite(config.w_load),
                     "gate::NoisyTopK: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
-                    ", expected both >= 0");
+                    ", expected both finite and >= 0");
     // MATH.md 2: W_g and W_noise start at zero ("no signal and some noise").
     for (auto* b : {&w_gate_, &w_noise_, &g_gate_, &g_noise_}) b->resize(d_model, n_experts, S(0));
   }

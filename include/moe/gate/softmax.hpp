@@ -35,9 +35,10 @@ class Softmax::Policy {
   Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(n_experts >= 1, "gate::Softmax: n_experts = ", n_experts, ", expected at least 1");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0,
+    detail::require(config.w_importance >= 0 && config.w_load >= 0 && std::isfinite(config.w_importance) &&
+                        std::isfinite(config.w_load),
                     "gate::Softmax: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
-                    ", expected both >= 0");
+                    ", expected both finite and >= 0");
     w_gate_.resize(d_model, n_experts, S(0));
     g_gate_.resize(d_model, n_experts, S(0));
     if (config.init_scale != 0.0 && d_model > 0) {

@@ -47,7 +47,7 @@ class Adam {
     for (const auto& p : params) {
       detail::require(p.value.contiguous() && p.grad.contiguous(), "optim::Adam: parameter ", p.name,
                       " is not contiguous");
-      auto& st = state_[p.name];
+      auto& st = state_[p.value.data];
       if (st.m.size() != p.size()) {
         st.m.resize(p.value.rows, p.value.cols, S(0));
         st.v.resize(p.value.rows, p.value.cols, S(0));
@@ -72,7 +72,8 @@ class Adam {
   };
   Config config_;
   long t_ = 0;
-  std::map<std::string, Moments> state_;
+  // Keyed by the parameter's storage: two layers' parameters share names, never storage.
+  std::map<const S*, Moments> state_;
 };
 
 }  // namespace moe::optim

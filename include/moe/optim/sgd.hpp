@@ -36,7 +36,7 @@ class Sgd {
     for (const auto& p : params) {
       detail::require(p.value.contiguous() && p.grad.contiguous(), "optim::Sgd: parameter ", p.name,
                       " is not contiguous");
-      auto& v = velocity_[p.name];
+      auto& v = velocity_[p.value.data];
       if (v.size() != p.size()) v.resize(p.value.rows, p.value.cols, S(0));
       S* value = p.value.data;
       const S* grad = p.grad.data;
@@ -50,7 +50,8 @@ class Sgd {
 
  private:
   Config config_;
-  std::map<std::string, typename B::template Buffer<S>> velocity_;
+  // Keyed by the parameter's storage: two layers' parameters share names, never storage.
+  std::map<const S*, typename B::template Buffer<S>> velocity_;
 };
 
 }  // namespace moe::optim

@@ -1,6 +1,7 @@
 #pragma once
 // HostMatrix: the CPU backend's owning buffer, row-major, contiguous.
 
+#include <utility>
 #include <vector>
 
 #include "moe/error.hpp"
@@ -13,6 +14,17 @@ class HostMatrix {
  public:
   HostMatrix() = default;
   HostMatrix(Index rows, Index cols, T value = T{}) { resize(rows, cols, value); }
+  HostMatrix(const HostMatrix&) = default;
+  HostMatrix& operator=(const HostMatrix&) = default;
+  // A moved-from matrix is empty (0 x 0), so its shape never claims storage it lost.
+  HostMatrix(HostMatrix&& other) noexcept
+      : data_(std::move(other.data_)), rows_(std::exchange(other.rows_, 0)), cols_(std::exchange(other.cols_, 0)) {}
+  HostMatrix& operator=(HostMatrix&& other) noexcept {
+    data_ = std::move(other.data_);
+    rows_ = std::exchange(other.rows_, 0);
+    cols_ = std::exchange(other.cols_, 0);
+    return *this;
+  }
 
   // Resizes to rows x cols, keeping the allocation when it is large enough: buffers reused
   // across calls cost no allocation in steady state. Contents are unspecified afterwards.
