@@ -56,4 +56,12 @@ concept Backend =
     };
 // clang-format on
 
+// A backend context for the given thread count, for backends whose context has one (0: all).
+template <Backend B>
+typename B::Context make_context(int threads) {
+  typename B::Context ctx{};
+  if constexpr (requires { ctx.threads; }) ctx.threads = threads;
+  return ctx;
+}
+
 }  // namespace moe

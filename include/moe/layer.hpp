@@ -347,11 +347,7 @@ class Layer {
     return ++counter;
   }
 
-  typename B::Context context() const {
-    typename B::Context ctx{};
-    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
-    return ctx;
-  }
+  typename B::Context context() const { return make_context<B>(config_.threads); }
 
   void require_usable(const char* call) const {
     detail::require(id_ != 0, "moe::Layer::", call, ": this layer was moved from; use the layer it was moved to");

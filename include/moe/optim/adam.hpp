@@ -38,8 +38,7 @@ class Adam {
 
   void step(const std::vector<Parameter<S>>& params) {
     ++t_;
-    typename B::Context ctx{};
-    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
+    typename B::Context ctx = make_context<B>(config_.threads);
     const S lr = static_cast<S>(config_.lr), b1 = static_cast<S>(config_.beta1), b2 = static_cast<S>(config_.beta2);
     const S eps = static_cast<S>(config_.eps), wd = static_cast<S>(config_.weight_decay);
     const S c1 = S(1) - static_cast<S>(std::pow(config_.beta1, static_cast<double>(t_)));

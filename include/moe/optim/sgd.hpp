@@ -30,8 +30,7 @@ class Sgd {
 
   // p <- p - lr * v, v <- momentum * v + grad (v = grad without momentum).
   void step(const std::vector<Parameter<S>>& params) {
-    typename B::Context ctx{};
-    if constexpr (requires { ctx.threads; }) ctx.threads = config_.threads;
+    typename B::Context ctx = make_context<B>(config_.threads);
     const S lr = static_cast<S>(config_.lr), mu = static_cast<S>(config_.momentum);
     for (const auto& p : params) {
       detail::require(p.value.contiguous() && p.grad.contiguous(), "optim::Sgd: parameter ", p.name,
