@@ -191,9 +191,9 @@ struct GateRun {
     const moe::Rng::Draw draw = moe::Rng(kNoiseSeed).next();
     noise = {nullptr, 0, draw.stream, draw.step};
   }
-  void forward(moe::ConstMatrixView<float> x) { layer.gate().forward(ctx, x, moe::Mode::train, noise, routing, saved); }
+  void forward(moe::ConstMatrixView<float> x) { layer.gate().forward(ctx, x, nullptr, moe::Mode::train, noise, routing, saved); }
   void backward(moe::ConstMatrixView<float> x, moe::ConstMatrixView<float> dgate, moe::MatrixView<float> dx) {
-    layer.gate().backward(ctx, x, saved, dgate, dload.data(), dx);
+    layer.gate().backward(ctx, x, nullptr, saved, dgate, dload.data(), 1.0f, dx);
   }
 };
 

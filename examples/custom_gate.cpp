@@ -17,7 +17,7 @@
 
 namespace {
 
-using moe::Index, moe::Op;
+using moe::Index;
 
 struct TopKSoftmax {
   struct Config {
@@ -41,19 +41,15 @@ class TopKSoftmax::Policy {
     Buffer<Index> top;  // [T x k] the kept experts
   };
 
-  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
-      : config_(config), d_(d_model), n_(n_experts) {
+  // `groups` stacked copies of the gate (a hierarchical MoE runs a level's groups together).
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups = 1)
+      : config_(config), n_(n_experts), groups_(groups) {
     if (config.k < 1 || config.k > n_experts)
       throw moe::Error("TopKSoftmax: k = " + std::to_string(config.k) +
                        ", expected 1 <= k <= n_experts = " + std::to_string(n_experts));
-    w_.resize(d_, n_);
-    grad_.resize(d_, n_, S(0));
-    const double bound = config.init_scale / std::sqrt(static_cast<double>(d_));
-    const moe::CounterRandom random{seed};
-    typename B::Context ctx;
-    B::for_each(ctx, w_.size(), [w = w_.data(), bound, random](Index i) {
-      w[i] = static_cast<S>(bound * random.symmetric_uniform(static_cast<std::uint64_t>(i), 0, 1));
-    });
+    // The library's stacked router weight: [d, n] (or [groups, d, n]), one (grouped) GEMM for the logits.
+    router_ = moe::gate::RouterWeight<B>("gate.w_gate", d_model, n_experts, groups, seed,
+                                         config.init_scale / std::sqrt(static_cast<double>(d_model)));
   }
 
   [[nodiscard]] Index k() const { return config_.k; }
@@ -61,14 +57,15 @@ class TopKSoftmax::Policy {
   [[nodiscard]] bool needs_noise(moe::Mode) const { return false; }
   [[nodiscard]] moe::BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
 
-  void forward(typename B::Context& ctx, moe::ConstMatrixView<S> x, moe::Mode mode, const moe::GateNoise<S>&,
-               moe::GateRouting<B>& routing, Saved& saved) const {
+  // offsets: the row range of each group (null for one group).
+  void forward(typename B::Context& ctx, moe::ConstMatrixView<S> x, const Index* offsets, moe::Mode mode,
+               const moe::GateNoise<S>&, moe::GateRouting<B>& routing, Saved& saved) const {
     const Index t_count = x.rows, n = n_, k = config_.k;
     saved.prob.resize(t_count, n);
     saved.top.resize(t_count, k);
     routing.expert.resize(t_count, k);
     routing.gate.resize(t_count, k);
-    B::gemm(ctx, Op::none, Op::none, S(1), x, w_.view(), S(0), saved.prob.view());
+    router_.logits(ctx, x, offsets, saved.prob.view());
     S* prob = saved.prob.data();
     Index* top = saved.top.data();
     Index* expert = routing.expert.data();
@@ -86,15 +83,17 @@ class TopKSoftmax::Policy {
         gate[t * k + j] = p[kept[j]];
       }
     });
-    // As the built-in gates do, inference reports the hard counts.
+    // As the built-in gates do, inference reports the hard counts. The load is per group: [groups x n].
     routing.load_is_count = mode == moe::Mode::inference;
-    routing.load.assign(static_cast<std::size_t>(n), S(0));
-    if (!routing.load_is_count) B::sum_rows(ctx, saved.prob.view(), routing.load.data());
+    routing.load.assign(routing.load_is_count ? 0 : static_cast<std::size_t>(groups_ * n), S(0));
+    if (!routing.load_is_count)
+      moe::gate::sum_rows_by_group<B>(ctx, saved.prob.view(), offsets, groups_, routing.load.data());
   }
 
-  void backward(typename B::Context& ctx, moe::ConstMatrixView<S> x, const Saved& saved, moe::ConstMatrixView<S> dgate,
-                const S* dload, moe::MatrixView<S> dx) {
-    const Index t_count = x.rows, n = n_, k = config_.k;
+  // dload: [groups x n] or null. This gate has no loss of its own, so aux_scale is unused.
+  void backward(typename B::Context& ctx, moe::ConstMatrixView<S> x, const Index* offsets, const Saved& saved,
+                moe::ConstMatrixView<S> dgate, const S* dload, S /*aux_scale*/, moe::MatrixView<S> dx) {
+    const Index t_count = x.rows, n = n_, k = config_.k, groups = groups_;
     dlogits_.resize(t_count, n);
     const S* prob = saved.prob.data();
     const Index* top = saved.top.data();
@@ -103,24 +102,22 @@ class TopKSoftmax::Policy {
       const S* p = prob + t * n;
       S* dl = dlogits + t * n;
       // dp_i gathers the kept slots' dgate and, through load_i = sum_x p_i(x), dload_i.
-      for (Index i = 0; i < n; ++i) dl[i] = dload != nullptr ? dload[i] : S(0);
+      const S* dlg = dload != nullptr ? dload + moe::gate::group_of_row(offsets, groups, t) * n : nullptr;
+      for (Index i = 0; i < n; ++i) dl[i] = dlg != nullptr ? dlg[i] : S(0);
       for (Index j = 0; j < k; ++j) dl[top[t * k + j]] += dgate(t, j);
       S dot = 0;  // softmax backward: dlogit_i = p_i (dp_i - sum_l p_l dp_l)
       for (Index i = 0; i < n; ++i) dot += p[i] * dl[i];
       for (Index i = 0; i < n; ++i) dl[i] = p[i] * (dl[i] - dot);
     });
-    B::gemm(ctx, Op::transpose, Op::none, S(1), x, dlogits_.view(), S(1), grad_.view());
-    B::gemm(ctx, Op::none, Op::transpose, S(1), dlogits_.view(), w_.view(), S(1), dx);
+    router_.backward(ctx, x, offsets, dlogits_.view(), dx);  // gradient of W and of x
   }
 
-  [[nodiscard]] std::vector<moe::Parameter<S>> parameters() {
-    return {{"gate.w_gate", {d_, n_}, w_.view(), grad_.view()}};
-  }
+  [[nodiscard]] std::vector<moe::Parameter<S>> parameters() { return {router_.parameter()}; }
 
  private:
   Config config_;
-  Index d_, n_;
-  Buffer<S> w_, grad_;
+  Index n_, groups_;
+  moe::gate::RouterWeight<B> router_;
   Buffer<S> dlogits_;  // backward workspace
 };
 

@@ -33,15 +33,16 @@ struct NoBackwardGate {
   Index n_experts() const { return 1; }
   bool needs_noise(Mode) const { return false; }
   BalanceWeights balance_weights() const { return {}; }
-  void forward(B::Context&, ConstMatrixView<float>, Mode, const GateNoise<float>&, GateRouting<B>&, Saved&) {}
+  void forward(B::Context&, ConstMatrixView<float>, const Index*, Mode, const GateNoise<float>&, GateRouting<B>&,
+               Saved&) {}
   std::vector<Parameter<float>> parameters() { return {}; }
 };
 static_assert(!GatePolicy<NoBackwardGate, B>);
 
 // The same gate with backward is accepted: the concept asks for exactly this set.
 struct FullGate : NoBackwardGate {
-  void backward(B::Context&, ConstMatrixView<float>, const Saved&, ConstMatrixView<float>, const float*,
-                MatrixView<float>) {}
+  void backward(B::Context&, ConstMatrixView<float>, const Index*, const Saved&, ConstMatrixView<float>, const float*,
+                float, MatrixView<float>) {}
 };
 static_assert(GatePolicy<FullGate, B>);
 

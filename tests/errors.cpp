@@ -69,7 +69,7 @@ TEST_CASE("bad calls throw, name the problem, and leave the layer usable") {
   CHECK(contains(error_of([&] { (void)layer.forward(x.view(), Mode::train); }), "pass a moe::Rng"));
   const Matrix<double> bad_z(6, 7);
   CHECK(contains(error_of([&] { (void)layer.forward(x.view(), Mode::train, Noise<double>(bad_z.view())); }),
-                 "noise is 6 x 7, expected [T x n_experts] = 6 x 8"));
+                 "noise is 6 x 7, expected [T x noise_columns()] = 6 x 8"));
   for (const double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     auto x_bad = x;
     x_bad(3, 1) = bad;
@@ -156,7 +156,7 @@ TEST_CASE("moved-from layers and results, null data, bad strides and shapes are 
 
   auto c = config();
   c.gate.w_importance = std::numeric_limits<double>::infinity();
-  CHECK(contains(error_of([&] { NoisyLayer l(c); }), "expected both finite and >= 0"));
+  CHECK(contains(error_of([&] { NoisyLayer l(c); }), "expected all finite and >= 0"));
 }
 
 TEST_CASE("one optimizer over two layers keeps their states apart") {

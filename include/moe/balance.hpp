@@ -43,6 +43,18 @@ void cv_squared_grad(const S* v, Index n, S scale, S* grad) {
     grad[i] += scale * (S(2) * (v[i] - mean) / nn / den - var * S(2) * mean / nn / (den * den));
 }
 
+// One level of a hierarchical gate (MATH.md 4): its nodes are the groups (or, at the last level,
+// the leaf experts) that level routes to, numbered in the flattened order of the hierarchy.
+template <class S>
+struct LevelStats {
+  Index nodes = 0;
+  std::vector<S> importance;  // sum over the batch of the product of the gates down to each node
+  std::vector<S> load;        // Load_H of MATH.md 4 up to this level (hard counts where no level is smooth)
+  std::vector<Index> count;   // tokens reaching each node
+  S cv2_importance = 0;
+  S cv2_load = 0;
+};
+
 // What a forward pass reports about balance; vectors have one entry per expert.
 template <class S>
 struct BalanceStats {
@@ -52,9 +64,13 @@ struct BalanceStats {
   bool load_is_count = true;
   S cv2_importance = 0;
   S cv2_load = 0;
-  S loss_importance = 0;  // w_importance * cv2_importance
-  S loss_load = 0;        // w_load * cv2_load
-  S loss = 0;             // loss_importance + loss_load: add it to the training objective
+  Index dropped_tokens = 0;  // tokens no expert computed (over capacity, or chosen by no expert)
+  S loss_importance = 0;     // w_importance * cv2_importance
+  S loss_load = 0;           // w_load * cv2_load
+  S loss_aux = 0;            // the gate's own balancing loss (e.g. Switch), weighted
+  S loss_z = 0;              // the router z-loss, weighted
+  S loss = 0;                // the sum of the four: add it to the training objective
+  std::vector<LevelStats<S>> levels;  // per level of a hierarchical gate; empty at depth 1
 };
 
 // Loss weights of MATH.md 3 (defaults from the reference implementation).

@@ -1,8 +1,13 @@
 #pragma once
-// The GatePolicy concept: how tokens choose experts. A gate fills, for each token, k expert
-// indices and k gate values (in the order the combine sums them), and the load vector when it
+// The GatePolicy concept: how tokens choose experts. A gate fills, for each token, k slots of
+// (expert index, gate value), in the order the combine sums them, and the load vector when it
 // has a smooth estimator of its own (MATH.md 3); the layer derives Importance, counts, CV^2
 // and the losses from those, so a custom gate stays short.
+//
+// Every gate is built for `groups` >= 1 independent copies with stacked weights: the layer
+// uses one group; a hierarchical MoE (MATH.md 4) runs the gates of a level's groups together,
+// on the rows each group received, with the rows sorted by group and `offsets` giving each
+// group's row range.
 
 #include <concepts>
 #include <cstdint>
@@ -16,65 +21,90 @@
 
 namespace moe {
 
-// The noise z a gate draws for (token, expert): explicit values [T x n] or a counter stream.
+// The noise z a gate draws for (row, column): explicit values [T x columns] or a counter stream.
+// A gate of G groups over n experts reads, for a row of group g, the columns g * n + i.
 template <class S>
 struct GateNoise {
   const S* values = nullptr;  // explicit z, row-major with the given stride, or null
   Index stride = 0;
   CounterRandom stream{};
   std::uint64_t step = 0;
+  const Index* row_token = nullptr;  // the token of each row (null: row r is token r)
+  Index column = 0;                  // first column of this gate's block (a hierarchy's level)
 
-  MOE_HD S at(Index token, Index expert) const {
-    if (values != nullptr) return values[token * stride + expert];
-    return static_cast<S>(stream.normal(static_cast<std::uint64_t>(token), static_cast<std::uint32_t>(expert),
+  MOE_HD S at(Index row, Index col) const {
+    const Index token = row_token != nullptr ? row_token[row] : row;
+    const Index c = column + col;
+    if (values != nullptr) return values[token * stride + c];
+    return static_cast<S>(stream.normal(static_cast<std::uint64_t>(token), static_cast<std::uint32_t>(c),
                                         static_cast<std::uint32_t>(step)));
   }
 };
+
+// A slot whose expert index is kNotRouted carries no token to any expert (a token over an
+// expert's capacity, an expert-choice slot no expert took): gate 0, no compute, no output.
+inline constexpr Index kNotRouted = -1;
 
 // What a gate's forward produces.
 template <class B>
 struct GateRouting {
   using S = typename B::Scalar;
-  typename B::template Buffer<Index> expert;  // [T x k] expert of each slot, no repeats per token
-  typename B::template Buffer<S> gate;        // [T x k] gate value of each slot
-  std::vector<S> load;                        // [n] smooth load, when !load_is_count
+  typename B::template Buffer<Index> expert;  // [R x k] expert (within the row's group) of each slot, or kNotRouted
+  typename B::template Buffer<S> gate;        // [R x k] gate value of each slot (0 when not routed)
+  std::vector<S> load;                        // [groups * n] smooth load of each group's experts, when !load_is_count
   bool load_is_count = true;                  // the layer then uses the hard counts
+  S loss_aux = 0;  // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
+  S loss_z = 0;    // the weighted router z-loss, 0 if off
+  std::vector<LevelStats<S>> levels;  // filled by a hierarchical gate only
 };
 
-// A gate policy G for backend B provides:
+// A gate policy G for backend B, built as G(config, d_model, n_experts, seed, groups), provides:
 //   G::Saved                     what its backward needs from its forward
-//   k(), n_experts()             slots per token and expert count
+//   k(), n_experts()             slots per row and experts per group
 //   needs_noise(mode)            whether forward reads the GateNoise
 //   balance_weights()            w_importance and w_load (MATH.md 3)
-//   forward(ctx, x, mode, noise, routing, saved)
-//   backward(ctx, x, saved, dgate [T x k], dload [n] or null, dx [T x d], accumulated)
-//     adds its parameters' gradients into their grad storage
-//   parameters()                 its named parameters
+//   forward(ctx, x, offsets, mode, noise, routing, saved)
+//     x: [R x d]; offsets: [groups + 1] row range of each group (null when groups == 1)
+//   backward(ctx, x, offsets, saved, dgate [R x k], dload [groups * n] or null, aux_scale, dx [R x d])
+//     adds aux_scale times the gradient of loss_aux + loss_z, adds its parameters' gradients into
+//     their grad storage and the input gradient into dx
+//   parameters()                 its named parameters (stacked over groups: [groups, d, n])
 // clang-format off
 template <class G, class B>
 concept GatePolicy =
     Backend<B> && requires { typename G::Saved; } && std::default_initializable<typename G::Saved> &&
-    requires(G& g, const G& cg, typename B::Context& ctx, ConstMatrixView<typename B::Scalar> x, Mode mode,
-             const GateNoise<typename B::Scalar>& noise, GateRouting<B>& routing, typename G::Saved& saved,
-             const typename G::Saved& csaved, ConstMatrixView<typename B::Scalar> dgate,
-             const typename B::Scalar* dload, MatrixView<typename B::Scalar> dx) {
+    requires(G& g, const G& cg, typename B::Context& ctx, ConstMatrixView<typename B::Scalar> x,
+             const Index* offsets, Mode mode, const GateNoise<typename B::Scalar>& noise, GateRouting<B>& routing,
+             typename G::Saved& saved, const typename G::Saved& csaved, ConstMatrixView<typename B::Scalar> dgate,
+             const typename B::Scalar* dload, typename B::Scalar aux_scale, MatrixView<typename B::Scalar> dx) {
       { cg.k() } -> std::convertible_to<Index>;
       { cg.n_experts() } -> std::convertible_to<Index>;
       { cg.needs_noise(mode) } -> std::convertible_to<bool>;
       { cg.balance_weights() } -> std::convertible_to<BalanceWeights>;
-      g.forward(ctx, x, mode, noise, routing, saved);
-      g.backward(ctx, x, csaved, dgate, dload, dx);
+      g.forward(ctx, x, offsets, mode, noise, routing, saved);
+      g.backward(ctx, x, offsets, csaved, dgate, dload, aux_scale, dx);
       { g.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
     };
 // clang-format on
 
-// A gate family: a tag with a Config and a Policy<B> built from (config, d_model, n_experts, seed).
+// A gate family: a tag with a Config and a Policy<B> built from
+// (config, d_model, n_experts, seed, groups).
 // clang-format off
 template <class Gate, class B>
 concept GateFamily = requires { typename Gate::Config; typename Gate::template Policy<B>; } &&
                      std::constructible_from<typename Gate::template Policy<B>, const typename Gate::Config&,
-                                             Index, Index, std::uint64_t> &&
+                                             Index, Index, std::uint64_t, Index> &&
                      GatePolicy<typename Gate::template Policy<B>, B>;
 // clang-format on
+
+// The explicit noise columns a gate reads per token: noise_columns() if it has one, else
+// n_experts() (one z per expert).
+template <class G>
+Index noise_columns(const G& gate) {
+  if constexpr (requires { gate.noise_columns(); })
+    return gate.noise_columns();
+  else
+    return gate.n_experts();
+}
 
 }  // namespace moe

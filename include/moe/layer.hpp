@@ -6,6 +6,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -15,6 +18,7 @@
 #include "moe/communicator.hpp"
 #include "moe/error.hpp"
 #include "moe/expert_group.hpp"
+#include "moe/gate/hierarchy.hpp"
 #include "moe/gate_policy.hpp"
 #include "moe/mode.hpp"
 #include "moe/parameter.hpp"
@@ -44,20 +48,25 @@ class Noise {
   bool explicit_ = false;
 };
 
+// The gate family a layer of the given depth uses: Gate itself at depth 1, the hierarchy of
+// MATH.md 4 with Gate at every level above that.
+template <class Gate, int Depth>
+using GateAtDepth = std::conditional_t<Depth == 1, Gate, gate::Hierarchy<Gate, Depth>>;
+
 // clang-format off
 template <class Expert, class Gate, Backend B, int Depth = 1, Communicator Comm = comm::Local>
   requires ExpertFamily<Expert, B> && GateFamily<Gate, B>
 class Layer {
   // clang-format on
-  static_assert(Depth >= 1, "moe::Layer: Depth must be at least 1");
-  static_assert(Depth == 1,
-                "moe::Layer: Depth > 1 (hierarchical MoE, MATH.md 4) is not available in this version; use Depth = 1");
+  static_assert(Depth >= 1, "moe::Layer: Depth must be at least 1 (1: a flat MoE, 2 and up: hierarchical, MATH.md 4)");
 
  public:
   using Scalar = typename B::Scalar;
   using Backend = B;
   using ExpertGroup = typename Expert::template Group<B>;
-  using GatePolicy = typename Gate::template Policy<B>;
+  using GateFamily = GateAtDepth<Gate, Depth>;
+  using GatePolicy = typename GateFamily::template Policy<B>;
+  static constexpr int depth = Depth;
   template <class T>
   using Buffer = typename B::template Buffer<T>;
 
@@ -65,7 +74,8 @@ class Layer {
     Index d_model = 0;    // d, the width of a token
     Index n_experts = 0;  // n
     typename Expert::Config expert{};
-    typename Gate::Config gate{};
+    typename GateFamily::Config gate{};  // at Depth > 1: gate::Hierarchy's Config (one entry per level)
+    Index shared_experts = 0;  // s always-on experts added to every token's output (same Config as `expert`)
     std::uint64_t seed = 0;    // parameter initialization
     bool check_finite = true;  // reject NaN and Inf in inputs, noise and output gradients
     int threads = 0;           // CPU threads, 0: all that OpenMP offers; results do not depend on it
@@ -91,6 +101,7 @@ class Layer {
       plan_ = std::move(other.plan_);
       gate_saved_ = std::move(other.gate_saved_);
       expert_saved_ = std::move(other.expert_saved_);
+      shared_ = std::move(other.shared_);
       stats_ = std::move(other.stats_);
       return *this;
     }
@@ -98,8 +109,9 @@ class Layer {
     [[nodiscard]] const BalanceStats<Scalar>& stats() const { return stats_; }
     // The balancing loss to add to the training objective (stats().loss).
     [[nodiscard]] Scalar loss() const { return stats_.loss; }
-    [[nodiscard]] ConstMatrixView<Index> expert_index() const { return routing_.expert.view(); }  // [T x k]
-    [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }          // [T x k]
+    // [T x k] expert of each slot, kNotRouted (-1) for a slot no expert computed.
+    [[nodiscard]] ConstMatrixView<Index> expert_index() const { return routing_.expert.view(); }
+    [[nodiscard]] ConstMatrixView<Scalar> gates() const { return routing_.gate.view(); }  // [T x k]
     [[nodiscard]] Mode mode() const { return mode_; }
     [[nodiscard]] bool valid() const { return owner_ != 0; }
 
@@ -112,6 +124,11 @@ class Layer {
     RoutingPlan<B> plan_;
     typename GatePolicy::Saved gate_saved_;
     typename ExpertGroup::Saved expert_saved_;
+    struct Shared {  // the shared experts' pass: every token, once per shared expert
+      Buffer<Scalar> xs, ys;
+      Buffer<Index> rows, offsets;
+      typename ExpertGroup::Saved saved;
+    } shared_;
     BalanceStats<Scalar> stats_;
   };
 
@@ -122,9 +139,11 @@ class Layer {
   explicit Layer(const Config& config, Comm comm = {})
       : config_(validated(config)),
         comm_(std::move(comm)),
-        gate_(config_.gate, config_.d_model, config_.n_experts, config_.seed),
+        gate_(config_.gate, config_.d_model, config_.n_experts, config_.seed, Index{1}),
         experts_(config_.expert, config_.d_model, config_.n_experts, config_.seed),
         id_(next_id()) {
+    if (config_.shared_experts > 0)
+      shared_.emplace(config_.expert, config_.d_model, config_.shared_experts, config_.seed ^ kSharedSeed);
     detail::require(comm_.size() == 1, "moe::Layer: communicator has ", comm_.size(),
                     " ranks, expected 1: expert sharding across processes is not available in this version");
     detail::require(experts_.n_experts() == config_.n_experts && gate_.n_experts() == config_.n_experts,
@@ -135,13 +154,19 @@ class Layer {
   // A copy is a new layer with the same parameters: results of the original's forward are not
   // accepted by the copy's backward, and the other way round.
   Layer(const Layer& other)
-      : config_(other.config_), comm_(other.comm_), gate_(other.gate_), experts_(other.experts_), id_(next_id()) {}
+      : config_(other.config_),
+        comm_(other.comm_),
+        gate_(other.gate_),
+        experts_(other.experts_),
+        shared_(other.shared_),
+        id_(next_id()) {}
   Layer& operator=(const Layer& other) {
     if (this != &other) {
       config_ = other.config_;
       comm_ = other.comm_;
       gate_ = other.gate_;
       experts_ = other.experts_;
+      shared_ = other.shared_;
       id_ = next_id();
     }
     return *this;
@@ -152,6 +177,7 @@ class Layer {
         comm_(std::move(other.comm_)),
         gate_(std::move(other.gate_)),
         experts_(std::move(other.experts_)),
+        shared_(std::move(other.shared_)),
         id_(std::exchange(other.id_, 0)) {}
   Layer& operator=(Layer&& other) noexcept {
     if (this != &other) {
@@ -159,12 +185,14 @@ class Layer {
       comm_ = std::move(other.comm_);
       gate_ = std::move(other.gate_);
       experts_ = std::move(other.experts_);
+      shared_ = std::move(other.shared_);
       id_ = std::exchange(other.id_, 0);
     }
     return *this;
   }
 
-  // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng or explicit z).
+  // x: [T x d_model]. In training, a gate with noise needs `noise` (an Rng, or an explicit z
+  // [T x noise_columns()]).
   Forward forward(ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     Forward f;
     forward_into(f, x, mode, noise);
@@ -174,7 +202,7 @@ class Layer {
   // The same, reusing the buffers of a previous result: a training loop that keeps one Forward
   // allocates nothing in steady state. If the input is rejected, f is left as it was.
   void forward_into(Forward& f, ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
-    const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
+    const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts, nz_cols = noise_columns();
     require_usable("forward");
     check_view(x, "moe::Layer::forward: input");
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
@@ -182,12 +210,12 @@ class Layer {
     GateNoise<Scalar> gate_noise{};
     if (gate_.needs_noise(mode)) {
       detail::require(!noise.empty(), "moe::Layer::forward: the gate draws noise in training; pass a moe::Rng ",
-                      "or an explicit noise matrix [T x n_experts] (or use Mode::inference)");
+                      "or an explicit noise matrix [T x noise_columns()] (or use Mode::inference)");
       if (noise.is_explicit()) {
         const auto z = noise.values();
         check_view(z, "moe::Layer::forward: noise");
-        detail::require(z.rows == t_count && z.cols == n, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
-                        ", expected [T x n_experts] = ", t_count, " x ", n);
+        detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ",
+                        z.cols, ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
         if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
         gate_noise.values = z.data;
         gate_noise.stride = z.stride;
@@ -205,7 +233,7 @@ class Layer {
     B::copy(ctx, x, f.x_.view());
     const ConstMatrixView<Scalar> xc = f.x_.view();
 
-    gate_.forward(ctx, xc, mode, gate_noise, f.routing_, f.gate_saved_);
+    gate_.forward(ctx, xc, nullptr, mode, gate_noise, f.routing_, f.gate_saved_);
     const Index k = gate_.k();
     detail::require(f.routing_.expert.rows() == t_count && f.routing_.expert.cols() == k &&
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
@@ -213,26 +241,36 @@ class Layer {
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
     f.plan_.build(ctx, f.routing_.expert.view(), n);
 
-    // Dispatch: gather each slot's token into the expert-contiguous buffer.
-    const Index slots = t_count * k;
-    f.xs_.resize(slots, d);
-    f.ys_.resize(slots, d);
+    // Dispatch: gather each routed slot's token into the expert-contiguous buffer.
+    const Index routed = f.plan_.routed();
+    f.xs_.resize(routed, d);
+    f.ys_.resize(routed, d);
     B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
     experts_.forward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.ys_.view(), f.expert_saved_);
+    if (shared_) shared_forward(ctx, f);
 
-    // Combine, MATH.md 1: y[t] = sum over t's k slots, in slot order, of gate * expert output.
+    // Combine, MATH.md 1: y[t] = sum over t's k slots, in slot order, of gate * expert output
+    // (slots routed nowhere add nothing), then the shared experts' outputs in order.
     f.y_.resize(t_count, d);
     {
       const Scalar* ys = f.ys_.data();
       const Scalar* g = f.routing_.gate.data();
+      const Index* ex = f.routing_.expert.data();
       const Index* pos = f.plan_.position.data();
+      const Scalar* ysh = shared_ ? f.shared_.ys.data() : nullptr;
+      const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* y = f.y_.data();
       B::for_each(ctx, t_count, [=](Index t) {
         for (Index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
         for (Index j = 0; j < k; ++j) {
+          if (ex[t * k + j] == kNotRouted) continue;
           const Scalar gj = g[t * k + j];
           const Scalar* row = ys + pos[t * k + j] * d;
           for (Index c = 0; c < d; ++c) y[t * d + c] += gj * row[c];
+        }
+        for (Index e = 0; e < s_count; ++e) {
+          const Scalar* row = ysh + (e * t_count + t) * d;
+          for (Index c = 0; c < d; ++c) y[t * d + c] += row[c];
         }
       });
     }
@@ -263,9 +301,9 @@ class Layer {
     cv_squared_grad(st.importance.data(), n, aux_scale * static_cast<Scalar>(w.w_importance), dimportance.data());
     if (!st.load_is_count) cv_squared_grad(st.load.data(), n, aux_scale * static_cast<Scalar>(w.w_load), dload.data());
 
-    const Index slots = t_count * k;
-    dys_.resize(slots, d);
-    dxs_.resize(slots, d);
+    const Index routed = f.plan_.routed();
+    dys_.resize(routed, d);
+    dxs_.resize(routed, d);
     dgate_.resize(t_count, k);
     Backward out;
     out.dx.resize(t_count, d);
@@ -281,15 +319,20 @@ class Layer {
       const Scalar* dimp = dimportance.data();
       Scalar* dys = dys_.data();
       Scalar* dg = dgate_.data();
-      // Combine backward: each sorted row gets gate * dy of its token.
-      B::for_each(ctx, slots, [=](Index p) {
+      // Combine backward: each routed sorted row gets gate * dy of its token.
+      B::for_each(ctx, routed, [=](Index p) {
         const Scalar gs = g[ord[p]];
         const Scalar* src = dyp + tok[p] * dy_stride;
         for (Index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
       });
-      // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i).
+      // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i);
+      // 0 for a slot routed nowhere (its gate is the constant 0).
       B::for_each(ctx, t_count, [=](Index t) {
         for (Index j = 0; j < k; ++j) {
+          if (ex[t * k + j] == kNotRouted) {
+            dg[t * k + j] = Scalar(0);
+            continue;
+          }
           const Scalar* row = ys + pos[t * k + j] * d;
           Scalar acc = 0;
           for (Index c = 0; c < d; ++c) acc += dyp[t * dy_stride + c] * row[c];
@@ -298,28 +341,44 @@ class Layer {
       });
     }
     experts_.backward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.expert_saved_, dys_.view(), dxs_.view());
+    if (shared_) shared_backward(ctx, f, dy);
     {
       const Scalar* dxs = dxs_.data();
+      const Index* ex = f.routing_.expert.data();
       const Index* pos = f.plan_.position.data();
+      const Scalar* dxsh = shared_ ? dxsh_.data() : nullptr;
+      const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* dx = out.dx.data();
-      // Dispatch backward: each token sums its k slots' input gradients in slot order.
+      // Dispatch backward: each token sums its routed slots' input gradients in slot order, then
+      // the shared experts' in order.
       B::for_each(ctx, t_count, [=](Index t) {
         for (Index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
         for (Index j = 0; j < k; ++j) {
+          if (ex[t * k + j] == kNotRouted) continue;
           const Scalar* row = dxs + pos[t * k + j] * d;
+          for (Index c = 0; c < d; ++c) dx[t * d + c] += row[c];
+        }
+        for (Index e = 0; e < s_count; ++e) {
+          const Scalar* row = dxsh + (e * t_count + t) * d;
           for (Index c = 0; c < d; ++c) dx[t * d + c] += row[c];
         }
       });
     }
-    gate_.backward(ctx, f.x_.view(), f.gate_saved_, dgate_.view(), st.load_is_count ? nullptr : dload.data(),
-                   out.dx.view());
+    gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(), st.load_is_count ? nullptr : dload.data(),
+                   aux_scale, out.dx.view());
     return out;
   }
 
-  // Every trainable tensor, gate first, under its stable dotted name.
+  // Every trainable tensor, gate first, then the routed experts ("experts.*"), then the shared
+  // experts ("shared_experts.*"), under its stable dotted name.
   [[nodiscard]] std::vector<Parameter<Scalar>> parameters() {
     std::vector<Parameter<Scalar>> all = gate_.parameters();
     for (auto& p : experts_.parameters()) all.push_back(std::move(p));
+    if (shared_)
+      for (auto& p : shared_->parameters()) {
+        if (p.name.rfind("experts.", 0) == 0) p.name = "shared_" + p.name;
+        all.push_back(std::move(p));
+      }
     return all;
   }
 
@@ -330,8 +389,13 @@ class Layer {
 
   [[nodiscard]] const Config& config() const { return config_; }
   [[nodiscard]] Index k() const { return gate_.k(); }
+  // Columns of an explicit noise matrix: n_experts for a flat gate, every level's nodes summed
+  // for a hierarchical one.
+  [[nodiscard]] Index noise_columns() const { return moe::noise_columns(gate_); }
   [[nodiscard]] GatePolicy& gate() { return gate_; }
   [[nodiscard]] ExpertGroup& experts() { return experts_; }
+  // The shared experts (Config::shared_experts > 0), or null.
+  [[nodiscard]] ExpertGroup* shared_experts() { return shared_ ? &*shared_ : nullptr; }
   [[nodiscard]] Comm& communicator() { return comm_; }
 
  private:
@@ -339,7 +403,35 @@ class Layer {
     detail::require(c.d_model >= 1, "moe::Layer: d_model = ", c.d_model, ", expected at least 1");
     detail::require(c.n_experts >= 1, "moe::Layer: n_experts = ", c.n_experts, ", expected at least 1");
     detail::require(c.threads >= 0, "moe::Layer: threads = ", c.threads, ", expected >= 0 (0: all available)");
+    detail::require(c.shared_experts >= 0, "moe::Layer: shared_experts = ", c.shared_experts, ", expected >= 0");
     return c;
+  }
+
+  static constexpr std::uint64_t kSharedSeed = 0x5348415245444558ull;  // shared experts' init stream
+
+  // Shared experts: expert e sees every token, as rows [e T, (e + 1) T) of one grouped pass.
+  void shared_forward(typename B::Context& ctx, Forward& f) const {
+    const Index t_count = f.x_.rows(), d = config_.d_model, s_count = config_.shared_experts;
+    auto& sh = f.shared_;
+    sh.rows.resize(s_count * t_count, 1);
+    sh.offsets.resize(s_count + 1, 1);
+    Index* rows = sh.rows.data();
+    Index* off = sh.offsets.data();
+    B::for_each(ctx, s_count * t_count, [=](Index r) { rows[r] = r % t_count; });
+    B::for_each(ctx, s_count + 1, [=](Index e) { off[e] = e * t_count; });
+    sh.xs.resize(s_count * t_count, d);
+    sh.ys.resize(s_count * t_count, d);
+    B::gather_rows(ctx, f.x_.view(), sh.rows.data(), sh.xs.view());
+    shared_->forward(ctx, sh.xs.view(), sh.offsets.data(), sh.ys.view(), sh.saved);
+  }
+
+  void shared_backward(typename B::Context& ctx, const Forward& f, ConstMatrixView<Scalar> dy) {
+    const Index rows = f.shared_.xs.rows(), d = config_.d_model;
+    dysh_.resize(rows, d);
+    dxsh_.resize(rows, d);
+    B::gather_rows(ctx, dy, f.shared_.rows.data(), dysh_.view());
+    shared_->backward(ctx, f.shared_.xs.view(), f.shared_.offsets.data(), f.shared_.saved, dysh_.view(),
+                      dxsh_.view());
   }
 
   static std::uint64_t next_id() {
@@ -378,6 +470,16 @@ class Layer {
     st.importance.assign(static_cast<std::size_t>(n), Scalar(0));
     st.tokens_per_expert.assign(f.plan_.counts.data(), f.plan_.counts.data() + n);
     {
+      // Tokens with no routed slot: no expert computed them.
+      const Index t_count = f.routing_.expert.rows(), k = f.routing_.expert.cols();
+      const Index* ex = f.routing_.expert.data();
+      for (Index t = 0; t < t_count; ++t) {
+        bool any = false;
+        for (Index j = 0; j < k && !any; ++j) any = ex[t * k + j] != kNotRouted;
+        st.dropped_tokens += any ? 0 : 1;
+      }
+    }
+    {
       // Importance_i = sum over the batch of G(x)_i, added in token order (stable plan).
       const Scalar* g = f.routing_.gate.data();
       const Index* ord = f.plan_.order.data();
@@ -404,7 +506,10 @@ class Layer {
     st.cv2_load = cv_squared(st.load);
     st.loss_importance = static_cast<Scalar>(w.w_importance) * st.cv2_importance;
     st.loss_load = static_cast<Scalar>(w.w_load) * st.cv2_load;
-    st.loss = st.loss_importance + st.loss_load;
+    st.loss_aux = f.routing_.loss_aux;
+    st.loss_z = f.routing_.loss_z;
+    st.loss = st.loss_importance + st.loss_load + st.loss_aux + st.loss_z;
+    st.levels = f.routing_.levels;
     return st;
   }
 
@@ -412,8 +517,9 @@ class Layer {
   Comm comm_;
   GatePolicy gate_;
   ExpertGroup experts_;
+  std::optional<ExpertGroup> shared_;
   std::uint64_t id_;
-  Buffer<Scalar> dys_, dxs_, dgate_;  // backward workspace, reused across calls
+  Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
 };
 
 }  // namespace moe

@@ -2,9 +2,12 @@
 // RoutingPlan: the T*k (token, expert, gate) slots of a batch, stably sorted by expert.
 // Slot s = t * k + j is token t's j-th choice. Sorting is stable, so within an expert the
 // tokens keep their batch order, and the plan is a pure function of the gate's choices.
+// Slots routed nowhere (kNotRouted) sort after every expert's rows: the first offsets[n]
+// sorted rows are the ones the experts compute.
 
 #include "moe/backend.hpp"
 #include "moe/error.hpp"
+#include "moe/gate_policy.hpp"
 
 namespace moe {
 
@@ -19,10 +22,10 @@ struct RoutingPlan {
   Buffer<Index> order;     // [T*k] sorted position p -> slot s
   Buffer<Index> position;  // [T*k] slot s -> sorted position p
   Buffer<Index> token_of;  // [T*k] sorted position p -> token
-  Buffer<Index> counts;    // [n] tokens routed to each expert
-  Buffer<Index> offsets;   // [n + 1] expert e owns sorted rows [offsets[e], offsets[e+1])
+  Buffer<Index> counts;    // [n + 1] tokens routed to each expert; counts[n]: slots routed nowhere
+  Buffer<Index> offsets;   // [n + 2] expert e owns sorted rows [offsets[e], offsets[e+1])
 
-  // expert: [T x k] expert index of each slot.
+  // expert: [T x k] expert index of each slot, in [0, n) or kNotRouted.
   void build(typename B::Context& ctx, ConstMatrixView<Index> expert, Index n_experts) {
     tokens = expert.rows;
     k = expert.cols;
@@ -31,11 +34,21 @@ struct RoutingPlan {
     order.resize(slots, 1);
     position.resize(slots, 1);
     token_of.resize(slots, 1);
-    counts.resize(n_experts, 1);
-    offsets.resize(n_experts + 1, 1);
-    B::histogram(ctx, expert.data, slots, n_experts, counts.data());
-    B::exclusive_scan(ctx, counts.data(), n_experts, offsets.data());
-    B::stable_sort_by_key(ctx, expert.data, slots, n_experts, order.data());
+    counts.resize(n_experts + 1, 1);
+    offsets.resize(n_experts + 2, 1);
+    key_.resize(slots, 1);
+    {
+      const Index* e = expert.data;
+      const Index stride = expert.stride, kk = k, n = n_experts;
+      Index* key = key_.data();
+      B::for_each(ctx, slots, [=](Index s) {
+        const Index v = e[(s / kk) * stride + s % kk];
+        key[s] = v == kNotRouted ? n : v;
+      });
+    }
+    B::histogram(ctx, key_.data(), slots, n_experts + 1, counts.data());
+    B::exclusive_scan(ctx, counts.data(), n_experts + 1, offsets.data());
+    B::stable_sort_by_key(ctx, key_.data(), slots, n_experts + 1, order.data());
     const Index* ord = order.data();
     Index* pos = position.data();
     Index* tok = token_of.data();
@@ -45,6 +58,12 @@ struct RoutingPlan {
       tok[p] = ord[p] / kk;
     });
   }
+
+  // Rows the experts compute (slots routed to an expert).
+  [[nodiscard]] Index routed() const { return offsets.data()[experts]; }
+
+ private:
+  Buffer<Index> key_;
 };
 
 }  // namespace moe

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moe/error.hpp"
+#include "moe/gate/common.hpp"
 #include "moe/gate_policy.hpp"
 #include "moe/scalar_math.hpp"
 #include "moe/top_k.hpp"
@@ -30,6 +31,7 @@ struct NoisyTopK {
     bool noisy = true;        // false: no noise even in training; load falls back to counts
     double w_importance = 1e-2;
     double w_load = 1e-2;
+    double w_z = 0.0;  // router z-loss weight on the clean logits (0: off)
   };
   template <Backend B>
   class Policy;
@@ -46,23 +48,22 @@ class NoisyTopK::Policy {
     Buffer<S> clean, raw, sigma, z, h, p;  // [T x n]: clean and noise logits, noise scale, noise, H, P(x, i)
     Buffer<S> gate;                 // [T x k]
     Buffer<Index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
+    Buffer<S> lse;                  // [T x 1] log-sum-exp of the clean logits (z-loss)
     bool noise_active = false;
     bool smooth_load = false;
   };
 
-  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t /*seed*/)
-      : config_(config), d_(d_model), n_(n_experts) {
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t /*seed*/, Index groups = 1)
+      : config_(config), d_(d_model), n_(n_experts), groups_(groups) {
     detail::require(n_experts >= 1, "gate::NoisyTopK: n_experts = ", n_experts, ", expected at least 1");
     detail::require(config.k >= 1 && config.k <= n_experts, "gate::NoisyTopK: k = ", config.k,
                     ", expected 1 <= k <= n_experts = ", n_experts);
     detail::require(config.eps_noise >= 0 && std::isfinite(config.eps_noise),
                     "gate::NoisyTopK: eps_noise = ", config.eps_noise, ", expected a finite value >= 0");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0 && std::isfinite(config.w_importance) &&
-                        std::isfinite(config.w_load),
-                    "gate::NoisyTopK: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
-                    ", expected both finite and >= 0");
+    require_weights("gate::NoisyTopK", config.w_importance, config.w_load, config.w_z);
     // MATH.md 2: W_g and W_noise start at zero ("no signal and some noise").
-    for (auto* b : {&w_gate_, &w_noise_, &g_gate_, &g_noise_}) b->resize(d_model, n_experts, S(0));
+    w_gate_ = RouterWeight<B>("gate.w_gate", d_model, n_experts, groups, 0, 0.0);
+    w_noise_ = RouterWeight<B>("gate.w_noise", d_model, n_experts, groups, 0, 0.0);
   }
 
   [[nodiscard]] Index k() const { return config_.k; }
@@ -70,22 +71,24 @@ class NoisyTopK::Policy {
   [[nodiscard]] bool needs_noise(Mode mode) const { return config_.noisy && mode == Mode::train; }
   [[nodiscard]] BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
   [[nodiscard]] const Config& config() const { return config_; }
+  [[nodiscard]] RouterWeight<B>& router() { return w_gate_; }  // W_g
 
-  void forward(typename B::Context& ctx, ConstMatrixView<S> x, Mode mode, const GateNoise<S>& noise,
-               GateRouting<B>& routing, Saved& saved) const {
-    const Index t_count = x.rows, n = n_, k = config_.k, kk = std::min(k + 1, n);
+  void forward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, Mode mode,
+               const GateNoise<S>& noise, GateRouting<B>& routing, Saved& saved) const {
+    const Index t_count = x.rows, n = n_, k = config_.k, kk = std::min(k + 1, n), groups = groups_;
     saved.noise_active = needs_noise(mode);
     // MATH.md 3: without noise, or with no (k+1)-th logit, the load is the count.
     saved.smooth_load = saved.noise_active && k < n;
     for (auto* b : {&saved.clean, &saved.raw, &saved.sigma, &saved.z, &saved.h, &saved.p}) b->resize(t_count, n);
     saved.gate.resize(t_count, k);
     saved.top.resize(t_count, kk);
+    saved.lse.resize(t_count, 1);
     routing.expert.resize(t_count, k);
     routing.gate.resize(t_count, k);
 
-    B::gemm(ctx, Op::none, Op::none, S(1), x, w_gate_.view(), S(0), saved.clean.view());
+    w_gate_.logits(ctx, x, offsets, saved.clean.view());
     if (saved.noise_active)
-      B::gemm(ctx, Op::none, Op::none, S(1), x, w_noise_.view(), S(0), saved.raw.view());
+      w_noise_.logits(ctx, x, offsets, saved.raw.view());
     else
       B::fill(ctx, saved.raw.view(), S(0));
 
@@ -108,10 +111,11 @@ class NoisyTopK::Policy {
       S* sr = sigma + t * n;
       S* zr = z + t * n;
       S* hr = h + t * n;
+      const Index column = active ? group_of_row(offsets, groups, t) * n : 0;
       for (Index i = 0; i < n; ++i) {
         // MATH.md 2: sigma = softplus(raw) + eps in training, 0 at inference or without noise.
         sr[i] = active ? detail::softplus(r[i]) + eps : S(0);
-        zr[i] = active ? nz.at(t, i) : S(0);
+        zr[i] = active ? nz.at(t, column + i) : S(0);
         hr[i] = c[i] + zr[i] * sr[i];
       }
       Index* tp = top + t * kk;
@@ -134,13 +138,15 @@ class NoisyTopK::Policy {
       }
     });
     routing.load_is_count = !smooth;
-    routing.load.assign(static_cast<std::size_t>(n), S(0));
-    if (smooth) B::sum_rows(ctx, saved.p.view(), routing.load.data());
+    routing.load.assign(smooth ? static_cast<std::size_t>(groups * n) : 0, S(0));
+    if (smooth) sum_rows_by_group<B>(ctx, saved.p.view(), offsets, groups, routing.load.data());
+    routing.loss_aux = S(0);
+    routing.loss_z = z_loss<B>(ctx, saved.clean.view(), config_.w_z, saved.lse.view());
   }
 
-  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate,
-                const S* dload, MatrixView<S> dx) {
-    const Index t_count = x.rows, n = n_, k = config_.k, kk = saved.top.cols();
+  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, const Saved& saved,
+                ConstMatrixView<S> dgate, const S* dload, S aux_scale, MatrixView<S> dx) {
+    const Index t_count = x.rows, n = n_, k = config_.k, kk = saved.top.cols(), groups = groups_;
     dclean_.resize(t_count, n);
     draw_.resize(t_count, n);
     const S* clean = saved.clean.data();
@@ -159,6 +165,7 @@ class NoisyTopK::Policy {
     B::for_each(ctx, t_count, [=](Index t) {
       const Index* tp = top + t * kk;
       const S* c = clean + t * n;
+      const S* dl = dload != nullptr ? dload + group_of_row(offsets, groups, t) * n : nullptr;
       const S* hr = h + t * n;
       S* dh = dc + t * n;
       for (Index i = 0; i < n; ++i) dh[i] = 0;
@@ -170,7 +177,7 @@ class NoisyTopK::Policy {
       if (smooth)
         for (Index i = 0; i < n; ++i) {
           const Index th = detail::load_threshold(tp, k, i);
-          dh[th] -= dload[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma[t * n + i]).dz;
+          dh[th] -= dl[i] * detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma[t * n + i]).dz;
         }
       for (Index i = 0; i < n; ++i) {
         S dclean = dh[i];
@@ -178,30 +185,24 @@ class NoisyTopK::Policy {
         if (smooth) {
           const Index th = detail::load_threshold(tp, k, i);
           const auto g = detail::normal_cdf_scaled_grad(c[i] - hr[th], sigma[t * n + i]);
-          dclean += dload[i] * g.dz;
-          dsigma += dload[i] * g.dsigma;
+          dclean += dl[i] * g.dz;
+          dsigma += dl[i] * g.dsigma;
         }
         dh[i] = dclean;
         dr[t * n + i] = active ? dsigma * detail::sigmoid(raw[t * n + i]) : S(0);
       }
     });
-    B::gemm(ctx, Op::transpose, Op::none, S(1), x, dclean_.view(), S(1), g_gate_.view());
-    B::gemm(ctx, Op::none, Op::transpose, S(1), dclean_.view(), w_gate_.view(), S(1), dx);
-    if (active) {
-      B::gemm(ctx, Op::transpose, Op::none, S(1), x, draw_.view(), S(1), g_noise_.view());
-      B::gemm(ctx, Op::none, Op::transpose, S(1), draw_.view(), w_noise_.view(), S(1), dx);
-    }
+    z_loss_backward<B>(ctx, saved.clean.view(), saved.lse.view(), config_.w_z, aux_scale, dclean_.view());
+    w_gate_.backward(ctx, x, offsets, dclean_.view(), dx);
+    if (active) w_noise_.backward(ctx, x, offsets, draw_.view(), dx);
   }
 
-  [[nodiscard]] std::vector<Parameter<S>> parameters() {
-    return {{"gate.w_gate", {d_, n_}, w_gate_.view(), g_gate_.view()},
-            {"gate.w_noise", {d_, n_}, w_noise_.view(), g_noise_.view()}};
-  }
+  [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter(), w_noise_.parameter()}; }
 
  private:
   Config config_;
-  Index d_, n_;
-  Buffer<S> w_gate_, w_noise_, g_gate_, g_noise_;
+  Index d_, n_, groups_;
+  RouterWeight<B> w_gate_, w_noise_;
   Buffer<S> dclean_, draw_;  // backward workspace, reused across calls
 };
 

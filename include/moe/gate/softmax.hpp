@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "moe/error.hpp"
+#include "moe/gate/common.hpp"
 #include "moe/gate_policy.hpp"
 
 namespace moe::gate {
@@ -15,6 +16,7 @@ struct Softmax {
   struct Config {
     double w_importance = 1e-2;
     double w_load = 1e-2;     // the load is the count (T for every expert), so this term is 0
+    double w_z = 0.0;         // router z-loss weight (0: off)
     double init_scale = 0.0;  // W_g uniform in (-s / sqrt(d), s / sqrt(d)]; 0 starts uniform
   };
   template <Backend B>
@@ -29,23 +31,19 @@ class Softmax::Policy {
 
  public:
   struct Saved {
-    Buffer<S> gate;  // [T x n]
+    Buffer<S> logits;  // [T x n] x W_g
+    Buffer<S> gate;    // [T x n] softmax
+    Buffer<S> lse;     // [T x 1] (z-loss)
   };
 
-  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
-      : config_(config), d_(d_model), n_(n_experts) {
+  Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups = 1)
+      : config_(config), n_(n_experts) {
     detail::require(n_experts >= 1, "gate::Softmax: n_experts = ", n_experts, ", expected at least 1");
-    detail::require(config.w_importance >= 0 && config.w_load >= 0 && std::isfinite(config.w_importance) &&
-                        std::isfinite(config.w_load),
-                    "gate::Softmax: w_importance = ", config.w_importance, ", w_load = ", config.w_load,
-                    ", expected both finite and >= 0");
-    w_gate_.resize(d_model, n_experts, S(0));
-    g_gate_.resize(d_model, n_experts, S(0));
-    if (config.init_scale != 0.0 && d_model > 0) {
-      typename B::Context ctx;
-      detail::init_uniform<B>(ctx, w_gate_.view(), seed, "gate.w_gate",
-                              config.init_scale / std::sqrt(static_cast<double>(d_model)));
-    }
+    require_weights("gate::Softmax", config.w_importance, config.w_load, config.w_z);
+    detail::require(config.init_scale >= 0 && std::isfinite(config.init_scale),
+                    "gate::Softmax: init_scale = ", config.init_scale, ", expected a finite value >= 0");
+    w_gate_ = RouterWeight<B>("gate.w_gate", d_model, n_experts, groups, seed,
+                              d_model > 0 ? config.init_scale / std::sqrt(static_cast<double>(d_model)) : 0.0);
   }
 
   [[nodiscard]] Index k() const { return n_; }
@@ -53,23 +51,27 @@ class Softmax::Policy {
   [[nodiscard]] bool needs_noise(Mode) const { return false; }
   [[nodiscard]] BalanceWeights balance_weights() const { return {config_.w_importance, config_.w_load}; }
 
-  void forward(typename B::Context& ctx, ConstMatrixView<S> x, Mode, const GateNoise<S>&, GateRouting<B>& routing,
-               Saved& saved) const {
+  void forward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, Mode, const GateNoise<S>&,
+               GateRouting<B>& routing, Saved& saved) const {
     const Index t_count = x.rows, n = n_;
+    saved.logits.resize(t_count, n);
     saved.gate.resize(t_count, n);
+    saved.lse.resize(t_count, 1);
     routing.expert.resize(t_count, n);
     routing.gate.resize(t_count, n);
-    B::gemm(ctx, Op::none, Op::none, S(1), x, w_gate_.view(), S(0), saved.gate.view());
+    w_gate_.logits(ctx, x, offsets, saved.logits.view());
+    const S* l = saved.logits.data();
     S* g = saved.gate.data();
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
     B::for_each(ctx, t_count, [=](Index t) {
+      const S* lr = l + t * n;
       S* row = g + t * n;
-      S top = row[0];
-      for (Index i = 1; i < n; ++i) top = row[i] > top ? row[i] : top;
+      S top = lr[0];
+      for (Index i = 1; i < n; ++i) top = lr[i] > top ? lr[i] : top;
       S sum = 0;
       for (Index i = 0; i < n; ++i) {
-        row[i] = std::exp(row[i] - top);
+        row[i] = std::exp(lr[i] - top);
         sum += row[i];
       }
       for (Index i = 0; i < n; ++i) {
@@ -80,10 +82,12 @@ class Softmax::Policy {
     });
     routing.load_is_count = true;
     routing.load.clear();
+    routing.loss_aux = S(0);
+    routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
   }
 
-  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Saved& saved, ConstMatrixView<S> dgate, const S*,
-                MatrixView<S> dx) {
+  void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, const Saved& saved,
+                ConstMatrixView<S> dgate, const S*, S aux_scale, MatrixView<S> dx) {
     const Index t_count = x.rows, n = n_;
     dlogits_.resize(t_count, n);
     const S* g = saved.gate.data();
@@ -95,18 +99,16 @@ class Softmax::Policy {
       for (Index i = 0; i < n; ++i) dot += g[t * n + i] * dg[t * dg_stride + i];
       for (Index i = 0; i < n; ++i) dl[t * n + i] = g[t * n + i] * (dg[t * dg_stride + i] - dot);
     });
-    B::gemm(ctx, Op::transpose, Op::none, S(1), x, dlogits_.view(), S(1), g_gate_.view());
-    B::gemm(ctx, Op::none, Op::transpose, S(1), dlogits_.view(), w_gate_.view(), S(1), dx);
+    z_loss_backward<B>(ctx, saved.logits.view(), saved.lse.view(), config_.w_z, aux_scale, dlogits_.view());
+    w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);
   }
 
-  [[nodiscard]] std::vector<Parameter<S>> parameters() {
-    return {{"gate.w_gate", {d_, n_}, w_gate_.view(), g_gate_.view()}};
-  }
+  [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
  private:
   Config config_;
-  Index d_, n_;
-  Buffer<S> w_gate_, g_gate_;
+  Index n_;
+  RouterWeight<B> w_gate_;
   Buffer<S> dlogits_;
 };
 
