@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "mixture_problem.hpp"
 #include "moe/backend/cpu.hpp"
 #include "moe/moe.hpp"
 
@@ -26,6 +27,7 @@ using Cpu = moe::backend::Cpu<S>;
 using Matrix = moe::backend::HostMatrix<S>;
 using Model = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, Cpu>;
 using moe::Index;
+using mixture::Data, mixture::Problem, mixture::mse;
 
 struct Options {
   bool quick = false;
@@ -44,55 +46,6 @@ struct Sizes {
   int epochs = 20;
   double lr = 3e-3;
   double w_balance = 0.1;  // w_importance = w_load, as in the paper's experiments
-};
-
-struct Data {
-  Matrix x, y;                 // [T x d]
-  std::vector<Index> cluster;  // [T], hidden from the models; only the purity column reads it
-};
-
-// Inputs x = center_c + spread * noise, targets y = A_c x, with the cluster c uniform among C. The
-// maps are scaled so that every target component has a variance of about 1.
-class Problem {
- public:
-  Problem(const Sizes& s, std::uint64_t seed) : d_(s.d), c_(s.clusters), random_{seed} {
-    centers_.resize(c_, d_);
-    maps_.resize(c_ * d_, d_);
-    const double gain = 1.0 / std::sqrt(static_cast<double>(d_) * (1.0 + kSpread * kSpread));
-    for (Index c = 0; c < c_; ++c)
-      for (Index i = 0; i < d_; ++i) {
-        centers_(c, i) = normal(c, i, kCenterTag);
-        for (Index j = 0; j < d_; ++j) maps_(c * d_ + i, j) = static_cast<S>(gain) * normal(c * d_ + i, j, kMapTag);
-      }
-  }
-
-  // Tokens [first, first + count) of the problem's infinite stream: train and eval never overlap.
-  Data sample(Index first, Index count) const {
-    Data out{Matrix(count, d_), Matrix(count, d_, S(0)), std::vector<Index>(static_cast<std::size_t>(count))};
-    for (Index t = 0; t < count; ++t) {
-      const Index token = first + t;
-      const double u = 0.5 * (1.0 + random_.symmetric_uniform(static_cast<std::uint64_t>(token), 0, kClusterTag));
-      const Index c = std::min(c_ - 1, static_cast<Index>(u * static_cast<double>(c_)));
-      out.cluster[static_cast<std::size_t>(t)] = c;
-      for (Index i = 0; i < d_; ++i)
-        out.x(t, i) = centers_(c, i) + static_cast<S>(kSpread) * normal(token, i, kNoiseTag);
-      for (Index i = 0; i < d_; ++i)
-        for (Index j = 0; j < d_; ++j) out.y(t, j) += out.x(t, i) * maps_(c * d_ + i, j);
-    }
-    return out;
-  }
-
- private:
-  static constexpr double kSpread = 0.5;  // within-cluster noise relative to the center's scale
-  static constexpr std::uint32_t kCenterTag = 1, kMapTag = 2, kClusterTag = 3, kNoiseTag = 4;
-
-  S normal(Index a, Index b, std::uint32_t tag) const {
-    return static_cast<S>(random_.normal(static_cast<std::uint64_t>(a), static_cast<std::uint32_t>(b), tag));
-  }
-
-  Index d_, c_;
-  moe::CounterRandom random_;
-  Matrix centers_, maps_;  // [C x d], [C*d x d]
 };
 
 // On the held-out set, at inference: no noise, and the load is the count of tokens per expert.
@@ -134,19 +87,6 @@ struct Run {
     return total;
   }
 };
-
-// MSE over every token and component; dy = its gradient with respect to the prediction.
-double mse(moe::ConstMatrixView<S> prediction, moe::ConstMatrixView<S> target, Matrix* dy = nullptr) {
-  const double count = static_cast<double>(target.rows * target.cols);
-  double sum = 0;
-  for (Index t = 0; t < target.rows; ++t)
-    for (Index j = 0; j < target.cols; ++j) {
-      const double e = prediction(t, j) - target(t, j);
-      sum += e * e;
-      if (dy != nullptr) (*dy)(t, j) = static_cast<S>(2.0 * e / count);
-    }
-  return sum / count;
-}
 
 void train_epoch(Run& run, const Data& data, Index batch) {
   Matrix dy(batch, data.x.cols());
@@ -220,7 +160,7 @@ int main(int argc, char** argv) {
     if (opt.quick) s.epochs = 6;  // the test suite's run: the same problem, fewer epochs
     if (opt.epochs > 0) s.epochs = opt.epochs;
     const auto start = std::chrono::steady_clock::now();
-    const Problem problem(s, opt.seed);
+    const Problem problem(s.d, s.clusters, opt.seed);
     const Data train = problem.sample(0, s.train), eval = problem.sample(s.train, s.eval);
 
     std::vector<Run> runs;
