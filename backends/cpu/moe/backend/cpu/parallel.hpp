@@ -44,6 +44,7 @@ void parallel_for(int threads, Index count, F&& f, Index min_per_thread = 1) {
   }
 #else
   (void)threads;
+  (void)min_per_thread;
 #endif
   for (Index i = 0; i < count; ++i) f(i);
 }
