@@ -1,0 +1,131 @@
+#pragma once
+// moe::expert::SwiGLU: the gated-linear-unit expert of Shazeer, "GLU Variants Improve
+// Transformer" (2020), as used by Mixtral (Jiang et al., 2024):
+//   E(x) = (silu(x W1) * (x W3)) W2,   silu(a) = a * sigmoid(a),   * elementwise,
+// W1, W3: d x h, W2: h x d, no biases. Parameters are stacked over the experts under the Hugging
+// Face Mixtral names, "experts.w1" [n, d, h], "experts.w3" [n, d, h], "experts.w2" [n, h, d];
+// Hugging Face stores each expert's matrices transposed (w1, w3 as [h, d], w2 as [d, h]), so a
+// checkpoint's per-expert tensors are transposed on import. Each weight is applied by one grouped
+// GEMM; the elementwise gate runs per element.
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moe/error.hpp"
+#include "moe/expert_group.hpp"
+#include "moe/scalar_math.hpp"
+
+namespace moe::expert {
+
+struct SwiGLU {
+  struct Config {
+    Index hidden = 0;  // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
+  };
+  template <Backend B>
+  class Group;
+};
+
+template <Backend B>
+class SwiGLU::Group {
+  using S = typename B::Scalar;
+  template <class T>
+  using Buffer = typename B::template Buffer<T>;
+
+ public:
+  struct Saved {
+    Buffer<S> h1;   // [rows x h] x W1, the gate's pre-activation
+    Buffer<S> h3;   // [rows x h] x W3, the linear branch
+    Buffer<S> act;  // [rows x h] silu(h1) * h3, the input of W2
+  };
+
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
+      : config_(config), d_(d_model), n_(n_experts) {
+    detail::require(config.hidden >= 1, "expert::SwiGLU: hidden = ", config.hidden,
+                    ", expected at least 1 (set Config::hidden)");
+    detail::require(d_model >= 1, "expert::SwiGLU: d_model = ", d_model, ", expected at least 1");
+    detail::require(n_experts >= 1, "expert::SwiGLU: n_experts = ", n_experts, ", expected at least 1");
+    const Index h = config.hidden;
+    w1_.resize(n_ * d_, h);
+    w3_.resize(n_ * d_, h);
+    w2_.resize(n_ * h, d_);
+    g1_.resize(n_ * d_, h, S(0));
+    g3_.resize(n_ * d_, h, S(0));
+    g2_.resize(n_ * h, d_, S(0));
+    // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
+    typename B::Context ctx;
+    const double bound_in = 1.0 / std::sqrt(static_cast<double>(d_));
+    detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", bound_in);
+    detail::init_uniform<B>(ctx, w3_.view(), seed, "experts.w3", bound_in);
+    detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)));
+  }
+
+  [[nodiscard]] Index n_experts() const { return n_; }
+  [[nodiscard]] const Config& config() const { return config_; }
+
+  void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
+               Saved& saved) const {
+    const Index rows = xs.rows, h = config_.hidden;
+    saved.h1.resize(rows, h);
+    saved.h3.resize(rows, h);
+    saved.act.resize(rows, h);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.h1.view());
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w3_.view(), saved.h3.view());
+    const S* h1 = saved.h1.data();
+    const S* h3 = saved.h3.data();
+    S* act = saved.act.data();
+    B::for_each(ctx, rows * h, [=](Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
+    B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys);
+  }
+
+  // With g = dys W2^T and s = sigmoid(h1):
+  //   d h3 = g * silu(h1),   d h1 = g * h3 * s * (1 + h1 (1 - s)),
+  //   dW2 += act^T dys,  dW1 += xs^T d h1,  dW3 += xs^T d h3,  dxs = d h1 W1^T + d h3 W3^T.
+  void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
+                ConstMatrixView<S> dys, MatrixView<S> dxs) {
+    const Index rows = xs.rows, h = config_.hidden, d = d_;
+    dh1_.resize(rows, h);
+    dh3_.resize(rows, h);
+    dx3_.resize(rows, d);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, ConstMatrixView<S>(saved.act.view()), dys, S(1), g2_.view());
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dh1_.view());  // g, overwritten below
+    {
+      const S* h1 = saved.h1.data();
+      const S* h3 = saved.h3.data();
+      S* dh1 = dh1_.data();
+      S* dh3 = dh3_.data();
+      B::for_each(ctx, rows * h, [=](Index i) {
+        const S a = h1[i], g = dh1[i];
+        const S s = detail::sigmoid(a);
+        dh3[i] = g * a * s;
+        dh1[i] = g * h3[i] * s * (S(1) + a * (S(1) - s));
+      });
+    }
+    const ConstMatrixView<S> dh1 = dh1_.view(), dh3 = dh3_.view();
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view());
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh3, S(1), g3_.view());
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh1, w1_.view(), dxs);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view());
+    const S* dx3 = dx3_.data();
+    B::for_each(ctx, rows, [=](Index r) {
+      for (Index c = 0; c < d; ++c) dxs(r, c) += dx3[r * d + c];
+    });
+  }
+
+  // In the order w1, w3, w2 (the order of the Hugging Face Mixtral expert).
+  [[nodiscard]] std::vector<Parameter<S>> parameters() {
+    const Index h = config_.hidden;
+    return {{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
+            {"experts.w3", {n_, d_, h}, w3_.view(), g3_.view()},
+            {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}};
+  }
+
+ private:
+  Config config_;
+  Index d_, n_;
+  Buffer<S> w1_, w3_, w2_;
+  Buffer<S> g1_, g3_, g2_;
+  Buffer<S> dh1_, dh3_, dx3_;  // backward workspace, reused across calls
+};
+
+}  // namespace moe::expert
