@@ -86,26 +86,28 @@ int main(int argc, char** argv) {
     const Data train = problem.sample(0, kTrain), eval = problem.sample(kTrain, kEval);
 
     // 4 leaf experts of hidden 16 per token against one expert of hidden 64: the same compute.
-    Tree tree({.d_model = kD,
-               .n_experts = kGroups * kPerGroup,
-               .expert = {.hidden = kHidden},
-               .gate = {.levels = {{{.branching = kGroups, .gate = {.k = 2}}, {.branching = kPerGroup, .gate = {.k = 2}}}},
-                        .w_importance = 0.1,
-                        .w_load = 0.1},
-               .seed = 1});
+    Tree tree(
+        {.d_model = kD,
+         .n_experts = kGroups * kPerGroup,
+         .expert = {.hidden = kHidden},
+         .gate = {.levels = {{{.branching = kGroups, .gate = {.k = 2}}, {.branching = kPerGroup, .gate = {.k = 2}}}},
+                  .w_importance = 0.1,
+                  .w_load = 0.1},
+         .seed = 1});
     Flat single({.d_model = kD, .n_experts = 1, .expert = {.hidden = 4 * kHidden}, .gate = {.k = 1}, .seed = 1});
     moe::optim::Adam<Cpu> tree_adam({.lr = 3e-3}), single_adam({.lr = 3e-3});
     moe::Rng tree_rng(2), single_rng(3);
     Index params = 0;
     for (const auto& p : tree.parameters()) params += p.size();
-    std::printf("hierarchical MoE: %lld groups x %lld experts = %lld leaves, k = 2 x 2, %lld parameters\n",
-                ll(kGroups), ll(kPerGroup), ll(kGroups * kPerGroup), ll(params));
+    std::printf("hierarchical MoE: %lld groups x %lld experts = %lld leaves, k = 2 x 2, %lld parameters\n", ll(kGroups),
+                ll(kPerGroup), ll(kGroups * kPerGroup), ll(params));
     std::printf("d = %lld, %lld clusters, %lld train / %lld eval tokens, batch %lld, %d epochs\n", ll(kD),
                 ll(kClusters), ll(kTrain), ll(kEval), ll(kBatch), epochs);
     std::printf("eval MSE of predicting 0: %.4f\n\n", mse(Matrix(kEval, kD, S(0)).view(), eval.y.view()));
 
-    std::printf("each epoch: MSE; in training, CV^2 of the smooth Load_H (mean over batches) of the groups and the\n"
-                "leaves; at eval (inference: no noise, hard counts), each level's balance\n");
+    std::printf(
+        "each epoch: MSE; in training, CV^2 of the smooth Load_H (mean over batches) of the groups and the\n"
+        "leaves; at eval (inference: no noise, hard counts), each level's balance\n");
     double tree_mse = 0, single_mse = 0;
     Epoch last;
     moe::BalanceStats<S> stats;
@@ -116,9 +118,10 @@ int main(int argc, char** argv) {
       tree_mse = mse(f.y(), eval.y.view());
       single_mse = mse(single.forward(eval.x.view(), moe::Mode::inference).y(), eval.y.view());
       stats = f.stats();
-      std::printf("epoch %2d: hierarchical train %.4f eval %.4f (train CV^2 load: groups %.4f, leaves %.4f) | "
-                  "single expert train %.4f eval %.4f\n",
-                  epoch, last.mse, tree_mse, last.cv2_groups, last.cv2_leaves, single_train.mse, single_mse);
+      std::printf(
+          "epoch %2d: hierarchical train %.4f eval %.4f (train CV^2 load: groups %.4f, leaves %.4f) | "
+          "single expert train %.4f eval %.4f\n",
+          epoch, last.mse, tree_mse, last.cv2_groups, last.cv2_leaves, single_train.mse, single_mse);
       print_level("groups", stats.levels[0]);
       print_level("leaves", stats.levels[1]);
     }
@@ -132,7 +135,8 @@ int main(int argc, char** argv) {
     const auto& groups = stats.levels[0];
     const auto& leaves = stats.levels[1];
     const auto used = std::count_if(leaves.count.begin(), leaves.count.end(), [](Index c) { return c > 0; });
-    expect(tree_mse < 0.6 * single_mse, "the hierarchical MoE reaches less than 0.6 times the single expert's eval MSE");
+    expect(tree_mse < 0.6 * single_mse,
+           "the hierarchical MoE reaches less than 0.6 times the single expert's eval MSE");
     expect(groups.cv2_load < 0.05, "the groups' eval load stays even: CV^2 < 0.05");
     expect(*std::min_element(groups.count.begin(), groups.count.end()) > 0, "every group receives tokens at eval");
     expect(last.cv2_leaves < 0.25, "the leaves' smooth training load stays even: CV^2 < 0.25");

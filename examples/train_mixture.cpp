@@ -26,8 +26,8 @@ using S = float;
 using Cpu = moe::backend::Cpu<S>;
 using Matrix = moe::backend::HostMatrix<S>;
 using Model = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, Cpu>;
-using moe::Index;
 using mixture::Data, mixture::Problem, mixture::mse;
+using moe::Index;
 
 struct Options {
   bool quick = false;

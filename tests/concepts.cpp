@@ -12,8 +12,20 @@ static_assert(Backend<backend::Cpu<double>>);
 static_assert(GatePolicy<gate::NoisyTopK::Policy<B>, B>);
 static_assert(GatePolicy<gate::Softmax::Policy<B>, B>);
 static_assert(GateFamily<gate::NoisyTopK, B>);
+static_assert(GateFamily<gate::Softmax, B>);
+static_assert(GateFamily<gate::TopK, B>);
+static_assert(GateFamily<gate::Switch, B>);
+static_assert(GateFamily<gate::ExpertChoice, B>);
+static_assert(GateFamily<gate::SigmoidBias, B>);
+// A hierarchy is a gate; the layer of depth D uses it in place of the level gate.
+static_assert(GateFamily<gate::Hierarchy<gate::NoisyTopK, 2>, B>);
+static_assert(GateFamily<gate::Hierarchy<gate::Switch, 3>, B>);
+static_assert(std::is_same_v<Layer<expert::FeedForward, gate::TopK, B, 2>::GatePolicy,
+                             gate::Hierarchy<gate::TopK, 2>::Policy<B>>);
+static_assert(std::is_same_v<Layer<expert::FeedForward, gate::TopK, B>::GatePolicy, gate::TopK::Policy<B>>);
 static_assert(ExpertGroup<expert::FeedForward::Group<B>, B>);
 static_assert(ExpertFamily<expert::FeedForward, B>);
+static_assert(ExpertFamily<expert::SwiGLU, B>);
 static_assert(Communicator<comm::Local>);
 
 // A backend without its primitives.

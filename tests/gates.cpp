@@ -112,7 +112,8 @@ TEST_CASE("router z-loss: w_z * mean over tokens of logsumexp(logits)^2, for eve
     CHECK(f.stats().loss_z == doctest::Approx(0.5 * expected(layer.parameters()[0].value)).epsilon(1e-13));
   }
   {
-    FlatLayer<gate::NoisyTopK> layer({.d_model = d, .n_experts = n, .expert = {.hidden = 2}, .gate = {.k = 2, .w_z = 2.0}});
+    FlatLayer<gate::NoisyTopK> layer(
+        {.d_model = d, .n_experts = n, .expert = {.hidden = 2}, .gate = {.k = 2, .w_z = 2.0}});
     test::randomize_parameters(layer, 3);
     Rng rng(1);
     const auto f = layer.forward(x.view(), Mode::train, rng);  // on the clean logits, noise aside
@@ -143,7 +144,8 @@ TEST_CASE("gradients: TopK, and the z-loss on TopK, Softmax and NoisyTopK") {
     FAIL("no point away from ties in 30 seeds");
   };
   SUBCASE("TopK, importance loss") {
-    FlatLayer<gate::TopK> layer({.d_model = 4, .n_experts = 6, .expert = {.hidden = 5}, .gate = {.k = 2, .w_importance = 1.0}});
+    FlatLayer<gate::TopK> layer(
+        {.d_model = 4, .n_experts = 6, .expert = {.hidden = 5}, .gate = {.k = 2, .w_importance = 1.0}});
     run(layer, false);
   }
   SUBCASE("TopK with z-loss") {
@@ -166,7 +168,8 @@ TEST_CASE("gradients: TopK, and the z-loss on TopK, Softmax and NoisyTopK") {
         {.d_model = 4,
          .n_experts = 12,
          .expert = {.hidden = 5},
-         .gate = {.levels = {{{.branching = 3, .gate = {.k = 2, .w_z = 0.5}}, {.branching = 4, .gate = {.k = 2, .w_z = 0.5}}}},
+         .gate = {.levels = {{{.branching = 3, .gate = {.k = 2, .w_z = 0.5}},
+                              {.branching = 4, .gate = {.k = 2, .w_z = 0.5}}}},
                   .w_importance = 1.0},
          .seed = 2});
     run(layer, false);
@@ -176,7 +179,8 @@ TEST_CASE("gradients: TopK, and the z-loss on TopK, Softmax and NoisyTopK") {
         {.d_model = 4,
          .n_experts = 6,
          .expert = {.hidden = 3},
-         .gate = {.levels = {{{.branching = 2, .gate = {.w_z = 0.2}}, {.branching = 3, .gate = {}}}}, .w_importance = 1.0}});
+         .gate = {.levels = {{{.branching = 2, .gate = {.w_z = 0.2}}, {.branching = 3, .gate = {}}}},
+                  .w_importance = 1.0}});
     run(layer, false);
   }
 }

@@ -65,7 +65,8 @@ TEST_CASE("a depth-2 layer equals a hand-composed pair of depth-1 gates on the s
 
   // Level 2: group g's own plain gate on the tokens that chose g, in token order, reading noise
   // columns a + g * b + [0, b).
-  std::vector<std::map<Index, std::pair<std::vector<Index>, std::vector<double>>>> choice(a);  // token -> (experts, gates)
+  std::vector<std::map<Index, std::pair<std::vector<Index>, std::vector<double>>>> choice(
+      a);  // token -> (experts, gates)
   std::vector<std::vector<double>> load2(a);
   std::vector<Index> count(a, 0);
   for (Index g = 0; g < a; ++g) {
@@ -82,9 +83,10 @@ TEST_CASE("a depth-2 layer equals a hand-composed pair of depth-1 gates on the s
       for (Index c = 0; c < d; ++c) xg(r, c) = x(tokens[r], c);
     GateRouting<B> r2;
     Noisy::Policy<B>::Saved s2;
-    inner.forward(ctx, xg.view(), nullptr, Mode::train,
-                  GateNoise<double>{.values = z.data(), .stride = z.cols(), .row_token = tokens.data(), .column = a + g * b},
-                  r2, s2);
+    inner.forward(
+        ctx, xg.view(), nullptr, Mode::train,
+        GateNoise<double>{.values = z.data(), .stride = z.cols(), .row_token = tokens.data(), .column = a + g * b}, r2,
+        s2);
     load2[g] = r2.load;
     for (Index r = 0; r < count[g]; ++r)
       for (Index j = 0; j < k2; ++j) {
@@ -127,7 +129,8 @@ TEST_CASE("a depth-2 layer equals a hand-composed pair of depth-1 gates on the s
       const Index e = f.expert_index()(t, s);
       const Dense<double> xt = test::to_dense(ConstMatrixView<double>(x.view().block_rows(t, 1)));
       const Dense<double> pre = xt * test::to_dense(ConstMatrixView<double>(w1.value.block_rows(e * d, d)));
-      yt += f.gates()(t, s) * (pre.cwiseMax(0.0) * test::to_dense(ConstMatrixView<double>(w2.value.block_rows(e * 5, 5))));
+      yt += f.gates()(t, s) *
+            (pre.cwiseMax(0.0) * test::to_dense(ConstMatrixView<double>(w2.value.block_rows(e * 5, 5))));
     }
     for (Index c = 0; c < d; ++c) CHECK(f.y()(t, c) == doctest::Approx(yt(0, c)).epsilon(1e-12));
   }
@@ -329,6 +332,7 @@ TEST_CASE("bad branching is a moe::Error naming the level and the values") {
   Tree2 layer(tree2(3, 2, 4, 2));
   const auto x = test::random_matrix<double>(5, 4, 1);
   Matrix<double> z(5, 12);
-  CHECK(error_of([&] { (void)layer.forward(x.view(), Mode::train, Noise<double>(z.view())); })
-            .find("expected [T x noise_columns()] = 5 x 15") != std::string::npos);
+  CHECK(error_of([&] {
+          (void)layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
+        }).find("expected [T x noise_columns()] = 5 x 15") != std::string::npos);
 }

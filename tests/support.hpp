@@ -93,9 +93,9 @@ inline double relative_error(const std::vector<double>& a, const std::vector<dou
 // selection crossed); `routing_stable` says whether it held for every probe.
 struct GradientCheck {
   bool routing_stable = true;
-  double worst = 0;                      // worst relative error over the input and the parameters
-  std::vector<std::string> failures;     // "name: error" above the bound
-  std::vector<std::string> zero_grads;   // parameters whose numeric gradient is exactly zero
+  double worst = 0;                     // worst relative error over the input and the parameters
+  std::vector<std::string> failures;    // "name: error" above the bound
+  std::vector<std::string> zero_grads;  // parameters whose numeric gradient is exactly zero
   double bound = 1e-6;
   [[nodiscard]] bool passed() const { return routing_stable && failures.empty(); }
 };

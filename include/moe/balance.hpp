@@ -64,12 +64,12 @@ struct BalanceStats {
   bool load_is_count = true;
   S cv2_importance = 0;
   S cv2_load = 0;
-  Index dropped_tokens = 0;  // tokens no expert computed (over capacity, or chosen by no expert)
-  S loss_importance = 0;     // w_importance * cv2_importance
-  S loss_load = 0;           // w_load * cv2_load
-  S loss_aux = 0;            // the gate's own balancing loss (e.g. Switch), weighted
-  S loss_z = 0;              // the router z-loss, weighted
-  S loss = 0;                // the sum of the four: add it to the training objective
+  Index dropped_tokens = 0;           // tokens no expert computed (over capacity, or chosen by no expert)
+  S loss_importance = 0;              // w_importance * cv2_importance
+  S loss_load = 0;                    // w_load * cv2_load
+  S loss_aux = 0;                     // the gate's own balancing loss (e.g. Switch), weighted
+  S loss_z = 0;                       // the router z-loss, weighted
+  S loss = 0;                         // the sum of the four: add it to the training objective
   std::vector<LevelStats<S>> levels;  // per level of a hierarchical gate; empty at depth 1
 };
 

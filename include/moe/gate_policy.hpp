@@ -53,8 +53,8 @@ struct GateRouting {
   typename B::template Buffer<S> gate;        // [R x k] gate value of each slot (0 when not routed)
   std::vector<S> load;                        // [groups * n] smooth load of each group's experts, when !load_is_count
   bool load_is_count = true;                  // the layer then uses the hard counts
-  S loss_aux = 0;  // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
-  S loss_z = 0;    // the weighted router z-loss, 0 if off
+  S loss_aux = 0;                     // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
+  S loss_z = 0;                       // the weighted router z-loss, 0 if off
   std::vector<LevelStats<S>> levels;  // filled by a hierarchical gate only
 };
 

@@ -28,7 +28,8 @@
 namespace moe {
 
 // Where the gate's noise z comes from in a training forward: a caller-owned Rng (one step per
-// call), or an explicit matrix [T x n_experts]. Gates without noise ignore it.
+// call), or an explicit matrix [T x Layer::noise_columns()] (n_experts for a flat gate). Gates
+// without noise ignore it.
 template <class S>
 class Noise {
  public:
@@ -75,10 +76,10 @@ class Layer {
     Index n_experts = 0;  // n
     typename Expert::Config expert{};
     typename GateFamily::Config gate{};  // at Depth > 1: gate::Hierarchy's Config (one entry per level)
-    Index shared_experts = 0;  // s always-on experts added to every token's output (same Config as `expert`)
-    std::uint64_t seed = 0;    // parameter initialization
-    bool check_finite = true;  // reject NaN and Inf in inputs, noise and output gradients
-    int threads = 0;           // CPU threads, 0: all that OpenMP offers; results do not depend on it
+    Index shared_experts = 0;            // s always-on experts added to every token's output (same Config as `expert`)
+    std::uint64_t seed = 0;              // parameter initialization
+    bool check_finite = true;            // reject NaN and Inf in inputs, noise and output gradients
+    int threads = 0;                     // CPU threads, 0: all that OpenMP offers; results do not depend on it
   };
 
   // The result of one forward call: the output, the balance statistics, the routing, and what
@@ -199,8 +200,9 @@ class Layer {
     return f;
   }
 
-  // The same, reusing the buffers of a previous result: a training loop that keeps one Forward
-  // allocates nothing in steady state. If the input is rejected, f is left as it was.
+  // The same, reusing the matrix buffers of a previous result: a training loop that keeps one
+  // Forward does not reallocate them in steady state (the small per-expert statistics vectors
+  // are rebuilt). If the input is rejected, f is left as it was.
   void forward_into(Forward& f, ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
     const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts, nz_cols = noise_columns();
     require_usable("forward");
@@ -214,8 +216,8 @@ class Layer {
       if (noise.is_explicit()) {
         const auto z = noise.values();
         check_view(z, "moe::Layer::forward: noise");
-        detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ",
-                        z.cols, ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
+        detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
+                        ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
         if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
         gate_noise.values = z.data;
         gate_noise.stride = z.stride;
@@ -430,8 +432,7 @@ class Layer {
     dysh_.resize(rows, d);
     dxsh_.resize(rows, d);
     B::gather_rows(ctx, dy, f.shared_.rows.data(), dysh_.view());
-    shared_->backward(ctx, f.shared_.xs.view(), f.shared_.offsets.data(), f.shared_.saved, dysh_.view(),
-                      dxsh_.view());
+    shared_->backward(ctx, f.shared_.xs.view(), f.shared_.offsets.data(), f.shared_.saved, dysh_.view(), dxsh_.view());
   }
 
   static std::uint64_t next_id() {

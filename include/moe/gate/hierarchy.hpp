@@ -30,8 +30,8 @@ template <class Gate, int Depth>
 struct Hierarchy {
   static_assert(Depth >= 1, "gate::Hierarchy: Depth must be at least 1");
   struct Level {
-    Index branching = 0;             // groups (level 1) or experts per group (the last level) this level chooses among
-    typename Gate::Config gate{};    // its gate: k, noise, its own losses (w_importance / w_load are not used)
+    Index branching = 0;           // groups (level 1) or experts per group (the last level) this level chooses among
+    typename Gate::Config gate{};  // its gate: k, noise, its own losses (w_importance / w_load are not used)
   };
   struct Config {
     std::array<Level, Depth> levels{};
@@ -91,8 +91,12 @@ class Hierarchy<Gate, Depth>::Policy {
         throw Error("gate::Hierarchy: levels[" + std::to_string(l) + "] (" + std::to_string(groups_at) +
                     " group(s) of " + std::to_string(level.branching) + "): " + e.what());
       }
+      detail::require(gates_.back().n_experts() == level.branching && gates_.back().k() >= 1,
+                      "gate::Hierarchy: levels[", l, "]'s gate has ", gates_.back().n_experts(),
+                      " experts and k = ", gates_.back().k(), ", expected ", level.branching, " experts and k >= 1");
+      // A gate of G groups over n experts reads noise columns g * n + i (gate_policy.hpp).
       columns_.push_back(column);
-      column += groups_at * moe::noise_columns(gates_.back());
+      column += groups_at * level.branching;
       k *= gates_.back().k();
       groups_at *= level.branching;
     }
@@ -297,8 +301,7 @@ class Hierarchy<Gate, Depth>::Policy {
       } else {
         dxrows_.resize(rows, d);
         B::fill(ctx, dxrows_.view(), S(0));
-        gate.backward(ctx, lv.x.view(), lv.plan.offsets.data(), lv.gate, dlevel_.view(), dl, aux_scale,
-                      dxrows_.view());
+        gate.backward(ctx, lv.x.view(), lv.plan.offsets.data(), lv.gate, dlevel_.view(), dl, aux_scale, dxrows_.view());
         // Each token adds its rows' input gradients in path order.
         const Index* pnode = prev->path_node.data();
         const Index* pos = lv.plan.position.data();

@@ -46,9 +46,9 @@ class NoisyTopK::Policy {
  public:
   struct Saved {
     Buffer<S> clean, raw, sigma, z, h, p;  // [T x n]: clean and noise logits, noise scale, noise, H, P(x, i)
-    Buffer<S> gate;                 // [T x k]
-    Buffer<Index> top;              // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
-    Buffer<S> lse;                  // [T x 1] log-sum-exp of the clean logits (z-loss)
+    Buffer<S> gate;                        // [T x k]
+    Buffer<Index> top;                     // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
+    Buffer<S> lse;                         // [T x 1] log-sum-exp of the clean logits (z-loss)
     bool noise_active = false;
     bool smooth_load = false;
   };
