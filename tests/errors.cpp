@@ -14,18 +14,8 @@ using NoisyLayer = Layer<expert::FeedForward, gate::NoisyTopK, B>;
 
 NoisyLayer::Config config() { return {.d_model = 4, .n_experts = 8, .expert = {.hidden = 5}, .gate = {.k = 2}}; }
 
-// The message of the moe::Error that f throws ("" if none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+using test::error_of;
 }  // namespace
 
 TEST_CASE("bad configurations are rejected at construction") {

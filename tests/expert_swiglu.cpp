@@ -20,18 +20,8 @@ using Dense = test::Dense<double>;
 static_assert(ExpertFamily<expert::SwiGLU, B>);
 static_assert(ExpertFamily<expert::SwiGLU, backend::Cpu<float>>);
 
-// The message of the moe::Error that f throws ("" if none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+using test::error_of;
 
 Dense dense(ConstMatrixView<double> v) { return test::to_dense(v); }
 

@@ -20,17 +20,8 @@ using EC = gate::ExpertChoice;
 using Policy = EC::Policy<B>;
 using Flat = Layer<expert::FeedForward, EC, B>;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+using test::error_of;
 
 struct Run {
   GateRouting<B> routing;

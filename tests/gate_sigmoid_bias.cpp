@@ -79,17 +79,8 @@ void set_bias(Policy& p, const std::vector<double>& values) {
   p.set_bias(b.view());
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+using test::error_of;
 
 // One row: the best single expert (0) sits in a weak group. With n = 8 in 4 groups of 2, s + b:
 // group scores 1.000, 1.462, 1.245, 1.571, so groups 3 and 1 are kept; experts 2 and 3 tie.

@@ -18,17 +18,8 @@ using B = backend::Cpu<double>;
 using SwitchLayer = Layer<expert::FeedForward, gate::Switch, B>;
 using SwitchLayer2 = Layer<expert::FeedForward, gate::Switch, B, 2>;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+using test::error_of;
 
 // Sets the parameter `name` from row-major values.
 template <class L>

@@ -15,14 +15,7 @@ using B = backend::Cpu<double>;
 template <class Gate>
 using FlatLayer = Layer<expert::FeedForward, Gate, B>;
 
-std::string error_of(auto&& make) {
-  try {
-    make();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using test::error_of;
 
 // Routing of a gate policy run on its own.
 template <class Policy>

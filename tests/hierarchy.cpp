@@ -306,14 +306,7 @@ TEST_CASE("hierarchy with an Rng: reproducible, inference draws no noise and rep
 }
 
 TEST_CASE("bad branching is a moe::Error naming the level and the values") {
-  auto error_of = [](auto&& make) {
-    try {
-      make();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  using test::error_of;
   auto config = tree2(3, 2, 4, 2);
   config.n_experts = 10;
   CHECK(error_of([&] { Tree2 l(config); }).find("multiply to more than n_experts = 10") != std::string::npos);

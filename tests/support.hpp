@@ -87,6 +87,19 @@ inline double relative_error(const std::vector<double>& a, const std::vector<dou
   return std::sqrt(diff) / std::max({std::sqrt(na), std::sqrt(nb), 1e-300});
 }
 
+// The message of the moe::Error that f throws ("" if none).
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
 // Finite-difference check of a layer's backward (MATH.md 5) at one point: central differences of
 // sum(dy .* y) + loss for the input and every parameter, with the noise held fixed. A point is
 // usable only where the routing does not change within the step (no kink of top-k, capacity or

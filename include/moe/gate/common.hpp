@@ -38,6 +38,21 @@ MOE_HD S log_sum_exp(const S* v, Index n) {
   return top + std::log(sum);
 }
 
+// p = softmax(v) over one row, the largest value subtracted first; returns the index of the
+// largest value (ties to the lower index).
+template <class S>
+MOE_HD Index softmax_row(const S* v, Index n, S* p) {
+  Index best = 0;
+  for (Index i = 1; i < n; ++i) best = v[i] > v[best] ? i : best;
+  S sum = 0;
+  for (Index i = 0; i < n; ++i) {
+    p[i] = std::exp(v[i] - v[best]);
+    sum += p[i];
+  }
+  for (Index i = 0; i < n; ++i) p[i] /= sum;
+  return best;
+}
+
 // A router weight W [d x n] for each of `groups` gates, stacked along the rows ([groups * d x n]),
 // with its gradient. logits = x W_g for the rows of group g.
 template <Backend B>

@@ -151,19 +151,8 @@ class ExpertChoice::Policy {
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
     B::for_each(ctx, rows, [=](Index t) {
-      const S* lr = l + t * n;
-      S* pr = p + t * n;
-      S top = lr[0];
-      for (Index i = 1; i < n; ++i) top = lr[i] > top ? lr[i] : top;
-      S sum = 0;
-      for (Index i = 0; i < n; ++i) {
-        pr[i] = std::exp(lr[i] - top);
-        sum += pr[i];
-      }
-      for (Index i = 0; i < n; ++i) {
-        pr[i] /= sum;
-        chosen[t * n + i] = kNotRouted;
-      }
+      softmax_row(l + t * n, n, p + t * n);
+      for (Index i = 0; i < n; ++i) chosen[t * n + i] = kNotRouted;
     });
     // One item per (group, expert): a top-C over the group's rows of that expert's column.
     Index* picks = saved.picks.data();

@@ -65,17 +65,9 @@ class Softmax::Policy {
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
     B::for_each(ctx, t_count, [=](Index t) {
-      const S* lr = l + t * n;
       S* row = g + t * n;
-      S top = lr[0];
-      for (Index i = 1; i < n; ++i) top = lr[i] > top ? lr[i] : top;
-      S sum = 0;
+      softmax_row(l + t * n, n, row);
       for (Index i = 0; i < n; ++i) {
-        row[i] = std::exp(lr[i] - top);
-        sum += row[i];
-      }
-      for (Index i = 0; i < n; ++i) {
-        row[i] /= sum;
         out_gate[t * n + i] = row[i];
         out_expert[t * n + i] = i;
       }

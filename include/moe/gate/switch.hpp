@@ -104,17 +104,7 @@ class Switch::Policy {
     S* p = saved.p.data();
     Index* choice = saved.choice.data();
     B::for_each(ctx, rows, [=](Index r) {
-      const S* lr = l + r * n;
-      S* pr = p + r * n;
-      Index best = 0;
-      for (Index i = 1; i < n; ++i) best = lr[i] > lr[best] ? i : best;
-      S sum = 0;
-      for (Index i = 0; i < n; ++i) {
-        pr[i] = std::exp(lr[i] - lr[best]);
-        sum += pr[i];
-      }
-      for (Index i = 0; i < n; ++i) pr[i] /= sum;
-      choice[r] = best;
+      choice[r] = softmax_row(l + r * n, n, p + r * n);
     });
 
     // Per group, in row order: capacity, which rows each expert keeps, the argmax counts, and
