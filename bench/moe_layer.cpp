@@ -5,9 +5,6 @@
 //
 //   moe_layer [--quick] [--threads N] [--json PATH]
 
-#include <moe/backend/cpu.hpp>  // first: it defines EIGEN_DONT_PARALLELIZE before Eigen is seen
-#include <moe/moe.hpp>
-
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -23,17 +20,22 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <moe/backend/cpu.hpp>  // first: it defines EIGEN_DONT_PARALLELIZE before Eigen is seen
+#include <moe/moe.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace {
 
+using bench::Clock, bench::Json, bench::Measured, bench::measure, bench::minor_faults, bench::others_cpu_seconds;
+using bench::threads_from, bench::write_atomically;
 using moe::Index;
 using Cpu = moe::backend::Cpu<float>;
 using Layer = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, Cpu>;
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using Clock = std::chrono::steady_clock;
 
 struct Options {
   bool quick = false;
@@ -47,7 +49,7 @@ struct Shape {
   std::vector<Index> experts;
   int warmup, reps;
 
-  [[nodiscard]] double expert_flop() const { return 4.0 * double(tokens * k * d * h); }  // two GEMMs
+  [[nodiscard]] double expert_flop() const { return 4.0 * double(tokens * k * d * h); }   // two GEMMs
   [[nodiscard]] double gate_flop(Index n) const { return 4.0 * double(tokens * d * n); }  // x W_g, x W_noise
 };
 
@@ -55,14 +57,6 @@ struct Shape {
 Shape shape_for(bool quick) {
   if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1};
   return {2048, 512, 1024, 2, {4, 16, 64, 256}, 1, 7};
-}
-
-int threads_from(const std::string& text) {
-  int threads = 0;
-  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), threads);
-  if (error != std::errc{} || end != text.data() + text.size() || threads < 0)
-    throw std::invalid_argument("--threads " + text + ": expected an integer >= 0 (0: all available)");
-  return threads;
 }
 
 Options parse_options(int argc, char** argv) {
@@ -73,49 +67,18 @@ Options parse_options(int argc, char** argv) {
       if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
       return std::string(argv[++i]);
     };
-    if (arg == "--quick") o.quick = true;
-    else if (arg == "--help" || arg == "-h") o.help = true;
-    else if (arg == "--threads") o.threads = threads_from(value());
-    else if (arg == "--json") o.json = value();
-    else throw std::invalid_argument("unknown argument " + arg);
+    if (arg == "--quick")
+      o.quick = true;
+    else if (arg == "--help" || arg == "-h")
+      o.help = true;
+    else if (arg == "--threads")
+      o.threads = threads_from(value());
+    else if (arg == "--json")
+      o.json = value();
+    else
+      throw std::invalid_argument("unknown argument " + arg);
   }
   return o;
-}
-
-long minor_faults() {
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  return usage.ru_minflt;
-}
-
-struct Measured {
-  double seconds = 0;  // median
-  double faults = 0;   // minor page faults per call: memory touched for the first time
-};
-
-// Runs the tasks round-robin, shape.warmup untimed rounds then shape.reps timed ones, so that a
-// drift of the machine (a neighbour, the clock) shifts every task alike and the ratios stay fair.
-std::vector<Measured> measure(const Shape& s, const std::vector<std::function<void()>>& tasks) {
-  std::vector<std::vector<double>> times(tasks.size());
-  std::vector<long> faults(tasks.size(), 0);
-  for (int round = 0; round < s.warmup + s.reps; ++round)
-    for (std::size_t i = 0; i < tasks.size(); ++i) {
-      const long faults_before = minor_faults();
-      const auto start = Clock::now();
-      tasks[i]();
-      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-      if (round < s.warmup) continue;
-      times[i].push_back(seconds);
-      faults[i] += minor_faults() - faults_before;
-    }
-  std::vector<Measured> out;
-  for (std::size_t i = 0; i < tasks.size(); ++i) {
-    std::vector<double>& t = times[i];
-    std::sort(t.begin(), t.end());
-    const std::size_t mid = t.size() / 2;
-    out.push_back({t.size() % 2 == 1 ? t[mid] : 0.5 * (t[mid - 1] + t[mid]), double(faults[i]) / s.reps});
-  }
-  return out;
 }
 
 // c = a * b (or c += a * b) with the rows of c cut into one even chunk per thread, each chunk one
@@ -128,8 +91,10 @@ void par_gemm(int threads, const A& a, const B& b, C&& c, bool accumulate = fals
     const Index r0 = rows * p / threads, m = rows * (p + 1) / threads - r0;
     if (m == 0) continue;
     auto cb = c.middleRows(r0, m);
-    if (accumulate) cb.noalias() += a.middleRows(r0, m) * b;
-    else cb.noalias() = a.middleRows(r0, m) * b;
+    if (accumulate)
+      cb.noalias() += a.middleRows(r0, m) * b;
+    else
+      cb.noalias() = a.middleRows(r0, m) * b;
   }
 }
 
@@ -166,8 +131,10 @@ struct Dense {
   MlpPass pass;
 
   Dense(Index d, Index hidden)
-      : w1(Mat::Random(d, hidden) / std::sqrt(float(d))), w2(Mat::Random(hidden, d) / std::sqrt(float(hidden))),
-        g1(Mat::Zero(d, hidden)), g2(Mat::Zero(hidden, d)) {}
+      : w1(Mat::Random(d, hidden) / std::sqrt(float(d))),
+        w2(Mat::Random(hidden, d) / std::sqrt(float(hidden))),
+        g1(Mat::Zero(d, hidden)),
+        g2(Mat::Zero(hidden, d)) {}
 
   void step(int threads, const Mat& x, const Mat& dy, bool backward) {
     pass.forward(threads, x, w1, w2);
@@ -191,7 +158,9 @@ struct GateRun {
     const moe::Rng::Draw draw = moe::Rng(kNoiseSeed).next();
     noise = {nullptr, 0, draw.stream, draw.step};
   }
-  void forward(moe::ConstMatrixView<float> x) { layer.gate().forward(ctx, x, nullptr, moe::Mode::train, noise, routing, saved); }
+  void forward(moe::ConstMatrixView<float> x) {
+    layer.gate().forward(ctx, x, nullptr, moe::Mode::train, noise, routing, saved);
+  }
   void backward(moe::ConstMatrixView<float> x, moe::ConstMatrixView<float> dgate, moe::MatrixView<float> dx) {
     layer.gate().backward(ctx, x, nullptr, saved, dgate, dload.data(), 1.0f, dx);
   }
@@ -214,8 +183,11 @@ struct Naive {
     throw std::logic_error("the layer has no parameter " + name);
   }
   Naive(Layer& layer, int threads)
-      : gate(layer, threads), w1(param(layer, "experts.w1", false)), w2(param(layer, "experts.w2", false)),
-        g1(param(layer, "experts.w1", true)), g2(param(layer, "experts.w2", true)) {}
+      : gate(layer, threads),
+        w1(param(layer, "experts.w1", false)),
+        w2(param(layer, "experts.w2", false)),
+        g1(param(layer, "experts.w1", true)),
+        g2(param(layer, "experts.w2", true)) {}
 
   void step(const Mat& x, const Mat& dy, bool backward) {
     gate.forward(x);
@@ -263,9 +235,15 @@ struct Stages {
   Cpu::Buffer<float> xs, ys, dys, dxs, dgate, dx, logits, w;
 
   Stages(Layer& layer, const Shape& s, int threads)
-      : gate(layer, threads), xs(s.tokens * s.k, s.d), ys(s.tokens * s.k, s.d), dys(s.tokens * s.k, s.d, 1e-3f),
-        dxs(s.tokens * s.k, s.d), dgate(s.tokens, s.k, 1e-3f), dx(s.tokens, s.d),
-        logits(s.tokens, layer.config().n_experts), w(s.d, layer.config().n_experts) {}
+      : gate(layer, threads),
+        xs(s.tokens * s.k, s.d),
+        ys(s.tokens * s.k, s.d),
+        dys(s.tokens * s.k, s.d, 1e-3f),
+        dxs(s.tokens * s.k, s.d),
+        dgate(s.tokens, s.k, 1e-3f),
+        dx(s.tokens, s.d),
+        logits(s.tokens, layer.config().n_experts),
+        w(s.d, layer.config().n_experts) {}
 
   void dispatch(moe::ConstMatrixView<float> x) {
     plan.build(gate.ctx, gate.routing.expert.view(), gate.layer.config().n_experts);
@@ -297,8 +275,11 @@ struct Floor {
   Mat a, w1, w2, hid, out;
 
   explicit Floor(const Shape& s)
-      : a(Mat::Random(s.tokens * s.k, s.d)), w1(Mat::Random(s.d, s.h)), w2(Mat::Random(s.h, s.d)),
-        hid(s.tokens * s.k, s.h), out(s.tokens * s.k, s.d) {}
+      : a(Mat::Random(s.tokens * s.k, s.d)),
+        w1(Mat::Random(s.d, s.h)),
+        w2(Mat::Random(s.h, s.d)),
+        hid(s.tokens * s.k, s.h),
+        out(s.tokens * s.k, s.d) {}
   void eigen(int threads) {
     par_gemm(threads, a, w1, hid);
     par_gemm(threads, hid, w2, out);
@@ -312,14 +293,28 @@ struct Floor {
 
 // What one round times, in this order: the layer, the two baselines, then the layer's stages.
 enum Task : int {
-  kMoeFwd, kMoeFwdBwd, kDenseFwd, kDenseFwdBwd, kNaiveFwd, kNaiveFwdBwd,
-  kGateFwd, kGateGemmFwd, kDispatch, kExpertsFwd, kExpertsBwd, kGateBwd, kGateGemmBwd, kFloorEigen, kFloorBackend,
+  kMoeFwd,
+  kMoeFwdBwd,
+  kDenseFwd,
+  kDenseFwdBwd,
+  kNaiveFwd,
+  kNaiveFwdBwd,
+  kGateFwd,
+  kGateGemmFwd,
+  kDispatch,
+  kExpertsFwd,
+  kExpertsBwd,
+  kGateBwd,
+  kGateGemmBwd,
+  kFloorEigen,
+  kFloorBackend,
   kTaskCount
 };
 constexpr const char* kTaskNames[kTaskCount] = {
-    "moe_forward", "moe_forward_backward", "dense_forward", "dense_forward_backward", "naive_forward",
-    "naive_forward_backward", "gate_forward", "gate_gemm_forward", "dispatch", "experts_forward",
-    "experts_backward", "gate_backward", "gate_gemm_backward", "floor_eigen_gemm", "floor_backend_gemm"};
+    "moe_forward",        "moe_forward_backward",   "dense_forward",     "dense_forward_backward",
+    "naive_forward",      "naive_forward_backward", "gate_forward",      "gate_gemm_forward",
+    "dispatch",           "experts_forward",        "experts_backward",  "gate_backward",
+    "gate_gemm_backward", "floor_eigen_gemm",       "floor_backend_gemm"};
 
 // The two passes the main table reports; backward doubles the GEMM FLOPs and writes a gradient
 // beside each weight.
@@ -346,8 +341,8 @@ struct Result {
 };
 
 Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& floor, const Mat& x, const Mat& dy) {
-  Layer layer(Layer::Config{.d_model = s.d, .n_experts = n, .expert = {.hidden = s.h}, .gate = {.k = s.k},
-                            .seed = 1, .threads = threads});
+  Layer layer(Layer::Config{
+      .d_model = s.d, .n_experts = n, .expert = {.hidden = s.h}, .gate = {.k = s.k}, .seed = 1, .threads = threads});
   const moe::ConstMatrixView<float> xv(x), dyv(dy);
   moe::Rng rng(kNoiseSeed);
   Result r;
@@ -369,48 +364,28 @@ Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& fl
 
   Stages st(layer, s, threads);
   Layer::Forward step;  // reused across calls, as a training loop does: no allocation in steady state
-  r.m = measure(s, {
-      [&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
-      [&] {
-        layer.forward_into(step, xv, moe::Mode::train, rng);
-        (void)layer.backward(step, dyv);
-      },
-      [&] { dense.step(threads, x, dy, false); },
-      [&] { dense.step(threads, x, dy, true); },
-      [&] { naive.step(x, dy, false); },
-      [&] { naive.step(x, dy, true); },
-      [&] { st.gate.forward(xv); },
-      [&] { st.gate_gemms(xv, false); },
-      [&] { st.dispatch(xv); },
-      [&] { st.experts_forward(); },
-      [&] { st.experts_backward(); },
-      [&] { st.gate.backward(xv, st.dgate.view(), st.dx.view()); },
-      [&] { st.gate_gemms(xv, true); },
-      [&] { floor.eigen(threads); },
-      [&] { floor.backend(threads); },
-  });
+  r.m = measure(s.warmup, s.reps,
+                {
+                    [&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
+                    [&] {
+                      layer.forward_into(step, xv, moe::Mode::train, rng);
+                      (void)layer.backward(step, dyv);
+                    },
+                    [&] { dense.step(threads, x, dy, false); },
+                    [&] { dense.step(threads, x, dy, true); },
+                    [&] { naive.step(x, dy, false); },
+                    [&] { naive.step(x, dy, true); },
+                    [&] { st.gate.forward(xv); },
+                    [&] { st.gate_gemms(xv, false); },
+                    [&] { st.dispatch(xv); },
+                    [&] { st.experts_forward(); },
+                    [&] { st.experts_backward(); },
+                    [&] { st.gate.backward(xv, st.dgate.view(), st.dx.view()); },
+                    [&] { st.gate_gemms(xv, true); },
+                    [&] { floor.eigen(threads); },
+                    [&] { floor.backend(threads); },
+                });
   return r;
-}
-
-// CPU seconds that every other process on the machine has used since boot, or -1 if unknown:
-// other work during the run distorts every number here, so the run reports how much there was.
-double others_cpu_seconds() {
-  std::FILE* machine = std::fopen("/proc/stat", "r");
-  std::FILE* self = std::fopen("/proc/self/stat", "r");
-  unsigned long long user = 0, nice = 0, sys = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-  unsigned long long self_user = 0, self_sys = 0;
-  char line[1024] = {};
-  const bool ok = machine != nullptr && self != nullptr &&
-                  std::fscanf(machine, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &sys, &idle,
-                              &iowait, &irq, &softirq, &steal) == 8 &&
-                  std::fgets(line, sizeof line, self) != nullptr && std::strrchr(line, ')') != nullptr &&
-                  // fields 14 and 15 (utime, stime), counted after the parenthesized command name
-                  std::sscanf(std::strrchr(line, ')') + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
-                              &self_user, &self_sys) == 2;
-  if (machine != nullptr) std::fclose(machine);
-  if (self != nullptr) std::fclose(self);
-  const double busy = double(user + nice + sys + irq + softirq + steal) - double(self_user + self_sys);
-  return ok ? busy / double(::sysconf(_SC_CLK_TCK)) : -1;
 }
 
 // Everything one run measured.
@@ -430,88 +405,51 @@ void print_tables(const Run& run) {
   if (run.others_busy >= 0)
     std::printf("other processes used %.0f%% of the machine's cores during the run%s\n", 100 * run.others_busy,
                 run.others_busy > 0.05 ? ": these timings are distorted, rerun on an idle machine" : "");
-  std::printf("floor: the experts' forward GEMMs ([T*k x d][d x h], [T*k x h][h x d]) as plain Eigen GEMMs, a row "
-              "chunk per thread,\nmeasured in the same rounds as each row\n\n");
+  std::printf(
+      "floor: the experts' forward GEMMs ([T*k x d][d x h], [T*k x h][h x d]) as plain Eigen GEMMs, a row "
+      "chunk per thread,\nmeasured in the same rounds as each row\n\n");
 
   std::printf("%6s %-8s %9s %7s %8s %8s %8s %7s %9s %9s %10s %10s\n", "n", "pass", "tok/exp", "GFLOP", "param MB",
               "MoE ms", "GFLOP/s", "%floor", "dense ms", "naive ms", "MoE/dense", "MoE/naive");
   for (const Result& r : run.results)
     for (const Pass& p : kPasses) {
       const std::string tokens = std::to_string(r.min_tokens) + "-" + std::to_string(r.max_tokens);
-      std::printf("%6lld %-8s %9s %7.2f %8.1f %8.1f %8.1f %6.0f%% %9.1f %9.1f %10.2f %10.2f\n", (long long)r.n,
-                  p.name, tokens.c_str(), p.flop_scale * r.flop * 1e-9, p.bytes_scale * r.param_bytes / 1e6,
+      std::printf("%6lld %-8s %9s %7.2f %8.1f %8.1f %8.1f %6.0f%% %9.1f %9.1f %10.2f %10.2f\n", (long long)r.n, p.name,
+                  tokens.c_str(), p.flop_scale * r.flop * 1e-9, p.bytes_scale * r.param_bytes / 1e6,
                   r.seconds(p.moe) * 1e3, r.gflops(p), 100 * r.fraction_of_floor(p), r.seconds(p.dense) * 1e3,
                   r.seconds(p.naive) * 1e3, r.seconds(p.moe) / r.seconds(p.dense),
                   r.seconds(p.moe) / r.seconds(p.naive));
     }
-  std::printf("GFLOP: experts 4*T*k*d*h + gate 4*T*d*n, x3 with backward. param MB: the weights a forward reads "
-              "(x2 with backward,\nwhich writes their gradients). dense: one ReLU MLP with hidden k*h. naive: the "
-              "layer's gate, then a per-expert loop.\n");
+  std::printf(
+      "GFLOP: experts 4*T*k*d*h + gate 4*T*d*n, x3 with backward. param MB: the weights a forward reads "
+      "(x2 with backward,\nwhich writes their gradients). dense: one ReLU MLP with hidden k*h. naive: the "
+      "layer's gate, then a per-expert loop.\n");
 
-  std::printf("\nwhere the time goes, ms (each stage run alone; rest = the layer's time minus its stages; "
-              "faults: minor page faults per call)\n");
+  std::printf(
+      "\nwhere the time goes, ms (each stage run alone; rest = the layer's time minus its stages; "
+      "faults: minor page faults per call)\n");
   std::printf("%6s | %-57s | %-47s | %s\n", "", "forward", "backward (rest: of forward + backward)",
               "GFLOP/s: experts, floor GEMMs");
-  std::printf("%6s | %9s %9s %9s %9s %9s %7s | %9s %9s %9s %9s %7s | %7s %7s %7s %7s\n", "n", "gate GEMM",
-              "gate rest", "dispatch", "experts", "rest", "faults", "experts", "gate GEMM", "gate rest", "rest",
-              "faults", "fwd", "bwd", "Eigen", "backend");
+  std::printf("%6s | %9s %9s %9s %9s %9s %7s | %9s %9s %9s %9s %7s | %7s %7s %7s %7s\n", "n", "gate GEMM", "gate rest",
+              "dispatch", "experts", "rest", "faults", "experts", "gate GEMM", "gate rest", "rest", "faults", "fwd",
+              "bwd", "Eigen", "backend");
   for (const Result& r : run.results) {
     const auto ms = [&](Task t) { return r.seconds(t) * 1e3; };
     const double fwd_stages = ms(kGateFwd) + ms(kDispatch) + ms(kExpertsFwd);
     const double all_stages = fwd_stages + ms(kExpertsBwd) + ms(kGateBwd);
-    std::printf("%6lld | %9.1f %9.1f %9.1f %9.1f %9.1f %7.0f | %9.1f %9.1f %9.1f %9.1f %7.0f | "
-                "%7.1f %7.1f %7.1f %7.1f\n",
-                (long long)r.n, ms(kGateGemmFwd), ms(kGateFwd) - ms(kGateGemmFwd), ms(kDispatch), ms(kExpertsFwd),
-                ms(kMoeFwd) - fwd_stages, r.m[kMoeFwd].faults, ms(kExpertsBwd), ms(kGateGemmBwd),
-                ms(kGateBwd) - ms(kGateGemmBwd), ms(kMoeFwdBwd) - all_stages, r.m[kMoeFwdBwd].faults,
-                r.expert_gflops(kExpertsFwd), r.expert_gflops(kExpertsBwd, 2), r.expert_gflops(kFloorEigen),
-                r.expert_gflops(kFloorBackend));
+    std::printf(
+        "%6lld | %9.1f %9.1f %9.1f %9.1f %9.1f %7.0f | %9.1f %9.1f %9.1f %9.1f %7.0f | "
+        "%7.1f %7.1f %7.1f %7.1f\n",
+        (long long)r.n, ms(kGateGemmFwd), ms(kGateFwd) - ms(kGateGemmFwd), ms(kDispatch), ms(kExpertsFwd),
+        ms(kMoeFwd) - fwd_stages, r.m[kMoeFwd].faults, ms(kExpertsBwd), ms(kGateGemmBwd),
+        ms(kGateBwd) - ms(kGateGemmBwd), ms(kMoeFwdBwd) - all_stages, r.m[kMoeFwdBwd].faults,
+        r.expert_gflops(kExpertsFwd), r.expert_gflops(kExpertsBwd, 2), r.expert_gflops(kFloorEigen),
+        r.expert_gflops(kFloorBackend));
   }
   std::printf("\nnaive loop vs layer output (same routing and weights), max |difference|:");
   for (const Result& r : run.results) std::printf(" n=%lld: %.2g", (long long)r.n, r.naive_max_abs_diff);
   std::printf("\n");
 }
-
-// A small JSON writer: objects, arrays, numbers (non-finite ones become null) and plain strings.
-class Json {
- public:
-  Json& open(const std::string& key, char bracket) {
-    item(key);
-    out_ += bracket;
-    first_.push_back(true);
-    return *this;
-  }
-  Json& close(char bracket) {
-    first_.pop_back();
-    out_ += '\n' + std::string(2 * first_.size(), ' ') + bracket;
-    return *this;
-  }
-  Json& num(const std::string& key, double v) {
-    item(key);
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.6g", v);
-    out_ += std::isfinite(v) ? buf : "null";
-    return *this;
-  }
-  Json& str(const std::string& key, const std::string& v) {
-    item(key);
-    out_ += '"' + v + '"';
-    return *this;
-  }
-  [[nodiscard]] std::string text() const { return out_ + '\n'; }
-
- private:
-  void item(const std::string& key) {
-    if (!first_.empty()) {
-      if (!first_.back()) out_ += ',';
-      first_.back() = false;
-      out_ += '\n' + std::string(2 * first_.size(), ' ');
-    }
-    if (!key.empty()) out_ += '"' + key + "\": ";
-  }
-  std::string out_;
-  std::vector<bool> first_;
-};
 
 std::string to_json(const Run& run) {
   const Shape& s = run.shape;
@@ -537,40 +475,14 @@ std::string to_json(const Run& run) {
     }
     j.open("tasks", '{');
     for (int t = 0; t < kTaskCount; ++t)
-      j.open(kTaskNames[t], '{').num("median_s", r.m[std::size_t(t)].seconds)
-          .num("page_faults_per_call", r.m[std::size_t(t)].faults).close('}');
+      j.open(kTaskNames[t], '{')
+          .num("median_s", r.m[std::size_t(t)].seconds)
+          .num("page_faults_per_call", r.m[std::size_t(t)].faults)
+          .close('}');
     j.close('}').close('}');
   }
   j.close(']').close('}');
   return j.text();
-}
-
-// Writes text to path atomically: a temporary file beside it, fsync, then rename over path.
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";  // .gitignore has *.json.tmp
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
-  const auto fail = [&](const char* what) {
-    const std::string message = std::string(what) + " " + tmp + ": " + std::strerror(errno);
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw std::runtime_error(message);
-  };
-  for (std::size_t done = 0; done < text.size();) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno != EINTR) fail("cannot write");
-    if (n > 0) done += std::size_t(n);
-  }
-  if (::fsync(fd) != 0) fail("cannot fsync");
-  if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("cannot close " + tmp + ": " + std::strerror(errno));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string message = "cannot rename " + tmp + " to " + path + ": " + std::strerror(errno);
-    ::unlink(tmp.c_str());
-    throw std::runtime_error(message);
-  }
 }
 
 }  // namespace

@@ -196,12 +196,49 @@ TEST_CASE("the z-loss trains the logits toward zero log-sum-exp") {
 }
 
 TEST_CASE("bad gate configurations are moe::Errors naming the value") {
-  CHECK(error_of([] { gate::TopK::Policy<B>({.k = 5}, 3, 4, 0); }).find("k = 5, expected 1 <= k <= n_experts = 4") !=
-        std::string::npos);
+  CHECK(error_of([] {
+          gate::TopK::Policy<B>({.k = 5}, 3, 4, 0);
+        }).rfind("gate::TopK: k = 5, expected 1 <= k <= n_experts = 4", 0) == 0);
   CHECK(error_of([] { gate::TopK::Policy<B>({.k = 2, .w_z = -1}, 3, 4, 0); }).find("w_z = -1") != std::string::npos);
   CHECK(error_of([] { gate::TopK::Policy<B>({.k = 2, .init_scale = -2}, 3, 4, 0); }).find("init_scale = -2") !=
         std::string::npos);
   CHECK(error_of([] { gate::Softmax::Policy<B>({.w_z = NAN}, 3, 4, 0); }).find("w_z = nan") != std::string::npos);
   CHECK(error_of([] { gate::NoisyTopK::Policy<B>({.k = 1}, 3, 4, 0, 0); }).find("groups = 0, expected at least 1") !=
         std::string::npos);
+}
+
+TEST_CASE("shared experts: a token no routed expert takes still gets the shared experts' output") {
+  using SharedSwitch = Layer<expert::FeedForward, gate::Switch, B>;
+  SharedSwitch::Config config{
+      .d_model = 4, .n_experts = 4, .expert = {.hidden = 3}, .gate = {.capacity_factor = 0.25}, .shared_experts = 2};
+  SharedSwitch with(config);
+  config.shared_experts = 0;
+  SharedSwitch without(config);
+  test::randomize_parameters(with, 6);
+  test::randomize_parameters(without, 6);  // the same routed weights: parameters are named and ordered alike
+  const auto x = test::random_matrix<double>(16, 4, 2);
+  const auto fw = with.forward(x.view()), fo = without.forward(x.view());
+  REQUIRE(fw.stats().dropped_tokens > 0);
+  CHECK(fw.stats().dropped_tokens == fo.stats().dropped_tokens);
+  const auto* w1 = test::find_parameter<SharedSwitch>(with.parameters(), "shared_experts.w1");
+  const auto* w2 = test::find_parameter<SharedSwitch>(with.parameters(), "shared_experts.w2");
+  REQUIRE(w1 != nullptr);
+  REQUIRE(w2 != nullptr);
+  Index dropped_seen = 0;
+  for (Index t = 0; t < 16; ++t) {
+    bool routed = false;
+    for (Index j = 0; j < fw.expert_index().cols; ++j) routed = routed || fw.expert_index()(t, j) != kNotRouted;
+    // shared part = sum over the 2 shared experts of relu(x W1_e) W2_e
+    test::Dense<double> shared = test::Dense<double>::Zero(1, 4);
+    const test::Dense<double> xt = test::to_dense(ConstMatrixView<double>(x.view().block_rows(t, 1)));
+    for (Index e = 0; e < 2; ++e)
+      shared += (xt * test::to_dense(ConstMatrixView<double>(w1->value.block_rows(e * 4, 4)))).cwiseMax(0.0) *
+                test::to_dense(ConstMatrixView<double>(w2->value.block_rows(e * 3, 3)));
+    for (Index c = 0; c < 4; ++c) {
+      CHECK(fw.y()(t, c) == doctest::Approx(fo.y()(t, c) + shared(0, c)).epsilon(1e-12));
+      if (!routed) CHECK(fo.y()(t, c) == 0.0);
+    }
+    dropped_seen += routed ? 0 : 1;
+  }
+  CHECK(dropped_seen == fw.stats().dropped_tokens);
 }

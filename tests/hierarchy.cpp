@@ -297,7 +297,16 @@ TEST_CASE("hierarchy with an Rng: reproducible, inference draws no noise and rep
   CHECK(test::same_bits(f1.gates(), f2.gates()));
   const auto inf = one.forward(x.view(), Mode::inference);
   CHECK(inf.stats().load_is_count);
-  for (Index e = 0; e < 16; ++e) CHECK(inf.stats().load[e] == static_cast<double>(inf.stats().tokens_per_expert[e]));
+  // Without noise every level's Load_H is its hard count, exactly; the leaves' equal the layer's.
+  for (const auto& level : inf.stats().levels)
+    for (Index v = 0; v < level.nodes; ++v) CHECK(level.load[v] == static_cast<double>(level.count[v]));
+  for (Index e = 0; e < 16; ++e) {
+    CHECK(inf.stats().levels[1].count[e] == inf.stats().tokens_per_expert[e]);
+    CHECK(inf.stats().levels[1].load[e] == inf.stats().load[e]);
+  }
+  Index routed = 0;
+  for (const Index c : inf.stats().levels[0].count) routed += c;
+  CHECK(routed == 20 * 2);
   for (Index t = 0; t < 20; ++t) {
     double sum = 0;
     for (Index s = 0; s < 4; ++s) sum += inf.gates()(t, s);
@@ -328,4 +337,127 @@ TEST_CASE("bad branching is a moe::Error naming the level and the values") {
   CHECK(error_of([&] {
           (void)layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
         }).find("expected [T x noise_columns()] = 5 x 15") != std::string::npos);
+}
+
+TEST_CASE("depth 2: the same bits for 1 and 2 threads, with noise and with dropped tokens") {
+  auto run = [](auto make, int threads) {
+    auto layer = make(threads);
+    test::randomize_parameters(layer, 4, 0.7);
+    const auto x = test::random_matrix<double>(150, 4, 9);  // not a multiple of any block
+    const auto dy = test::random_matrix<double>(150, 4, 10);
+    Rng rng(3);
+    layer.zero_grad();
+    const auto f = layer.forward(x.view(), Mode::train, rng);
+    const auto back = layer.backward(f, dy.view(), 0.7);
+    std::vector<Matrix<double>> out{Matrix<double>(f.y().rows, f.y().cols), back.dx};
+    backend::cpu::eigen(out[0].view()) = backend::cpu::eigen(f.y());
+    for (const auto& p : layer.parameters()) {
+      Matrix<double> g(p.grad.rows, p.grad.cols);
+      backend::cpu::eigen(g.view()) = backend::cpu::eigen(p.grad);
+      out.push_back(g);
+    }
+    return std::pair{out, f.loss()};
+  };
+  auto noisy = [](int threads) {
+    auto c = tree2(4, 2, 4, 2, 3);
+    c.threads = threads;
+    return Tree2(c);
+  };
+  auto switched = [](int threads) {
+    return Layer<expert::FeedForward, gate::Switch, B, 2>(
+        {.d_model = 4,
+         .n_experts = 12,
+         .expert = {.hidden = 5},
+         .gate = {.levels = {{{.branching = 3, .gate = {.capacity_factor = 0.8, .w_z = 0.1}},
+                              {.branching = 4, .gate = {.capacity_factor = 0.8}}}}},
+         .threads = threads});
+  };
+  for (int which = 0; which < 2; ++which) {
+    CAPTURE(which);
+    const auto [one, loss1] = which == 0 ? run(noisy, 1) : run(switched, 1);
+    const auto [two, loss2] = which == 0 ? run(noisy, 2) : run(switched, 2);
+    REQUIRE(one.size() == two.size());
+    for (std::size_t i = 0; i < one.size(); ++i) CHECK(test::same_bits(one[i].view(), two[i].view()));
+    CHECK(std::memcmp(&loss1, &loss2, sizeof loss1) == 0);
+  }
+}
+
+TEST_CASE("depth 2: aux_scale scales exactly the balancing, Switch and z-loss gradients") {
+  Layer<expert::FeedForward, gate::Switch, B, 2> layer(
+      {.d_model = 4,
+       .n_experts = 6,
+       .expert = {.hidden = 3},
+       .gate = {.levels = {{{.branching = 2, .gate = {.w_aux = 0.5, .w_z = 0.3}},
+                            {.branching = 3, .gate = {.capacity_factor = 2.0, .w_aux = 0.5, .w_z = 0.3}}}},
+                .w_importance = 0.4}});
+  test::randomize_parameters(layer, 2, 0.8);
+  const auto x = test::random_matrix<double>(24, 4, 1);
+  const Matrix<double> zero(24, 4, 0.0);
+  auto grads = [&](double aux_scale) {
+    layer.zero_grad();
+    const auto back = layer.backward(layer.forward(x.view()), zero.view(), aux_scale);
+    std::vector<double> g(back.dx.data(), back.dx.data() + back.dx.size());
+    for (const auto& p : layer.parameters()) g.insert(g.end(), p.grad.data, p.grad.data + p.size());
+    return g;
+  };
+  const auto g1 = grads(1.0), g3 = grads(3.0), g0 = grads(0.0);
+  double norm = 0;
+  for (std::size_t i = 0; i < g1.size(); ++i) {
+    CHECK(g3[i] == doctest::Approx(3.0 * g1[i]).epsilon(1e-12));
+    CHECK(g0[i] == 0.0);
+    norm += g1[i] * g1[i];
+  }
+  CHECK(norm > 0);
+}
+
+namespace {
+// A level gate with a bug: it routes to an expert one past its width.
+struct OffByOne {
+  using Config = gate::TopK::Config;
+  template <Backend BB>
+  struct Policy : gate::TopK::Policy<BB> {
+    using gate::TopK::Policy<BB>::Policy;
+    void forward(typename BB::Context& ctx, ConstMatrixView<double> x, const Index* offsets, Mode mode,
+                 const GateNoise<double>& noise, GateRouting<BB>& routing,
+                 typename gate::TopK::Policy<BB>::Saved& saved) {
+      gate::TopK::Policy<BB>::forward(ctx, x, offsets, mode, noise, routing, saved);
+      routing.expert.data()[0] = this->n_experts();
+    }
+  };
+};
+// A level gate that reads two noise columns per expert.
+struct WideNoise {
+  using Config = gate::NoisyTopK::Config;
+  template <Backend BB>
+  struct Policy : gate::NoisyTopK::Policy<BB> {
+    using gate::NoisyTopK::Policy<BB>::Policy;
+    [[nodiscard]] Index noise_columns() const { return 2 * this->n_experts(); }
+  };
+};
+}  // namespace
+
+TEST_CASE("a gate routing outside its experts, or reading other noise columns, is a moe::Error") {
+  using test::contains;
+  using test::error_of;
+  const auto x = test::random_matrix<double>(6, 4, 1);
+  Layer<expert::FeedForward, OffByOne, B> flat(
+      {.d_model = 4, .n_experts = 3, .expert = {.hidden = 2}, .gate = {.k = 1}});
+  CHECK(contains(error_of([&] { (void)flat.forward(x.view()); }),
+                 "moe::Layer::forward: the gate routed row 0, slot 0 to expert 3, expected an expert in [0, 3)"));
+  Layer<expert::FeedForward, OffByOne, B, 2> tree(
+      {.d_model = 4,
+       .n_experts = 6,
+       .expert = {.hidden = 2},
+       .gate = {.levels = {{{.branching = 2, .gate = {.k = 1}}, {.branching = 3, .gate = {.k = 1}}}}}});
+  CHECK(
+      contains(error_of([&] { (void)tree.forward(x.view()); }),
+               "gate::Hierarchy: levels[0]: the gate routed row 0, slot 0 to expert 2, expected an expert in [0, 2)"));
+  const std::string wide = error_of([] {
+    Layer<expert::FeedForward, WideNoise, B, 2> l(
+        {.d_model = 4,
+         .n_experts = 6,
+         .expert = {.hidden = 2},
+         .gate = {.levels = {{{.branching = 2, .gate = {.k = 1}}, {.branching = 3, .gate = {.k = 1}}}}}});
+  });
+  CHECK(contains(wide, "levels[0]'s gate reads 4 noise columns per row, expected 2"));
 }

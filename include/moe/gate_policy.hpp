@@ -15,6 +15,7 @@
 
 #include "moe/backend.hpp"
 #include "moe/balance.hpp"
+#include "moe/error.hpp"
 #include "moe/mode.hpp"
 #include "moe/parameter.hpp"
 #include "moe/random.hpp"
@@ -96,6 +97,23 @@ concept GateFamily = requires { typename Gate::Config; typename Gate::template P
                                              Index, Index, std::uint64_t, Index> &&
                      GatePolicy<typename Gate::template Policy<B>, B>;
 // clang-format on
+
+namespace detail {
+// At the call boundary: every slot of a gate's routing [R x k] is an expert in [0, n) or
+// kNotRouted. (Read on the host: backend memory is host memory on the CPU backend.)
+template <class Buffer>
+void check_routing(const Buffer& expert, Index n, const char* who) {
+  const Index* e = expert.data();
+  const Index k = expert.cols();
+  for (Index r = 0; r < expert.rows(); ++r)
+    for (Index j = 0; j < k; ++j) {
+      const Index v = e[r * k + j];
+      if (v != kNotRouted && (v < 0 || v >= n))
+        detail::fail(who, ": the gate routed row ", r, ", slot ", j, " to expert ", v, ", expected an expert in [0, ",
+                     n, ") or kNotRouted (-1)");
+    }
+}
+}  // namespace detail
 
 // The explicit noise columns a gate reads per token: noise_columns() if it has one, else
 // n_experts() (one z per expert).

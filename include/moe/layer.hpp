@@ -241,6 +241,7 @@ class Layer {
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
+    detail::check_routing(f.routing_.expert, n, "moe::Layer::forward");
     f.plan_.build(ctx, f.routing_.expert.view(), n);
 
     // Dispatch: gather each routed slot's token into the expert-contiguous buffer.

@@ -94,6 +94,9 @@ class Hierarchy<Gate, Depth>::Policy {
       detail::require(gates_.back().n_experts() == level.branching && gates_.back().k() >= 1,
                       "gate::Hierarchy: levels[", l, "]'s gate has ", gates_.back().n_experts(),
                       " experts and k = ", gates_.back().k(), ", expected ", level.branching, " experts and k >= 1");
+      detail::require(moe::noise_columns(gates_.back()) == level.branching, "gate::Hierarchy: levels[", l,
+                      "]'s gate reads ", moe::noise_columns(gates_.back()), " noise columns per row, expected ",
+                      level.branching, " (one per expert: a level's gate of group g reads columns g * n + i)");
       // A gate of G groups over n experts reads noise columns g * n + i (gate_policy.hpp).
       columns_.push_back(column);
       column += groups_at * level.branching;
@@ -149,6 +152,7 @@ class Hierarchy<Gate, Depth>::Policy {
                           lv.routing.gate.rows() == rows && lv.routing.gate.cols() == kl,
                       "gate::Hierarchy: levels[", l, "]'s gate produced routing of shape ", lv.routing.expert.rows(),
                       " x ", lv.routing.expert.cols(), ", expected ", rows, " x ", kl);
+      detail::check_routing(lv.routing.expert, width, ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str());
       routing.loss_aux += lv.routing.loss_aux;
       routing.loss_z += lv.routing.loss_z;
 
@@ -199,7 +203,9 @@ class Hierarchy<Gate, Depth>::Policy {
         lv.own_load.assign(lv.count.begin(), lv.count.end());
       }
       lv.load.resize(static_cast<std::size_t>(nodes));
-      for (Index v = 0; v < nodes; ++v) {
+      // While no level so far is smooth, Load_H is the count itself (not count * count / count).
+      if (!any_smooth) lv.load.assign(lv.count.begin(), lv.count.end());
+      for (Index v = 0; v < nodes && any_smooth; ++v) {
         const auto u = static_cast<std::size_t>(v);
         if (prev == nullptr) {
           lv.load[u] = lv.own_load[u];

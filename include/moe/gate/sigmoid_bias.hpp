@@ -90,8 +90,11 @@ class SigmoidBias::Policy {
   [[nodiscard]] ConstMatrixView<S> bias() const { return bias_.view(); }
   // Replaces the bias (e.g. to restore a checkpoint): b [groups x n] of finite values in host memory.
   void set_bias(ConstMatrixView<S> b) {
-    detail::require(b.data != nullptr && b.rows == groups_ && b.cols == n_, "gate::SigmoidBias::set_bias: bias is ",
-                    b.rows, " x ", b.cols, ", expected [groups x n_experts] = ", groups_, " x ", n_);
+    detail::require(b.rows == groups_ && b.cols == n_, "gate::SigmoidBias::set_bias: bias is ", b.rows, " x ", b.cols,
+                    ", expected [groups x n_experts] = ", groups_, " x ", n_);
+    detail::require(b.data != nullptr, "gate::SigmoidBias::set_bias: bias has null data");
+    detail::require(b.rows <= 1 || b.stride >= b.cols, "gate::SigmoidBias::set_bias: bias has the row stride ",
+                    b.stride, ", expected at least its ", b.cols, " columns");
     for (Index g = 0; g < b.rows; ++g)
       for (Index i = 0; i < b.cols; ++i)
         detail::require(std::isfinite(static_cast<double>(b(g, i))), "gate::SigmoidBias::set_bias: bias(", g, ", ", i,

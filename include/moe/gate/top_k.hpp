@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "moe/error.hpp"
@@ -35,14 +36,7 @@ class TopK::Policy {
   using Saved = typename Inner::Saved;
 
   Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups = 1)
-      : config_(config),
-        inner_(NoisyTopK::Config{.k = config.k,
-                                 .eps_noise = 0.0,
-                                 .noisy = false,
-                                 .w_importance = config.w_importance,
-                                 .w_load = config.w_load,
-                                 .w_z = config.w_z},
-               d_model, n_experts, seed, groups) {
+      : config_(config), inner_(make_inner(config, d_model, n_experts, seed, groups)) {
     detail::require(config.init_scale >= 0 && std::isfinite(config.init_scale),
                     "gate::TopK: init_scale = ", config.init_scale, ", expected a finite value >= 0");
     inner_.router() = RouterWeight<B>("gate.w_gate", d_model, n_experts, groups, seed,
@@ -66,6 +60,24 @@ class TopK::Policy {
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {inner_.router().parameter()}; }
 
  private:
+  // NoisyTopK without noise; its configuration errors are reported as TopK's.
+  static Inner make_inner(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups) {
+    try {
+      return Inner(NoisyTopK::Config{.k = config.k,
+                                     .eps_noise = 0.0,
+                                     .noisy = false,
+                                     .w_importance = config.w_importance,
+                                     .w_load = config.w_load,
+                                     .w_z = config.w_z},
+                   d_model, n_experts, seed, groups);
+    } catch (const Error& e) {
+      std::string message = e.what();
+      const std::string from = "gate::NoisyTopK";
+      if (message.rfind(from, 0) == 0) message = "gate::TopK" + message.substr(from.size());
+      throw Error(message);
+    }
+  }
+
   Config config_;
   Inner inner_;
 };
