@@ -220,8 +220,9 @@ TEST_CASE("shared experts: a token no routed expert takes still gets the shared 
   const auto fw = with.forward(x.view()), fo = without.forward(x.view());
   REQUIRE(fw.stats().dropped_tokens > 0);
   CHECK(fw.stats().dropped_tokens == fo.stats().dropped_tokens);
-  const auto* w1 = test::find_parameter<SharedSwitch>(with.parameters(), "shared_experts.w1");
-  const auto* w2 = test::find_parameter<SharedSwitch>(with.parameters(), "shared_experts.w2");
+  const auto params = with.parameters();  // the views stay valid while the layer lives
+  const auto* w1 = test::find_parameter<SharedSwitch>(params, "shared_experts.w1");
+  const auto* w2 = test::find_parameter<SharedSwitch>(params, "shared_experts.w2");
   REQUIRE(w1 != nullptr);
   REQUIRE(w2 != nullptr);
   Index dropped_seen = 0;

@@ -265,7 +265,8 @@ TEST_CASE("a group that receives no token contributes zero load and no NaN") {
   for (const auto& p : layer.parameters())
     for (Index i = 0; i < p.size(); ++i) REQUIRE(std::isfinite(p.grad.data[i]));
   // The empty group's level-2 gate gets no gradient at all.
-  const auto& g1 = param(layer.parameters(), "gate.1.w_gate");
+  const auto after = layer.parameters();
+  const auto& g1 = param(after, "gate.1.w_gate");
   for (Index r = 2 * d; r < 3 * d; ++r)
     for (Index c = 0; c < b; ++c) CHECK(g1.grad(r, c) == 0.0);
 }
