@@ -72,10 +72,7 @@ class TopKSoftmax::Policy {
     S* gate = routing.gate.data();
     B::for_each(ctx, t_count, [=](Index t) {
       S* p = prob + t * n;
-      const S max = *std::max_element(p, p + n);
-      S sum = 0;
-      for (Index i = 0; i < n; ++i) sum += (p[i] = std::exp(p[i] - max));
-      for (Index i = 0; i < n; ++i) p[i] /= sum;
+      moe::gate::softmax_row(p, n, p);  // in place: the logits become probabilities
       Index* kept = top + t * k;
       moe::top_k_stable(p, n, k, kept);  // the k largest in order, ties to the lower index
       for (Index j = 0; j < k; ++j) {
@@ -105,9 +102,7 @@ class TopKSoftmax::Policy {
       const S* dlg = dload != nullptr ? dload + moe::gate::group_of_row(offsets, groups, t) * n : nullptr;
       for (Index i = 0; i < n; ++i) dl[i] = dlg != nullptr ? dlg[i] : S(0);
       for (Index j = 0; j < k; ++j) dl[top[t * k + j]] += dgate(t, j);
-      S dot = 0;  // softmax backward: dlogit_i = p_i (dp_i - sum_l p_l dp_l)
-      for (Index i = 0; i < n; ++i) dot += p[i] * dl[i];
-      for (Index i = 0; i < n; ++i) dl[i] = p[i] * (dl[i] - dot);
+      moe::gate::softmax_row_backward(p, n, dl);  // dlogit_i = p_i (dp_i - sum_l p_l dp_l)
     });
     router_.backward(ctx, x, offsets, dlogits_.view(), dx);  // gradient of W and of x
   }

@@ -243,3 +243,36 @@ TEST_CASE("shared experts: a token no routed expert takes still gets the shared 
   }
   CHECK(dropped_seen == fw.stats().dropped_tokens);
 }
+
+TEST_CASE("row softmax and its backward: in place equals out of place, the argmax ties to the lower index") {
+  const double v[5] = {0.5, 2.0, -1.0, 2.0, 0.0};
+  double p[5], q[5] = {0.5, 2.0, -1.0, 2.0, 0.0};
+  CHECK(gate::softmax_row(v, 5, p) == 1);
+  CHECK(gate::softmax_row(q, 5, q) == 1);
+  double sum = 0;
+  for (int i = 0; i < 5; ++i) {
+    CHECK(p[i] == q[i]);
+    CHECK(p[i] == doctest::Approx(std::exp(v[i] - 2.0) / (2 + std::exp(-1.5) + std::exp(-3.0) + std::exp(-2.0))));
+    sum += p[i];
+  }
+  CHECK(sum == doctest::Approx(1.0));
+  // d/dlogits of sum_i c_i p_i, against central differences.
+  const double c[5] = {1.0, -2.0, 0.5, 3.0, -1.0};
+  double d[5];
+  for (int i = 0; i < 5; ++i) d[i] = c[i];
+  gate::softmax_row_backward(p, 5, d);
+  for (int i = 0; i < 5; ++i) {
+    double up[5], down[5], pu[5], pd[5];
+    for (int j = 0; j < 5; ++j) up[j] = down[j] = v[j];
+    up[i] += 1e-6;
+    down[i] -= 1e-6;
+    gate::softmax_row(up, 5, pu);
+    gate::softmax_row(down, 5, pd);
+    double fu = 0, fd = 0;
+    for (int j = 0; j < 5; ++j) {
+      fu += c[j] * pu[j];
+      fd += c[j] * pd[j];
+    }
+    CHECK(d[i] == doctest::Approx((fu - fd) / 2e-6).epsilon(1e-7));
+  }
+}

@@ -18,6 +18,20 @@ struct NoopItem {
 };
 }  // namespace detail
 
+// The segment owning row r of rows split by offsets [segments + 1] (segment s owns rows
+// [offsets[s], offsets[s + 1])), by binary search; an empty segment owns no row.
+MOE_HD inline Index segment_of_row(const Index* offsets, Index segments, Index r) {
+  Index lo = 0, hi = segments;
+  while (hi - lo > 1) {
+    const Index mid = (lo + hi) / 2;
+    if (offsets[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // A backend B provides:
 //   B::Scalar                 storage and compute type of activations and parameters
 //   B::Buffer<T>              an owning row-major matrix in the backend's memory

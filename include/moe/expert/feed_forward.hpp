@@ -68,7 +68,7 @@ class FeedForward::Group {
     const Index* off = offsets;
     const Index n = n_;
     B::for_each(ctx, rows, [=](Index r) {
-      const S* bias = b1 != nullptr ? b1 + expert_of_row(off, n, r) * h : nullptr;
+      const S* bias = b1 != nullptr ? b1 + segment_of_row(off, n, r) * h : nullptr;
       for (Index c = 0; c < h; ++c) {
         if (bias != nullptr) pre[r * h + c] += bias[c];
         act[r * h + c] = pre[r * h + c] > S(0) ? pre[r * h + c] : S(0);
@@ -109,23 +109,10 @@ class FeedForward::Group {
   }
 
  private:
-  // The expert owning row r of the expert-contiguous buffer (binary search in offsets).
-  MOE_HD static Index expert_of_row(const Index* offsets, Index n, Index r) {
-    Index lo = 0, hi = n;
-    while (hi - lo > 1) {
-      const Index mid = (lo + hi) / 2;
-      if (offsets[mid] <= r)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    return lo;
-  }
-
   void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
     const Index n = n_, cols = ys.cols;
     B::for_each(ctx, ys.rows, [=](Index r) {
-      const S* b = bias + expert_of_row(offsets, n, r) * cols;
+      const S* b = bias + segment_of_row(offsets, n, r) * cols;
       for (Index c = 0; c < cols; ++c) ys(r, c) += b[c];
     });
   }

@@ -14,18 +14,9 @@
 
 namespace moe::gate {
 
-// The group owning row r, given the groups' row offsets (binary search; 0 when offsets is null).
+// The group owning row r, given the groups' row offsets (0 when offsets is null).
 MOE_HD inline Index group_of_row(const Index* offsets, Index groups, Index r) {
-  if (offsets == nullptr) return 0;
-  Index lo = 0, hi = groups;
-  while (hi - lo > 1) {
-    const Index mid = (lo + hi) / 2;
-    if (offsets[mid] <= r)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
+  return offsets == nullptr ? 0 : segment_of_row(offsets, groups, r);
 }
 
 // log(sum_i exp(v_i)) over one row, stable.
@@ -39,18 +30,28 @@ MOE_HD S log_sum_exp(const S* v, Index n) {
 }
 
 // p = softmax(v) over one row, the largest value subtracted first; returns the index of the
-// largest value (ties to the lower index).
+// largest value (ties to the lower index). p may be v (in place).
 template <class S>
 MOE_HD Index softmax_row(const S* v, Index n, S* p) {
   Index best = 0;
   for (Index i = 1; i < n; ++i) best = v[i] > v[best] ? i : best;
+  const S top = v[best];
   S sum = 0;
   for (Index i = 0; i < n; ++i) {
-    p[i] = std::exp(v[i] - v[best]);
+    p[i] = std::exp(v[i] - top);
     sum += p[i];
   }
   for (Index i = 0; i < n; ++i) p[i] /= sum;
   return best;
+}
+
+// Softmax backward over one row, in place: d holds dL/dp for p = softmax(logits) and becomes
+// dL/dlogits, d_i = p_i (d_i - sum_l p_l d_l).
+template <class S>
+MOE_HD void softmax_row_backward(const S* p, Index n, S* d) {
+  S dot = 0;
+  for (Index i = 0; i < n; ++i) dot += p[i] * d[i];
+  for (Index i = 0; i < n; ++i) d[i] = p[i] * (d[i] - dot);
 }
 
 // A router weight W [d x n] for each of `groups` gates, stacked along the rows ([groups * d x n]),

@@ -189,13 +189,8 @@ class ExpertChoice::Policy {
     const Index dg_stride = dgate.stride;
     S* dl = dlogits_.data();
     B::for_each(ctx, rows, [=](Index t) {
-      S dot = 0;
-      for (Index i = 0; i < n; ++i)
-        if (chosen[t * n + i] != kNotRouted) dot += p[t * n + i] * dg[t * dg_stride + i];
-      for (Index i = 0; i < n; ++i) {
-        const S ds = chosen[t * n + i] != kNotRouted ? dg[t * dg_stride + i] : S(0);
-        dl[t * n + i] = p[t * n + i] * (ds - dot);
-      }
+      for (Index i = 0; i < n; ++i) dl[t * n + i] = chosen[t * n + i] != kNotRouted ? dg[t * dg_stride + i] : S(0);
+      softmax_row_backward(p + t * n, n, dl + t * n);
     });
     z_loss_backward<B>(ctx, saved.logits.view(), saved.lse.view(), config_.w_z, aux_scale, dlogits_.view());
     w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);

@@ -87,9 +87,8 @@ class Softmax::Policy {
     const Index dg_stride = dgate.stride;
     S* dl = dlogits_.data();
     B::for_each(ctx, t_count, [=](Index t) {
-      S dot = 0;
-      for (Index i = 0; i < n; ++i) dot += g[t * n + i] * dg[t * dg_stride + i];
-      for (Index i = 0; i < n; ++i) dl[t * n + i] = g[t * n + i] * (dg[t * dg_stride + i] - dot);
+      for (Index i = 0; i < n; ++i) dl[t * n + i] = dg[t * dg_stride + i];
+      softmax_row_backward(g + t * n, n, dl + t * n);
     });
     z_loss_backward<B>(ctx, saved.logits.view(), saved.lse.view(), config_.w_z, aux_scale, dlogits_.view());
     w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);

@@ -103,9 +103,7 @@ class Switch::Policy {
     const S* l = saved.logits.data();
     S* p = saved.p.data();
     Index* choice = saved.choice.data();
-    B::for_each(ctx, rows, [=](Index r) {
-      choice[r] = softmax_row(l + r * n, n, p + r * n);
-    });
+    B::for_each(ctx, rows, [=](Index r) { choice[r] = softmax_row(l + r * n, n, p + r * n); });
 
     // Per group, in row order: capacity, which rows each expert keeps, the argmax counts, and
     // the group's share of the auxiliary loss.
@@ -169,9 +167,7 @@ class Switch::Policy {
       S* dr = dl + r * n;
       for (Index i = 0; i < n; ++i) dr[i] = c * static_cast<S>(cnt[i]);
       if (expert[r] != kNotRouted) dr[expert[r]] += dg[r * dg_stride];
-      S dot = 0;
-      for (Index i = 0; i < n; ++i) dot += pr[i] * dr[i];
-      for (Index i = 0; i < n; ++i) dr[i] = pr[i] * (dr[i] - dot);
+      softmax_row_backward(pr, n, dr);
     });
     z_loss_backward<B>(ctx, saved.logits.view(), saved.lse.view(), config_.w_z, aux_scale, dlogits_.view());
     w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);
