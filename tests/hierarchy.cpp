@@ -462,3 +462,21 @@ TEST_CASE("a gate routing outside its experts, or reading other noise columns, i
   });
   CHECK(contains(wide, "levels[0]'s gate reads 4 noise columns per row, expected 2"));
 }
+
+TEST_CASE("a hierarchy's balancing weights default to its gate's") {
+  CHECK(gate::Hierarchy<gate::NoisyTopK, 2>::Config{}.w_importance == 1e-2);
+  CHECK(gate::Hierarchy<gate::NoisyTopK, 2>::Config{}.w_load == 1e-2);
+  CHECK(gate::Hierarchy<gate::Switch, 2>::Config{}.w_importance == 0.0);
+  CHECK(gate::Hierarchy<gate::ExpertChoice, 3>::Config{}.w_load == 0.0);
+  CHECK(gate::Hierarchy<gate::SigmoidBias, 2>::Config{}.w_importance == 0.0);
+  // So a depth-2 SigmoidBias layer has no loss at all by default, as at depth 1.
+  Layer<expert::FeedForward, gate::SigmoidBias, B, 2> layer(
+      {.d_model = 4,
+       .n_experts = 8,
+       .expert = {.hidden = 3},
+       .gate = {.levels = {{{.branching = 2, .gate = {.k = 1}}, {.branching = 4, .gate = {.k = 2}}}}}});
+  const auto x = test::random_matrix<double>(32, 4, 1);
+  const auto f = layer.forward(x.view(), Mode::inference);
+  CHECK(f.stats().cv2_importance > 0);
+  CHECK(f.loss() == 0.0);
+}

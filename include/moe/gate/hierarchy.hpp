@@ -29,14 +29,33 @@ namespace moe::gate {
 template <class Gate, int Depth>
 struct Hierarchy {
   static_assert(Depth >= 1, "gate::Hierarchy: Depth must be at least 1");
+
+ private:
+  // A default Gate::Config's balancing weights, or 1e-2 (MATH.md 3) for a gate without them.
+  static double default_w_importance() {
+    if constexpr (requires(typename Gate::Config c) { double(c.w_importance); })
+      return typename Gate::Config{}.w_importance;
+    else
+      return 1e-2;
+  }
+  static double default_w_load() {
+    if constexpr (requires(typename Gate::Config c) { double(c.w_load); })
+      return typename Gate::Config{}.w_load;
+    else
+      return 1e-2;
+  }
+
+ public:
   struct Level {
     Index branching = 0;           // groups (level 1) or experts per group (the last level) this level chooses among
     typename Gate::Config gate{};  // its gate: k, noise, its own losses (w_importance / w_load are not used)
   };
+  // The balancing weights default to those of Gate's own Config (NoisyTopK: 1e-2 each; Switch,
+  // ExpertChoice, SigmoidBias: 0), so a hierarchy adds no loss its gate would not.
   struct Config {
     std::array<Level, Depth> levels{};
-    double w_importance = 1e-2;  // weight of CV^2(Importance_H) over the leaves
-    double w_load = 1e-2;        // weight of CV^2(Load_H) over the leaves
+    double w_importance = default_w_importance();  // of CV^2(Importance_H) over the leaves
+    double w_load = default_w_load();              // of CV^2(Load_H) over the leaves
   };
   template <Backend B>
   class Policy;
