@@ -148,10 +148,8 @@ typename B::Scalar z_loss(typename B::Context& ctx, ConstMatrixView<typename B::
   if (w_z == 0.0 || rows == 0) return S(0);
   S* l = lse.data;
   B::for_each(ctx, rows, [=](Index r) { l[r] = log_sum_exp(logits.data + r * logits.stride, n); });
-  std::vector<S> squares(static_cast<std::size_t>(rows));
-  for (Index r = 0; r < rows; ++r) squares[static_cast<std::size_t>(r)] = l[r] * l[r];
-  S sum = 0;
-  for (const S v : squares) sum += v;
+  S sum = 0;  // in row order
+  for (Index r = 0; r < rows; ++r) sum += l[r] * l[r];
   return static_cast<S>(w_z) * sum / static_cast<S>(rows);
 }
 
