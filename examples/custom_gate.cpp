@@ -70,7 +70,7 @@ class TopKSoftmax::Policy {
     Index* top = saved.top.data();
     Index* expert = routing.expert.data();
     S* gate = routing.gate.data();
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       S* p = prob + t * n;
       moe::gate::softmax_row(p, n, p);  // in place: the logits become probabilities
       Index* kept = top + t * k;
@@ -82,7 +82,7 @@ class TopKSoftmax::Policy {
     });
     // As the built-in gates do, inference reports the hard counts. The load is per group: [groups x n].
     routing.load_is_count = mode == moe::Mode::inference;
-    routing.load.assign(routing.load_is_count ? 0 : static_cast<std::size_t>(groups_ * n), S(0));
+    routing.load.resize(routing.load_is_count ? 0 : groups_, n);
     if (!routing.load_is_count)
       moe::gate::sum_rows_by_group<B>(ctx, saved.prob.view(), offsets, groups_, routing.load.data());
   }
@@ -95,7 +95,7 @@ class TopKSoftmax::Policy {
     const S* prob = saved.prob.data();
     const Index* top = saved.top.data();
     S* dlogits = dlogits_.data();
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       const S* p = prob + t * n;
       S* dl = dlogits + t * n;
       // dp_i gathers the kept slots' dgate and, through load_i = sum_x p_i(x), dload_i.

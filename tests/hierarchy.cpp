@@ -87,7 +87,7 @@ TEST_CASE("a depth-2 layer equals a hand-composed pair of depth-1 gates on the s
         ctx, xg.view(), nullptr, Mode::train,
         GateNoise<double>{.values = z.data(), .stride = z.cols(), .row_token = tokens.data(), .column = a + g * b}, r2,
         s2);
-    load2[g] = r2.load;
+    load2[g] = r2.load.values();
     for (Index r = 0; r < count[g]; ++r)
       for (Index j = 0; j < k2; ++j) {
         choice[g][tokens[r]].first.push_back(r2.expert(r, j));

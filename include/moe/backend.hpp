@@ -5,7 +5,9 @@
 // are written once against this set.
 
 #include <concepts>
+#include <vector>
 
+#include "moe/error.hpp"
 #include "moe/op.hpp"
 #include "moe/view.hpp"
 
@@ -69,6 +71,62 @@ concept Backend =
       B::synchronize(ctx);
     };
 // clang-format on
+
+// Host copies of backend memory, for the few small reads the layer makes on the host (routed row
+// counts, balance statistics, loss sums, error checks). B::copy moves data in either direction
+// between backend and host memory; the synchronize makes the copy complete before it is read.
+template <Backend B, class T>
+std::vector<T> to_host(typename B::Context& ctx, ConstMatrixView<T> v) {
+  std::vector<T> out(static_cast<std::size_t>(v.rows * v.cols));
+  if (!out.empty()) {
+    B::copy(ctx, v, MatrixView<T>{out.data(), v.rows, v.cols});
+    B::synchronize(ctx);
+  }
+  return out;
+}
+
+// dst (resized to [values x 1]) = the host values.
+template <Backend B, class T>
+void from_host(typename B::Context& ctx, const std::vector<T>& values, typename B::template Buffer<T>& dst) {
+  const auto count = static_cast<Index>(values.size());
+  dst.resize(count, 1);
+  if (count > 0) B::copy(ctx, ConstMatrixView<T>{values.data(), count, 1}, dst.view());
+}
+
+// Is v a finite number (not NaN, not +-Inf)? Written without library calls, so it is the same
+// test on the host and on a device: v - v is 0 for a finite v and NaN otherwise.
+template <class S>
+MOE_HD inline bool is_finite(S v) {
+  const S z = v - v;
+  return z == z;
+}
+
+namespace detail {
+// Throws moe::Error naming the first non-finite element of m (backend memory), if any. The scan
+// runs on the backend, one flag per row in `scratch`; only the flags come to the host.
+template <Backend B, class S>
+void require_finite(typename B::Context& ctx, ConstMatrixView<S> m, const char* what,
+                    typename B::template Buffer<Index>& scratch) {
+  if (m.rows == 0 || m.cols == 0) return;
+  scratch.resize(m.rows, 1);
+  Index* bad = scratch.data();
+  const Index cols = m.cols;
+  B::for_each(ctx, m.rows, [=] MOE_HD(Index r) {
+    Index first = -1;
+    for (Index c = cols - 1; c >= 0; --c)
+      if (!is_finite(m(r, c))) first = c;
+    bad[r] = first;
+  });
+  const std::vector<Index> flags = to_host<B>(ctx, ConstMatrixView<Index>(scratch.view()));
+  for (Index r = 0; r < m.rows; ++r) {
+    const Index c = flags[static_cast<std::size_t>(r)];
+    if (c < 0) continue;
+    const S v = to_host<B>(ctx, ConstMatrixView<S>{m.row(r) + c, 1, 1})[0];
+    fail(what, " has the non-finite value ", v, " at (", r, ", ", c,
+         "), expected finite values (Config::check_finite = false skips this check)");
+  }
+}
+}  // namespace detail
 
 // A backend context for the given thread count, for backends whose context has one (0: all).
 template <Backend B>

@@ -52,7 +52,7 @@ struct GateRouting {
   using S = typename B::Scalar;
   typename B::template Buffer<Index> expert;  // [R x k] expert (within the row's group) of each slot, or kNotRouted
   typename B::template Buffer<S> gate;        // [R x k] gate value of each slot (0 when not routed)
-  std::vector<S> load;                        // [groups * n] smooth load of each group's experts, when !load_is_count
+  typename B::template Buffer<S> load;        // [groups x n] smooth load of each group's experts, when !load_is_count
   bool load_is_count = true;                  // the layer then uses the hard counts
   S loss_aux = 0;                     // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
   S loss_z = 0;                       // the weighted router z-loss, 0 if off
@@ -100,18 +100,32 @@ concept GateFamily = requires { typename Gate::Config; typename Gate::template P
 
 namespace detail {
 // At the call boundary: every slot of a gate's routing [R x k] is an expert in [0, n) or
-// kNotRouted. (Read on the host: backend memory is host memory on the CPU backend.)
-template <class Buffer>
-void check_routing(const Buffer& expert, Index n, const char* who) {
+// kNotRouted. The check runs on the backend (one flag per row in `scratch`); only the flags come
+// to the host.
+template <Backend B>
+void check_routing(typename B::Context& ctx, const typename B::template Buffer<Index>& expert, Index n,
+                   const char* who, typename B::template Buffer<Index>& scratch) {
+  const Index rows = expert.rows(), k = expert.cols();
+  if (rows == 0 || k == 0) return;
+  scratch.resize(rows, 1);
   const Index* e = expert.data();
-  const Index k = expert.cols();
-  for (Index r = 0; r < expert.rows(); ++r)
-    for (Index j = 0; j < k; ++j) {
+  Index* bad = scratch.data();
+  B::for_each(ctx, rows, [=] MOE_HD(Index r) {
+    Index first = -1;
+    for (Index j = k - 1; j >= 0; --j) {
       const Index v = e[r * k + j];
-      if (v != kNotRouted && (v < 0 || v >= n))
-        detail::fail(who, ": the gate routed row ", r, ", slot ", j, " to expert ", v, ", expected an expert in [0, ",
-                     n, ") or kNotRouted (-1)");
+      if (v != kNotRouted && (v < 0 || v >= n)) first = j;
     }
+    bad[r] = first;
+  });
+  const std::vector<Index> flags = to_host<B>(ctx, ConstMatrixView<Index>(scratch.view()));
+  for (Index r = 0; r < rows; ++r) {
+    const Index j = flags[static_cast<std::size_t>(r)];
+    if (j < 0) continue;
+    const Index v = to_host<B>(ctx, ConstMatrixView<Index>{e + r * k + j, 1, 1})[0];
+    detail::fail(who, ": the gate routed row ", r, ", slot ", j, " to expert ", v, ", expected an expert in [0, ", n,
+                 ") or kNotRouted (-1)");
+  }
 }
 }  // namespace detail
 

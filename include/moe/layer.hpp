@@ -27,6 +27,42 @@
 
 namespace moe {
 
+namespace detail {
+// Steps of Layer::forward, free functions because a CUDA device lambda cannot live in a private
+// member function.
+
+// Importance_i = sum over the batch of G(x)_i, added in token order (the plan is stable).
+template <Backend B>
+void importance_by_expert(typename B::Context& ctx, const typename B::Scalar* gate, const Index* order,
+                          const Index* offsets, Index n, typename B::Scalar* out) {
+  using S = typename B::Scalar;
+  B::for_each(ctx, n, [=] MOE_HD(Index e) {
+    S acc = 0;
+    for (Index p = offsets[e]; p < offsets[e + 1]; ++p) acc += gate[order[p]];
+    out[e] = acc;
+  });
+}
+
+// flags[t] = 1 if token t has no routed slot (no expert computes it), else 0.
+template <Backend B>
+void unrouted_tokens(typename B::Context& ctx, ConstMatrixView<Index> expert, Index* flags) {
+  const Index k = expert.cols;
+  B::for_each(ctx, expert.rows, [=] MOE_HD(Index t) {
+    bool any = false;
+    for (Index j = 0; j < k; ++j) any = any || expert(t, j) != kNotRouted;
+    flags[t] = any ? 0 : 1;
+  });
+}
+
+// The shared experts' pass: row r of s_count * t_count reads token r % t_count; expert e owns
+// rows [e t_count, (e + 1) t_count).
+template <Backend B>
+void shared_rows(typename B::Context& ctx, Index s_count, Index t_count, Index* rows, Index* offsets) {
+  B::for_each(ctx, s_count * t_count, [=] MOE_HD(Index r) { rows[r] = r % t_count; });
+  B::for_each(ctx, s_count + 1, [=] MOE_HD(Index e) { offsets[e] = e * t_count; });
+}
+}  // namespace detail
+
 // Where the gate's noise z comes from in a training forward: a caller-owned Rng (one step per
 // call), or an explicit matrix [T x Layer::noise_columns()] (n_experts for a flat gate). Gates
 // without noise ignore it.
@@ -208,7 +244,8 @@ class Layer {
     require_usable("forward");
     check_view(x, "moe::Layer::forward: input");
     detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
-    if (config_.check_finite) check_finite(x, "moe::Layer::forward: input");
+    typename B::Context ctx{context()};
+    if (config_.check_finite) detail::require_finite<B>(ctx, x, "moe::Layer::forward: input", check_);
     GateNoise<Scalar> gate_noise{};
     if (gate_.needs_noise(mode)) {
       detail::require(!noise.empty(), "moe::Layer::forward: the gate draws noise in training; pass a moe::Rng ",
@@ -218,7 +255,7 @@ class Layer {
         check_view(z, "moe::Layer::forward: noise");
         detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
                         ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
-        if (config_.check_finite) check_finite(z, "moe::Layer::forward: noise");
+        if (config_.check_finite) detail::require_finite<B>(ctx, z, "moe::Layer::forward: noise", check_);
         gate_noise.values = z.data;
         gate_noise.stride = z.stride;
       } else {
@@ -228,7 +265,6 @@ class Layer {
       }
     }
 
-    typename B::Context ctx{context()};
     f.owner_ = 0;  // invalid until complete
     f.mode_ = mode;
     f.x_.resize(t_count, d);
@@ -241,7 +277,7 @@ class Layer {
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
-    detail::check_routing(f.routing_.expert, n, "moe::Layer::forward");
+    detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_);
     f.plan_.build(ctx, f.routing_.expert.view(), n);
 
     // Dispatch: gather each routed slot's token into the expert-contiguous buffer.
@@ -263,7 +299,7 @@ class Layer {
       const Scalar* ysh = shared_ ? f.shared_.ys.data() : nullptr;
       const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* y = f.y_.data();
-      B::for_each(ctx, t_count, [=](Index t) {
+      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
         for (Index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
@@ -291,11 +327,11 @@ class Layer {
     check_view(dy, "moe::Layer::backward: dy");
     detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
                     ", expected the output's shape ", t_count, " x ", d);
-    if (config_.check_finite) check_finite(dy, "moe::Layer::backward: dy");
+    typename B::Context ctx{context()};
+    if (config_.check_finite) detail::require_finite<B>(ctx, dy, "moe::Layer::backward: dy", check_);
     detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ", aux_scale,
                     ", expected a finite value");
 
-    typename B::Context ctx{context()};
     const BalanceWeights w = gate_.balance_weights();
     const BalanceStats<Scalar>& st = f.stats_;
     // MATH.md 5: differentiate CV^2 through mean and variance, for Importance and smooth Load.
@@ -303,6 +339,8 @@ class Layer {
     std::vector<Scalar> dload(static_cast<std::size_t>(n), Scalar(0));
     cv_squared_grad(st.importance.data(), n, aux_scale * static_cast<Scalar>(w.w_importance), dimportance.data());
     if (!st.load_is_count) cv_squared_grad(st.load.data(), n, aux_scale * static_cast<Scalar>(w.w_load), dload.data());
+    from_host<B>(ctx, dimportance, dimportance_);
+    from_host<B>(ctx, dload, dload_);
 
     const Index routed = f.plan_.routed();
     dys_.resize(routed, d);
@@ -319,18 +357,18 @@ class Layer {
       const Scalar* ys = f.ys_.data();
       const Scalar* dyp = dy.data;
       const Index dy_stride = dy.stride;
-      const Scalar* dimp = dimportance.data();
+      const Scalar* dimp = dimportance_.data();
       Scalar* dys = dys_.data();
       Scalar* dg = dgate_.data();
       // Combine backward: each routed sorted row gets gate * dy of its token.
-      B::for_each(ctx, routed, [=](Index p) {
+      B::for_each(ctx, routed, [=] MOE_HD(Index p) {
         const Scalar gs = g[ord[p]];
         const Scalar* src = dyp + tok[p] * dy_stride;
         for (Index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
       });
       // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i);
       // 0 for a slot routed nowhere (its gate is the constant 0).
-      B::for_each(ctx, t_count, [=](Index t) {
+      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) {
             dg[t * k + j] = Scalar(0);
@@ -354,7 +392,7 @@ class Layer {
       Scalar* dx = out.dx.data();
       // Dispatch backward: each token sums its routed slots' input gradients in slot order, then
       // the shared experts' in order.
-      B::for_each(ctx, t_count, [=](Index t) {
+      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
         for (Index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
@@ -367,8 +405,8 @@ class Layer {
         }
       });
     }
-    gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(), st.load_is_count ? nullptr : dload.data(),
-                   aux_scale, out.dx.view());
+    gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(),
+                   st.load_is_count ? nullptr : dload_.data(), aux_scale, out.dx.view());
     return out;
   }
 
@@ -418,10 +456,7 @@ class Layer {
     auto& sh = f.shared_;
     sh.rows.resize(s_count * t_count, 1);
     sh.offsets.resize(s_count + 1, 1);
-    Index* rows = sh.rows.data();
-    Index* off = sh.offsets.data();
-    B::for_each(ctx, s_count * t_count, [=](Index r) { rows[r] = r % t_count; });
-    B::for_each(ctx, s_count + 1, [=](Index e) { off[e] = e * t_count; });
+    detail::shared_rows<B>(ctx, s_count, t_count, sh.rows.data(), sh.offsets.data());
     sh.xs.resize(s_count * t_count, d);
     sh.ys.resize(s_count * t_count, d);
     B::gather_rows(ctx, f.x_.view(), sh.rows.data(), sh.xs.view());
@@ -457,49 +492,30 @@ class Layer {
                     ", expected at least its ", m.cols, " columns");
   }
 
-  static void check_finite(ConstMatrixView<Scalar> m, const char* what) {
-    for (Index r = 0; r < m.rows; ++r)
-      for (Index c = 0; c < m.cols; ++c)
-        if (!std::isfinite(static_cast<double>(m(r, c))))
-          detail::fail(what, " has the non-finite value ", m(r, c), " at (", r, ", ", c,
-                       "), expected finite values (Config::check_finite = false skips this check)");
-  }
-
   // MATH.md 3: Importance, Load, CV^2 and the weighted losses.
   BalanceStats<Scalar> balance(typename B::Context& ctx, const Forward& f) {
     const Index n = config_.n_experts;
     BalanceStats<Scalar> st;
-    st.importance.assign(static_cast<std::size_t>(n), Scalar(0));
-    st.tokens_per_expert.assign(f.plan_.counts.data(), f.plan_.counts.data() + n);
-    {
-      // Tokens with no routed slot: no expert computed them.
-      const Index t_count = f.routing_.expert.rows(), k = f.routing_.expert.cols();
-      const Index* ex = f.routing_.expert.data();
-      for (Index t = 0; t < t_count; ++t) {
-        bool any = false;
-        for (Index j = 0; j < k && !any; ++j) any = ex[t * k + j] != kNotRouted;
-        st.dropped_tokens += any ? 0 : 1;
-      }
-    }
-    {
-      // Importance_i = sum over the batch of G(x)_i, added in token order (stable plan).
-      const Scalar* g = f.routing_.gate.data();
-      const Index* ord = f.plan_.order.data();
-      const Index* off = f.plan_.offsets.data();
-      Scalar* imp = st.importance.data();
-      B::for_each(ctx, n, [=](Index e) {
-        Scalar acc = 0;
-        for (Index p = off[e]; p < off[e + 1]; ++p) acc += g[ord[p]];
-        imp[e] = acc;
-      });
-    }
+    const std::vector<Index>& off = f.plan_.host_offsets();
+    st.tokens_per_expert.resize(static_cast<std::size_t>(n));
+    for (std::size_t e = 0; e < static_cast<std::size_t>(n); ++e) st.tokens_per_expert[e] = off[e + 1] - off[e];
+    // Tokens with no routed slot: no expert computed them.
+    check_.resize(f.routing_.expert.rows(), 1);
+    detail::unrouted_tokens<B>(ctx, f.routing_.expert.view(), check_.data());
+    for (const Index flag : to_host<B>(ctx, ConstMatrixView<Index>(check_.view()))) st.dropped_tokens += flag;
+    importance_.resize(n, 1);
+    detail::importance_by_expert<B>(ctx, f.routing_.gate.data(), f.plan_.order.data(), f.plan_.offsets.data(), n,
+                                    importance_.data());
+    st.importance = to_host<B>(ctx, ConstMatrixView<Scalar>(importance_.view()));
     st.load_is_count = f.routing_.load_is_count;
-    if (st.load_is_count)
+    if (st.load_is_count) {
       st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    else
-      st.load = f.routing_.load;
-    detail::require(static_cast<Index>(st.load.size()) == n, "moe::Layer: the gate reported a load of ", st.load.size(),
-                    " entries, expected n_experts = ", n);
+    } else {
+      const Index entries = f.routing_.load.rows() * f.routing_.load.cols();
+      detail::require(entries == n, "moe::Layer: the gate reported a load of ", entries,
+                      " entries, expected n_experts = ", n);
+      st.load = to_host<B>(ctx, ConstMatrixView<Scalar>(f.routing_.load.view()));
+    }
     // MATH.md 6: summed over the global batch before CV^2.
     comm_.all_reduce_sum(st.importance.data(), n);
     comm_.all_reduce_sum(st.load.data(), n);
@@ -522,6 +538,8 @@ class Layer {
   std::optional<ExpertGroup> shared_;
   std::uint64_t id_;
   Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
+  Buffer<Scalar> importance_, dimportance_, dload_;  // balance statistics and their gradients
+  Buffer<Index> check_;                              // flags of the input and routing checks
 };
 
 }  // namespace moe

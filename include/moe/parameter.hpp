@@ -40,7 +40,7 @@ void init_uniform(typename B::Context& ctx, MatrixView<S> v, std::uint64_t seed,
   const CounterRandom stream{seed};
   const std::uint32_t id = name_id(name);
   S* data = v.data;
-  B::for_each(ctx, v.rows * v.cols, [=](Index i) {
+  B::for_each(ctx, v.rows * v.cols, [=] MOE_HD(Index i) {
     data[i] = static_cast<S>(bound * stream.symmetric_uniform(static_cast<std::uint64_t>(i), id, 0x1417u));
   });
 }

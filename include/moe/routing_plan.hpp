@@ -5,6 +5,8 @@
 // Slots routed nowhere (kNotRouted) sort after every expert's rows: the first offsets[n]
 // sorted rows are the ones the experts compute.
 
+#include <vector>
+
 #include "moe/backend.hpp"
 #include "moe/error.hpp"
 #include "moe/gate_policy.hpp"
@@ -41,7 +43,7 @@ struct RoutingPlan {
       const Index* e = expert.data;
       const Index stride = expert.stride, kk = k, n = n_experts;
       Index* key = key_.data();
-      B::for_each(ctx, slots, [=](Index s) {
+      B::for_each(ctx, slots, [=] MOE_HD(Index s) {
         const Index v = e[(s / kk) * stride + s % kk];
         key[s] = v == kNotRouted ? n : v;
       });
@@ -53,17 +55,22 @@ struct RoutingPlan {
     Index* pos = position.data();
     Index* tok = token_of.data();
     const Index kk = k;
-    B::for_each(ctx, slots, [=](Index p) {
+    B::for_each(ctx, slots, [=] MOE_HD(Index p) {
       pos[ord[p]] = p;
       tok[p] = ord[p] / kk;
     });
+    // The one read of the plan on the host: buffer sizes downstream depend on the row counts.
+    host_offsets_ = to_host<B>(ctx, ConstMatrixView<Index>(offsets.view()));
   }
 
   // Rows the experts compute (slots routed to an expert).
-  [[nodiscard]] Index routed() const { return offsets.data()[experts]; }
+  [[nodiscard]] Index routed() const { return host_offsets_[static_cast<std::size_t>(experts)]; }
+  // offsets, on the host: expert e owns sorted rows [host_offsets()[e], host_offsets()[e + 1]).
+  [[nodiscard]] const std::vector<Index>& host_offsets() const { return host_offsets_; }
 
  private:
   Buffer<Index> key_;
+  std::vector<Index> host_offsets_;
 };
 
 }  // namespace moe

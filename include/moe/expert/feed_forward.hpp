@@ -67,7 +67,7 @@ class FeedForward::Group {
     const S* b1 = config_.bias ? b1_.data() : nullptr;
     const Index* off = offsets;
     const Index n = n_;
-    B::for_each(ctx, rows, [=](Index r) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       const S* bias = b1 != nullptr ? b1 + segment_of_row(off, n, r) * h : nullptr;
       for (Index c = 0; c < h; ++c) {
         if (bias != nullptr) pre[r * h + c] += bias[c];
@@ -86,7 +86,7 @@ class FeedForward::Group {
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dpre_.view());
     S* dpre = dpre_.data();
     const S* pre = saved.pre.data();
-    B::for_each(ctx, rows * h, [=](Index i) {
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
       if (!(pre[i] > S(0))) dpre[i] = S(0);
     });
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, ConstMatrixView<S>(dpre_.view()), S(1), g1_.view());
@@ -108,10 +108,11 @@ class FeedForward::Group {
     return p;
   }
 
- private:
+  // Steps of forward and backward; public only because a CUDA device lambda cannot live in a
+  // private member function.
   void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
     const Index n = n_, cols = ys.cols;
-    B::for_each(ctx, ys.rows, [=](Index r) {
+    B::for_each(ctx, ys.rows, [=] MOE_HD(Index r) {
       const S* b = bias + segment_of_row(offsets, n, r) * cols;
       for (Index c = 0; c < cols; ++c) ys(r, c) += b[c];
     });
@@ -120,12 +121,14 @@ class FeedForward::Group {
   // grad[e, :] += sum of the rows of m owned by expert e, in row order.
   void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
     const Index cols = m.cols;
-    B::for_each(ctx, n_, [=](Index e) {
+    B::for_each(ctx, n_, [=] MOE_HD(Index e) {
       for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
         for (Index c = 0; c < cols; ++c) grad[e * cols + c] += m(r, c);
     });
   }
 
+
+ private:
   Config config_;
   Index d_, n_;
   Buffer<S> w1_, w2_, b1_, b2_;

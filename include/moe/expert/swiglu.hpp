@@ -74,7 +74,7 @@ class SwiGLU::Group {
     const S* h1 = saved.h1.data();
     const S* h3 = saved.h3.data();
     S* act = saved.act.data();
-    B::for_each(ctx, rows * h, [=](Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys);
   }
 
@@ -94,7 +94,7 @@ class SwiGLU::Group {
       const S* h3 = saved.h3.data();
       S* dh1 = dh1_.data();
       S* dh3 = dh3_.data();
-      B::for_each(ctx, rows * h, [=](Index i) {
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
         const S a = h1[i], g = dh1[i];
         const S s = detail::sigmoid(a);
         dh3[i] = g * a * s;
@@ -107,7 +107,7 @@ class SwiGLU::Group {
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh1, w1_.view(), dxs);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view());
     const S* dx3 = dx3_.data();
-    B::for_each(ctx, rows, [=](Index r) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       for (Index c = 0; c < d; ++c) dxs(r, c) += dx3[r * d + c];
     });
   }

@@ -101,7 +101,7 @@ class RouterWeight {
     B::grouped_gemm(ctx, offsets, groups_, Op::transpose, dlogits, w_.view(), dx_.view());
     const S* src = dx_.data();
     const Index cols = x.cols;
-    B::for_each(ctx, x.rows, [=](Index r) {
+    B::for_each(ctx, x.rows, [=] MOE_HD(Index r) {
       for (Index c = 0; c < cols; ++c) dx(r, c) += src[r * cols + c];
     });
   }
@@ -130,7 +130,7 @@ void sum_rows_by_group(typename B::Context& ctx, ConstMatrixView<typename B::Sca
     return;
   }
   const Index cols = m.cols;
-  B::for_each(ctx, groups, [=](Index g) {
+  B::for_each(ctx, groups, [=] MOE_HD(Index g) {
     S* o = out + g * cols;
     for (Index c = 0; c < cols; ++c) o[c] = S(0);
     for (Index r = offsets[g]; r < offsets[g + 1]; ++r)
@@ -147,9 +147,10 @@ typename B::Scalar z_loss(typename B::Context& ctx, ConstMatrixView<typename B::
   const Index rows = logits.rows, n = logits.cols;
   if (w_z == 0.0 || rows == 0) return S(0);
   S* l = lse.data;
-  B::for_each(ctx, rows, [=](Index r) { l[r] = log_sum_exp(logits.data + r * logits.stride, n); });
+  B::for_each(ctx, rows, [=] MOE_HD(Index r) { l[r] = log_sum_exp(logits.data + r * logits.stride, n); });
+  const std::vector<S> host = to_host<B>(ctx, ConstMatrixView<S>(lse));
   S sum = 0;  // in row order
-  for (Index r = 0; r < rows; ++r) sum += l[r] * l[r];
+  for (const S v : host) sum += v * v;
   return static_cast<S>(w_z) * sum / static_cast<S>(rows);
 }
 
@@ -163,7 +164,7 @@ void z_loss_backward(typename B::Context& ctx, ConstMatrixView<typename B::Scala
   if (w_z == 0.0 || rows == 0 || scale == S(0)) return;
   const S c = scale * static_cast<S>(2.0 * w_z) / static_cast<S>(rows);
   const S* l = lse.data;
-  B::for_each(ctx, rows, [=](Index r) {
+  B::for_each(ctx, rows, [=] MOE_HD(Index r) {
     for (Index i = 0; i < n; ++i) dlogits(r, i) += c * l[r] * std::exp(logits(r, i) - l[r]);
   });
 }

@@ -150,13 +150,13 @@ class ExpertChoice::Policy {
     Index* chosen = saved.chosen.data();
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
-    B::for_each(ctx, rows, [=](Index t) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index t) {
       softmax_row(l + t * n, n, p + t * n);
       for (Index i = 0; i < n; ++i) chosen[t * n + i] = kNotRouted;
     });
     // One item per (group, expert): a top-C over the group's rows of that expert's column.
     Index* picks = saved.picks.data();
-    B::for_each(ctx, groups * n, [=](Index item) {
+    B::for_each(ctx, groups * n, [=] MOE_HD(Index item) {
       const Index g = item / n, i = item % n;
       const Index begin = offsets != nullptr ? offsets[g] : 0;
       const Index count = (offsets != nullptr ? offsets[g + 1] : rows) - begin;
@@ -165,7 +165,7 @@ class ExpertChoice::Policy {
       detail::expert_choice_select(p + i, n, begin, count, c, out);
       for (Index j = 0; j < c; ++j) chosen[out[j] * n + i] = i;
     });
-    B::for_each(ctx, rows, [=](Index t) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index t) {
       for (Index i = 0; i < n; ++i) {
         const bool taken = chosen[t * n + i] != kNotRouted;
         out_expert[t * n + i] = taken ? i : kNotRouted;
@@ -173,7 +173,7 @@ class ExpertChoice::Policy {
       }
     });
     routing.load_is_count = true;
-    routing.load.clear();
+    routing.load.resize(0, 0);
     routing.loss_aux = S(0);
     routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
   }
@@ -188,7 +188,7 @@ class ExpertChoice::Policy {
     const S* dg = dgate.data;
     const Index dg_stride = dgate.stride;
     S* dl = dlogits_.data();
-    B::for_each(ctx, rows, [=](Index t) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index t) {
       for (Index i = 0; i < n; ++i) dl[t * n + i] = chosen[t * n + i] != kNotRouted ? dg[t * dg_stride + i] : S(0);
       softmax_row_backward(p + t * n, n, dl + t * n);
     });

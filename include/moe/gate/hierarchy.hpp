@@ -171,7 +171,8 @@ class Hierarchy<Gate, Depth>::Policy {
                           lv.routing.gate.rows() == rows && lv.routing.gate.cols() == kl,
                       "gate::Hierarchy: levels[", l, "]'s gate produced routing of shape ", lv.routing.expert.rows(),
                       " x ", lv.routing.expert.cols(), ", expected ", rows, " x ", kl);
-      detail::check_routing(lv.routing.expert, width, ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str());
+      detail::check_routing<B>(ctx, lv.routing.expert, width,
+                               ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str(), check_);
       routing.loss_aux += lv.routing.loss_aux;
       routing.loss_z += lv.routing.loss_z;
 
@@ -187,7 +188,7 @@ class Hierarchy<Gate, Depth>::Policy {
         Index* node = lv.path_node.data();
         S* pg = lv.path_gate.data();
         const Index pp = paths_prev;
-        B::for_each(ctx, t_count, [=](Index t) {
+        B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
           for (Index q = 0; q < pp; ++q) {
             const Index parent = pnode != nullptr ? pnode[t * pp + q] : 0;
             const S parent_gate = pgate != nullptr ? pgate[t * pp + q] : S(1);
@@ -205,19 +206,23 @@ class Hierarchy<Gate, Depth>::Policy {
       // Counts, importance and loads per node (MATH.md 4), in path order.
       lv.count.assign(static_cast<std::size_t>(nodes), 0);
       std::vector<S> importance(static_cast<std::size_t>(nodes), S(0));
-      const Index* node = lv.path_node.data();
-      const S* pg = lv.path_gate.data();
-      for (Index p = 0; p < t_count * paths; ++p)
-        if (node[p] != kNotRouted) {
-          ++lv.count[static_cast<std::size_t>(node[p])];
-          importance[static_cast<std::size_t>(node[p])] += pg[p];
-        }
+      {
+        // On the host, in path order: the level's counts and Importance (small per level).
+        const std::vector<Index> node = to_host<B>(ctx, ConstMatrixView<Index>(lv.path_node.view()));
+        const std::vector<S> pg = to_host<B>(ctx, ConstMatrixView<S>(lv.path_gate.view()));
+        for (std::size_t p = 0; p < node.size(); ++p)
+          if (node[p] != kNotRouted) {
+            ++lv.count[static_cast<std::size_t>(node[p])];
+            importance[static_cast<std::size_t>(node[p])] += pg[p];
+          }
+      }
       lv.smooth = !lv.routing.load_is_count;
       any_smooth = any_smooth || lv.smooth;
       if (lv.smooth) {
-        detail::require(static_cast<Index>(lv.routing.load.size()) == nodes, "gate::Hierarchy: levels[", l,
-                        "]'s gate reported a load of ", lv.routing.load.size(), " entries, expected ", nodes);
-        lv.own_load = lv.routing.load;
+        detail::require(lv.routing.load.rows() * lv.routing.load.cols() == nodes, "gate::Hierarchy: levels[", l,
+                        "]'s gate reported a load of ", lv.routing.load.rows() * lv.routing.load.cols(),
+                        " entries, expected ", nodes);
+        lv.own_load = to_host<B>(ctx, ConstMatrixView<S>(lv.routing.load.view()));
       } else {
         lv.own_load.assign(lv.count.begin(), lv.count.end());
       }
@@ -251,9 +256,9 @@ class Hierarchy<Gate, Depth>::Policy {
     // Where no level has a smooth estimator, Load_H is the leaves' hard count (MATH.md 3).
     routing.load_is_count = !any_smooth;
     if (any_smooth)
-      routing.load = last.load;
+      from_host<B>(ctx, last.load, routing.load);
     else
-      routing.load.clear();
+      routing.load.resize(0, 0);
   }
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* /*offsets*/, const Saved& saved,
@@ -262,7 +267,7 @@ class Hierarchy<Gate, Depth>::Policy {
     dpath_.resize(t_count, k_);
     B::copy(ctx, dgate, dpath_.view());
     std::vector<S> dload_h;  // d loss / d Load_H at the current level
-    if (dload != nullptr) dload_h.assign(dload, dload + n_);
+    if (dload != nullptr) dload_h = to_host<B>(ctx, ConstMatrixView<S>{dload, 1, n_});
     for (int l = Depth - 1; l >= 0; --l) {
       const LevelSaved& lv = saved.levels[static_cast<std::size_t>(l)];
       const LevelSaved* prev = l > 0 ? &saved.levels[static_cast<std::size_t>(l - 1)] : nullptr;
@@ -284,7 +289,7 @@ class Hierarchy<Gate, Depth>::Policy {
         S* dg = dlevel_.data();
         S* dpp = dprev_.data();
         const Index pp = paths_prev;
-        B::for_each(ctx, t_count, [=](Index t) {
+        B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
           for (Index q = 0; q < pp; ++q) {
             const Index parent = pnode != nullptr ? pnode[t * pp + q] : 0;
             const S parent_gate = pgate != nullptr ? pgate[t * pp + q] : S(1);
@@ -320,7 +325,11 @@ class Hierarchy<Gate, Depth>::Policy {
           }
         }
       }
-      const S* dl = has_dload && lv.smooth ? down_own_.data() : nullptr;
+      const S* dl = nullptr;
+      if (has_dload && lv.smooth) {
+        from_host<B>(ctx, down_own_, down_dev_);
+        dl = down_dev_.data();
+      }
       if (prev == nullptr) {
         gate.backward(ctx, x, nullptr, lv.gate, dlevel_.view(), dl, aux_scale, dx);
       } else {
@@ -332,7 +341,7 @@ class Hierarchy<Gate, Depth>::Policy {
         const Index* pos = lv.plan.position.data();
         const S* src = dxrows_.data();
         const Index pp = paths_prev;
-        B::for_each(ctx, t_count, [=](Index t) {
+        B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
           for (Index q = 0; q < pp; ++q) {
             if (pnode[t * pp + q] == kNotRouted) continue;
             const S* row = src + pos[t * pp + q] * d;
@@ -370,7 +379,8 @@ class Hierarchy<Gate, Depth>::Policy {
   Index d_ = 0, n_ = 0, k_ = 1, noise_columns_ = 0;
   std::vector<LevelPolicy> gates_;
   std::vector<Index> columns_;  // first noise column of each level
-  Buffer<S> dpath_, dprev_, dlevel_, dxrows_;
+  Buffer<S> dpath_, dprev_, dlevel_, dxrows_, down_dev_;
+  Buffer<Index> check_;  // routing check flags
   std::vector<S> down_own_;
 };
 

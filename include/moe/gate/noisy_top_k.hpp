@@ -105,7 +105,7 @@ class NoisyTopK::Policy {
     const bool active = saved.noise_active, smooth = saved.smooth_load;
     const S eps = static_cast<S>(config_.eps_noise);
     const GateNoise<S> nz = noise;
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       const S* c = clean + t * n;
       const S* r = raw + t * n;
       S* sr = sigma + t * n;
@@ -138,7 +138,7 @@ class NoisyTopK::Policy {
       }
     });
     routing.load_is_count = !smooth;
-    routing.load.assign(smooth ? static_cast<std::size_t>(groups * n) : 0, S(0));
+    routing.load.resize(smooth ? groups : 0, n);
     if (smooth) sum_rows_by_group<B>(ctx, saved.p.view(), offsets, groups, routing.load.data());
     routing.loss_aux = S(0);
     routing.loss_z = z_loss<B>(ctx, saved.clean.view(), config_.w_z, saved.lse.view());
@@ -162,7 +162,7 @@ class NoisyTopK::Policy {
     S* dr = draw_.data();
     const bool active = saved.noise_active;
     const bool smooth = saved.smooth_load && dload != nullptr;
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       const Index* tp = top + t * kk;
       const S* c = clean + t * n;
       const S* dl = dload != nullptr ? dload + group_of_row(offsets, groups, t) * n : nullptr;

@@ -95,11 +95,14 @@ class SigmoidBias::Policy {
     detail::require(b.data != nullptr, "gate::SigmoidBias::set_bias: bias has null data");
     detail::require(b.rows <= 1 || b.stride >= b.cols, "gate::SigmoidBias::set_bias: bias has the row stride ",
                     b.stride, ", expected at least its ", b.cols, " columns");
-    for (Index g = 0; g < b.rows; ++g)
-      for (Index i = 0; i < b.cols; ++i)
-        detail::require(std::isfinite(static_cast<double>(b(g, i))), "gate::SigmoidBias::set_bias: bias(", g, ", ", i,
-                        ") = ", b(g, i), ", expected a finite value");
     typename B::Context ctx;
+    const std::vector<S> host = to_host<B>(ctx, b);  // b lives in backend memory
+    for (Index g = 0; g < b.rows; ++g)
+      for (Index i = 0; i < b.cols; ++i) {
+        const S v = host[static_cast<std::size_t>(g * b.cols + i)];
+        detail::require(std::isfinite(static_cast<double>(v)), "gate::SigmoidBias::set_bias: bias(", g, ", ", i,
+                        ") = ", v, ", expected a finite value");
+      }
     B::copy(ctx, b, bias_.view());
   }
 
@@ -130,7 +133,7 @@ class SigmoidBias::Policy {
     Index* out_expert = routing.expert.data();
     S* out_gate = routing.gate.data();
     const S scale = static_cast<S>(config_.scale);
-    B::for_each(ctx, rows, [=](Index r) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       S* sr = s + r * n;
       S* vr = v + r * n;
       const S* br = b + group_of_row(offsets, groups, r) * n;
@@ -171,7 +174,7 @@ class SigmoidBias::Policy {
       }
     });
     routing.load_is_count = true;
-    routing.load.clear();
+    routing.load.resize(0, 0);
     routing.loss_aux = S(0);
     routing.loss_z = S(0);
     if (mode == Mode::train && config_.bias_rate > 0) update_bias(ctx, rows, offsets, top);
@@ -190,7 +193,7 @@ class SigmoidBias::Policy {
     const Index dg_stride = dgate.stride;
     const S scale = static_cast<S>(config_.scale);
     S* dl = dlogits_.data();
-    B::for_each(ctx, rows, [=](Index r) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       S* dr = dl + r * n;
       for (Index i = 0; i < n; ++i) dr[i] = S(0);
       const S* cr = chosen + r * k;
@@ -210,15 +213,15 @@ class SigmoidBias::Policy {
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
- private:
-  // Per gate group: b_i += bias_rate * sign(rows * k / n - count_i), compared exactly in integers.
+  // Per gate group: b_i += bias_rate * sign(rows * k / n - count_i), compared exactly in integers. A step of
+  // forward, public only because a CUDA device lambda cannot live in a private member function.
   void update_bias(typename B::Context& ctx, Index rows, const Index* offsets, const Index* top) {
     const Index n = n_, k = config_.k;
     count_.resize(groups_, n);
     Index* count = count_.data();
     S* b = bias_.data();
     const S rate = static_cast<S>(config_.bias_rate);
-    B::for_each(ctx, groups_, [=](Index g) {
+    B::for_each(ctx, groups_, [=] MOE_HD(Index g) {
       const Index begin = offsets != nullptr ? offsets[g] : 0, end = offsets != nullptr ? offsets[g + 1] : rows;
       Index* c = count + g * n;
       for (Index i = 0; i < n; ++i) c[i] = 0;
@@ -232,6 +235,8 @@ class SigmoidBias::Policy {
     });
   }
 
+
+ private:
   Config config_;
   Index n_, groups_;
   RouterWeight<B> w_gate_;

@@ -64,7 +64,7 @@ class Softmax::Policy {
     S* g = saved.gate.data();
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       S* row = g + t * n;
       softmax_row(l + t * n, n, row);
       for (Index i = 0; i < n; ++i) {
@@ -73,7 +73,7 @@ class Softmax::Policy {
       }
     });
     routing.load_is_count = true;
-    routing.load.clear();
+    routing.load.resize(0, 0);
     routing.loss_aux = S(0);
     routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
   }
@@ -86,7 +86,7 @@ class Softmax::Policy {
     const S* dg = dgate.data;
     const Index dg_stride = dgate.stride;
     S* dl = dlogits_.data();
-    B::for_each(ctx, t_count, [=](Index t) {
+    B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
       for (Index i = 0; i < n; ++i) dl[t * n + i] = dg[t * dg_stride + i];
       softmax_row_backward(g + t * n, n, dl + t * n);
     });

@@ -103,7 +103,7 @@ class Switch::Policy {
     const S* l = saved.logits.data();
     S* p = saved.p.data();
     Index* choice = saved.choice.data();
-    B::for_each(ctx, rows, [=](Index r) { choice[r] = softmax_row(l + r * n, n, p + r * n); });
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) { choice[r] = softmax_row(l + r * n, n, p + r * n); });
 
     // Per group, in row order: capacity, which rows each expert keeps, the argmax counts, and
     // the group's share of the auxiliary loss.
@@ -113,7 +113,7 @@ class Switch::Policy {
     S* aux = saved.aux.data();
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
-    B::for_each(ctx, groups, [=](Index g) {
+    B::for_each(ctx, groups, [=] MOE_HD(Index g) {
       const Index lo = offsets != nullptr ? offsets[g] : 0;
       const Index hi = offsets != nullptr ? offsets[g + 1] : rows;
       const Index cap = Switch::capacity(cf, hi - lo, n);
@@ -136,10 +136,10 @@ class Switch::Policy {
       }
       aux[g] = hi > lo ? static_cast<S>(n) * total / (static_cast<S>(hi - lo) * static_cast<S>(rows)) : S(0);
     });
-    S loss = 0;
-    for (Index g = 0; g < groups; ++g) loss += aux[g];
+    S loss = 0;  // in group order
+    for (const S a : to_host<B>(ctx, ConstMatrixView<S>(saved.aux.view()))) loss += a;
     routing.load_is_count = true;
-    routing.load.clear();
+    routing.load.resize(0, 0);
     routing.loss_aux = static_cast<S>(config_.w_aux) * loss;
     routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
   }
@@ -158,7 +158,7 @@ class Switch::Policy {
     const S aux_coef =
         rows > 0 ? aux_scale * static_cast<S>(config_.w_aux) * static_cast<S>(n) / static_cast<S>(rows) : S(0);
     S* dl = dlogits_.data();
-    B::for_each(ctx, rows, [=](Index r) {
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       const Index g = group_of_row(offsets, groups, r);
       const Index r_g = offsets != nullptr ? offsets[g + 1] - offsets[g] : rows;
       const S c = aux_coef / static_cast<S>(r_g);

@@ -55,7 +55,7 @@ class Adam {
       const S* grad = p.grad.data;
       S* m = st.m.data();
       S* v = st.v.data();
-      B::for_each(ctx, p.size(), [=](Index i) {
+      B::for_each(ctx, p.size(), [=] MOE_HD(Index i) {
         m[i] = b1 * m[i] + (S(1) - b1) * grad[i];
         v[i] = b2 * v[i] + (S(1) - b2) * grad[i] * grad[i];
         value[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + wd * value[i]);

@@ -40,7 +40,7 @@ class Sgd {
       S* value = p.value.data;
       const S* grad = p.grad.data;
       S* vel = v.data();
-      B::for_each(ctx, p.size(), [=](Index i) {
+      B::for_each(ctx, p.size(), [=] MOE_HD(Index i) {
         vel[i] = mu * vel[i] + grad[i];
         value[i] -= lr * vel[i];
       });
