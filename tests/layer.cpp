@@ -348,6 +348,13 @@ TEST_CASE("forward_into reuses a Forward's buffers and gives the same bits as a 
   const auto g1 = layer.backward(reused, dy.view());
   const auto g2 = layer.backward(fresh, dy.view());
   CHECK(test::same_bits(g1.dx.view(), g2.dx.view()));
+  // backward_into reuses its Backward's dx storage and gives the same bits.
+  NoisyLayer::Backward kept;
+  layer.backward_into(kept, reused, dy.view());
+  const double* dx_storage = kept.dx.data();
+  layer.backward_into(kept, fresh, dy.view());
+  CHECK(kept.dx.data() == dx_storage);
+  CHECK(test::same_bits(ConstMatrixView<double>(kept.dx.view()), g1.dx.view()));
   // A rejected input leaves the previous result usable.
   const auto wide = test::random_matrix<double>(30, 7, 1);
   CHECK_THROWS_AS(layer.forward_into(reused, wide.view(), Mode::inference), Error);

@@ -320,6 +320,14 @@ class Layer {
   // Gradients of sum(dy .* y) + aux_scale * loss with respect to the input (returned) and every
   // parameter (added into the parameters' grad storage; see zero_grad).
   Backward backward(const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
+    Backward out;
+    backward_into(out, f, dy, aux_scale);
+    return out;
+  }
+
+  // The same, reusing out's buffer: a training loop that keeps one Backward allocates nothing
+  // for dx in steady state.
+  void backward_into(Backward& out, const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
     require_usable("backward");
     detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
     detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
@@ -346,7 +354,6 @@ class Layer {
     dys_.resize(routed, d);
     dxs_.resize(routed, d);
     dgate_.resize(t_count, k);
-    Backward out;
     out.dx.resize(t_count, d);
     {
       const Scalar* g = f.routing_.gate.data();
@@ -407,7 +414,6 @@ class Layer {
     }
     gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(),
                    st.load_is_count ? nullptr : dload_.data(), aux_scale, out.dx.view());
-    return out;
   }
 
   // Every trainable tensor, gate first, then the routed experts ("experts.*"), then the shared

@@ -1,0 +1,91 @@
+#pragma once
+// moe::backend::Cuda<S>: the layer on an NVIDIA GPU. The primitives are moe/backend/thrust.hpp's
+// Thrust code with thrust::cuda's execution policy on the library stream (temporaries from a
+// caching allocator), device memory in grow-only DeviceMatrix buffers, GEMMs on cuBLAS, and the
+// experts' grouped GEMMs as kernels of ours that read the group offsets on the device, so a
+// forward needs no host synchronization for them. Every CUDA and cuBLAS return code is checked
+// and reported as moe::Error with file and line. Compile with nvcc (--extended-lambda).
+
+#if !defined(__CUDACC__)
+#error "moe/backend/cuda.hpp is CUDA code: compile this translation unit with nvcc (a .cu file)"
+#endif
+#if !defined(__CUDACC_EXTENDED_LAMBDA__)
+#error "moe/backend/cuda.hpp needs nvcc's --extended-lambda: the layer's per-item functors are __host__ __device__ lambdas"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "moe/backend.hpp"
+#include "moe/backend/cuda/caching_allocator.hpp"
+#include "moe/backend/cuda/check.hpp"
+#include "moe/backend/cuda/context.hpp"
+#include "moe/backend/cuda/device_matrix.hpp"
+#include "moe/backend/cuda/gemm.hpp"
+#include "moe/backend/thrust.hpp"
+
+namespace moe::backend {
+
+struct CudaSystem {
+  template <class T>
+  using Buffer = DeviceMatrix<T>;
+  using Context = cuda::Context;
+
+  // Temporary device memory for one primitive call, from the per-thread caching allocator:
+  // after the first call of each size, no cudaMalloc.
+  template <class T>
+  class Scratch {
+   public:
+    Scratch(Context&, Index count) : bytes_(static_cast<std::size_t>(count > 0 ? count : 0) * sizeof(T)) {
+      if (bytes_ > 0) data_ = cuda::caching_allocator().allocate(static_cast<std::ptrdiff_t>(bytes_));
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() {
+      if (data_ != nullptr) cuda::caching_allocator().deallocate(data_, bytes_);
+    }
+    [[nodiscard]] T* data() { return reinterpret_cast<T*>(data_); }
+
+   private:
+    std::size_t bytes_ = 0;
+    char* data_ = nullptr;
+  };
+
+  static auto policy(Context& ctx) { return cuda::policy(ctx); }
+
+  template <class S>
+  static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
+                   MatrixView<S> c) {
+    cuda::gemm(ctx, ta, tb, alpha, a, b, beta, c);
+  }
+  template <class S>
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
+                           ConstMatrixView<S> w, MatrixView<S> c) {
+    cuda::grouped_gemm(ctx, offsets, groups, tw, a, w, c);
+  }
+  template <class S>
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+    cuda::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w);
+  }
+
+  // Either direction between device and host memory (unified addressing), ordered on the stream.
+  template <class T>
+  static void copy(Context& ctx, ConstMatrixView<T> src, MatrixView<T> dst) {
+    const std::size_t width = static_cast<std::size_t>(src.cols) * sizeof(T);
+    const std::size_t spitch = src.rows <= 1 ? width : static_cast<std::size_t>(src.stride) * sizeof(T);
+    const std::size_t dpitch = dst.rows <= 1 ? width : static_cast<std::size_t>(dst.stride) * sizeof(T);
+    MOE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dpitch, src.data, spitch, width, static_cast<std::size_t>(src.rows),
+                                     cudaMemcpyDefault, ctx.stream()));
+  }
+  static void synchronize(Context& ctx) { ctx.synchronize(); }
+};
+
+template <class S>
+using Cuda = Thrust<S, CudaSystem>;
+
+static_assert(moe::Backend<Cuda<float>>);
+static_assert(moe::Backend<Cuda<double>>);
+
+}  // namespace moe::backend

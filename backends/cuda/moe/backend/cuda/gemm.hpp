@@ -1,0 +1,395 @@
+#pragma once
+// GEMM and grouped GEMM on the device, with the semantics, shape checks and messages of
+// moe/backend/cpu/gemm.hpp. gemm calls cuBLAS; the grouped kernels are one launch each of a
+// shared-memory tiled GEMM with a fixed summation order (deterministic, no atomics).
+
+#if !defined(__CUDACC__)
+#error "moe/backend/cuda/gemm.hpp is CUDA code: compile this translation unit with nvcc (a .cu file)"
+#endif
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+#include <type_traits>
+
+#include "moe/backend/cuda/check.hpp"
+#include "moe/backend/cuda/context.hpp"
+#include "moe/error.hpp"
+#include "moe/op.hpp"
+#include "moe/view.hpp"
+
+namespace moe::backend::cuda {
+
+namespace detail {
+
+// Scalars the GEMMs take. Each accumulates in its own precision; a bf16 input type would map
+// to float accumulation here (and to cublasGemmEx in gemm) when it is added.
+template <class S>
+concept GemmScalar = std::is_same_v<S, float> || std::is_same_v<S, double>;
+
+template <class S>
+struct Accumulator;
+template <>
+struct Accumulator<float> {
+  using type = float;
+};
+template <>
+struct Accumulator<double> {
+  using type = double;
+};
+
+// Correctly rounded device arithmetic, spelled out so that no compiler flag (-fmad) can change
+// how an element is computed.
+__device__ __forceinline__ float fma_rn(float x, float y, float z) { return __fmaf_rn(x, y, z); }
+__device__ __forceinline__ double fma_rn(double x, double y, double z) { return __fma_rn(x, y, z); }
+__device__ __forceinline__ float mul_rn(float x, float y) { return __fmul_rn(x, y); }
+__device__ __forceinline__ double mul_rn(double x, double y) { return __dmul_rn(x, y); }
+__device__ __forceinline__ float add_rn(float x, float y) { return __fadd_rn(x, y); }
+__device__ __forceinline__ double add_rn(double x, double y) { return __dadd_rn(x, y); }
+
+// ---- gemm (cuBLAS) ----------------------------------------------------------------------------
+
+[[nodiscard]] inline cublasOperation_t blas_op(Op op) { return op == Op::none ? CUBLAS_OP_N : CUBLAS_OP_T; }
+
+// cuBLAS sees a row-major view as its column-major transpose, with leading dimension = the row
+// stride, and requires ld >= max(1, cols). A view of at most one row may carry any stride
+// (e.g. 0): only row 0 is read, so any valid ld will do. Views whose rows overlap (stride < cols
+// over several rows) cannot be expressed and are refused.
+template <class T>
+[[nodiscard]] std::int64_t leading_dim(MatrixView<T> v, const char* name) {
+  if (v.rows <= 1) return std::max<Index>(1, v.cols);
+  ::moe::detail::require(v.stride >= v.cols, "gemm: ", name, " has row stride ", v.stride, " < ", v.cols,
+                         " columns over ", v.rows, " rows, which cuBLAS cannot address");
+  return v.stride;
+}
+
+inline void blas_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, std::int64_t m, std::int64_t n,
+                      std::int64_t k, const float* alpha, const float* a, std::int64_t lda, const float* b,
+                      std::int64_t ldb, const float* beta, float* c, std::int64_t ldc) {
+  MOE_CUBLAS_CHECK(cublasSgemm_64(handle, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc));
+}
+
+inline void blas_gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, std::int64_t m, std::int64_t n,
+                      std::int64_t k, const double* alpha, const double* a, std::int64_t lda, const double* b,
+                      std::int64_t ldb, const double* beta, double* c, std::int64_t ldc) {
+  MOE_CUBLAS_CHECK(cublasDgemm_64(handle, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc));
+}
+
+inline constexpr int kScaleThreads = 256;
+
+// c = beta * c over a strided view; beta == 0 writes zeros whatever c held (NaN included).
+template <class S>
+__global__ void scale_kernel(MatrixView<S> c, S beta) {
+  const Index count = c.rows * c.cols;
+  const Index step = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index e = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += step) {
+    S& x = c.data[(e / c.cols) * c.stride + e % c.cols];
+    x = beta == S(0) ? S(0) : mul_rn(beta, x);
+  }
+}
+
+template <class S>
+void scale(const Context& ctx, MatrixView<S> c, S beta) {
+  const Index count = c.rows * c.cols;
+  if (count == 0 || beta == S(1)) return;
+  const auto blocks =
+      static_cast<unsigned>(std::min<Index>((count + kScaleThreads - 1) / kScaleThreads, Index{1} << 16));
+  scale_kernel<S><<<blocks, kScaleThreads, 0, ctx.stream()>>>(c, beta);
+  MOE_CUDA_CHECK_LAUNCH();
+}
+
+// ---- grouped kernels --------------------------------------------------------------------------
+
+// Output tiles of kTile x kTile elements, reduced in slices of kDepth; kThreads threads as a
+// 16 x 16 grid, each owning a 4 x 4 micro-tile strided by 16 (rows ty + 16 i, cols tx + 16 j), so
+// shared-memory reads are broadcasts or consecutive and global stores are coalesced.
+inline constexpr int kTile = 64;
+inline constexpr int kDepth = 16;
+inline constexpr int kThreads = 256;
+inline constexpr int kSide = 16;
+inline constexpr int kMicro = kTile / kSide;
+static_assert(kSide * kSide == kThreads && kMicro * kSide == kTile);
+
+// The largest grid.y (and grid.z) CUDA accepts.
+inline constexpr Index kMaxGridY = 65535;
+
+// acc(i, j) += sum over kk < depth of as[kk][i] * bs[kk][j], kk ascending, one rounding per step.
+template <class Acc>
+__device__ __forceinline__ void multiply_tile(const Acc (&as)[kDepth][kTile + 1], const Acc (&bs)[kDepth][kTile + 1],
+                                              int depth, int tx, int ty, Acc (&acc)[kMicro][kMicro]) {
+  auto step = [&](int kk) {
+    Acc av[kMicro];
+    Acc bv[kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) av[i] = as[kk][ty + kSide * i];
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) bv[j] = bs[kk][tx + kSide * j];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = fma_rn(av[i], bv[j], acc[i][j]);
+  };
+  if (depth == kDepth) {
+#pragma unroll
+    for (int kk = 0; kk < kDepth; ++kk) step(kk);
+  } else {
+    for (int kk = 0; kk < depth; ++kk) step(kk);
+  }
+}
+
+// Rows [begin, end) of group g, clamped into [0, limit): malformed offsets can make results
+// wrong but never make a kernel touch memory outside the views.
+__device__ __forceinline__ void group_rows(const Index* __restrict__ offsets, Index g, Index limit, Index& begin,
+                                           Index& end) {
+  begin = min(max(offsets[g], Index{0}), limit);
+  end = min(max(offsets[g + 1], begin), limit);
+}
+
+// Row tiles are numbered group by group, ceil(rows_g / kTile) of them per group. Finds the group
+// of row tile `tile` and that tile's rows [row_begin, row_end), reading offsets on the device
+// (a block-wide scan over the groups, kThreads at a time). False when tile is past the last one.
+// Must be called by all threads of the block; the result is the same in every thread.
+__device__ inline bool locate_row_tile(const Index* __restrict__ offsets, Index groups, Index limit, Index tile,
+                                       Index& row_begin, Index& row_end, Index& group) {
+  using Scan = cub::BlockScan<Index, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ Index found[3];  // group, first row of the tile, end of the group's rows
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) found[0] = -1;
+  __syncthreads();
+  Index before = 0;  // tiles of the groups already scanned
+  for (Index g0 = 0; g0 < groups; g0 += kThreads) {
+    const Index g = g0 + tid;
+    Index begin = 0;
+    Index end = 0;
+    if (g < groups) group_rows(offsets, g, limit, begin, end);
+    const Index tiles = (end - begin + kTile - 1) / kTile;
+    Index prefix = 0;
+    Index total = 0;
+    Scan(scan_storage).ExclusiveSum(tiles, prefix, total);
+    const Index first = before + prefix;
+    if (tile >= first && tile < first + tiles) {
+      found[0] = g;
+      found[1] = begin + (tile - first) * kTile;
+      found[2] = end;
+    }
+    before += total;
+    __syncthreads();  // publishes found[] and frees scan_storage for the next round
+    if (found[0] >= 0) break;
+  }
+  group = found[0];
+  row_begin = found[1];
+  row_end = found[2];
+  return group >= 0;
+}
+
+// c rows of group g = a rows of group g * op(w_g). grid.x: row tiles (an upper bound on their
+// number; blocks past the last exit), grid.y: column tiles, strided when there are more than
+// grid.y of them.
+template <class T, class Acc>
+__global__ void __launch_bounds__(kThreads)
+    grouped_gemm_kernel(const Index* __restrict__ offsets, Index groups, bool transpose_w, ConstMatrixView<T> a,
+                        ConstMatrixView<T> w, Index wr, MatrixView<T> c, Index k, Index n) {
+  __shared__ Acc as[kDepth][kTile + 1];  // as[kk][i] = a(row0 + i, k0 + kk)
+  __shared__ Acc bs[kDepth][kTile + 1];  // bs[kk][j] = op(w_g)(k0 + kk, col0 + j)
+  Index row0 = 0;
+  Index row_end = 0;
+  Index group = 0;
+  if (!locate_row_tile(offsets, groups, a.rows, static_cast<Index>(blockIdx.x), row0, row_end, group)) return;
+  const int m = static_cast<int>(min(Index{kTile}, row_end - row0));
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % kSide;
+  const int ty = tid / kSide;
+  const T* wg = w.data + group * wr * w.stride;
+  const Index col_tiles = (n + kTile - 1) / kTile;
+  for (Index ct = blockIdx.y; ct < col_tiles; ct += gridDim.y) {
+    const Index col0 = ct * kTile;
+    const int nt = static_cast<int>(min(Index{kTile}, n - col0));
+    Acc acc[kMicro][kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = Acc(0);
+    for (Index k0 = 0; k0 < k; k0 += kDepth) {
+      const int depth = static_cast<int>(min(Index{kDepth}, k - k0));
+      for (int e = tid; e < kTile * kDepth; e += kThreads) {
+        const int i = e / kDepth;
+        const int kk = e % kDepth;
+        as[kk][i] = i < m && kk < depth ? static_cast<Acc>(a.data[(row0 + i) * a.stride + k0 + kk]) : Acc(0);
+      }
+      if (!transpose_w) {  // op(w_g)(kk, j) = w_g(kk, j): consecutive threads walk j
+        for (int e = tid; e < kTile * kDepth; e += kThreads) {
+          const int kk = e / kTile;
+          const int j = e % kTile;
+          bs[kk][j] = kk < depth && j < nt ? static_cast<Acc>(wg[(k0 + kk) * w.stride + col0 + j]) : Acc(0);
+        }
+      } else {  // op(w_g)(kk, j) = w_g(j, kk): consecutive threads walk kk
+        for (int e = tid; e < kTile * kDepth; e += kThreads) {
+          const int j = e / kDepth;
+          const int kk = e % kDepth;
+          bs[kk][j] = kk < depth && j < nt ? static_cast<Acc>(wg[(col0 + j) * w.stride + k0 + kk]) : Acc(0);
+        }
+      }
+      __syncthreads();
+      multiply_tile(as, bs, depth, tx, ty, acc);
+      __syncthreads();  // before the next slice overwrites as / bs
+    }
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int r = ty + kSide * i;
+      if (r >= m) continue;
+      T* out = c.data + (row0 + r) * c.stride + col0;
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const int col = tx + kSide * j;
+        if (col < nt) out[col] = static_cast<T>(acc[i][j]);
+      }
+    }
+  }
+}
+
+// w_g = beta * w_g + a_g^T b_g. A 1-D grid strides over the (group, row tile of w_g, column
+// tile of w_g) triples; each block reduces over its group's rows in order, kDepth at a time.
+template <class T, class Acc>
+__global__ void __launch_bounds__(kThreads)
+    grouped_wgrad_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<T> a, ConstMatrixView<T> b,
+                         Acc beta, MatrixView<T> w, Index row_tiles, Index col_tiles) {
+  __shared__ Acc as[kDepth][kTile + 1];  // as[kk][i] = a(r0 + kk, i0 + i)
+  __shared__ Acc bs[kDepth][kTile + 1];  // bs[kk][j] = b(r0 + kk, j0 + j)
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % kSide;
+  const int ty = tid / kSide;
+  const Index per_group = row_tiles * col_tiles;
+  const Index total = groups * per_group;
+  for (Index t = blockIdx.x; t < total; t += gridDim.x) {
+    const Index g = t / per_group;
+    const Index i0 = (t % per_group) / col_tiles * kTile;
+    const Index j0 = (t % per_group) % col_tiles * kTile;
+    const int mi = static_cast<int>(min(Index{kTile}, a.cols - i0));
+    const int nj = static_cast<int>(min(Index{kTile}, b.cols - j0));
+    Index begin = 0;
+    Index end = 0;
+    group_rows(offsets, g, a.rows, begin, end);
+    Acc acc[kMicro][kMicro];
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = Acc(0);
+    for (Index r0 = begin; r0 < end; r0 += kDepth) {
+      const int depth = static_cast<int>(min(Index{kDepth}, end - r0));
+      for (int e = tid; e < kTile * kDepth; e += kThreads) {
+        const int kk = e / kTile;
+        const int i = e % kTile;
+        as[kk][i] = kk < depth && i < mi ? static_cast<Acc>(a.data[(r0 + kk) * a.stride + i0 + i]) : Acc(0);
+        bs[kk][i] = kk < depth && i < nj ? static_cast<Acc>(b.data[(r0 + kk) * b.stride + j0 + i]) : Acc(0);
+      }
+      __syncthreads();
+      multiply_tile(as, bs, depth, tx, ty, acc);
+      __syncthreads();  // before the next slice (or tile) overwrites as / bs
+    }
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int r = ty + kSide * i;
+      if (r >= mi) continue;
+      T* out = w.data + (g * a.cols + i0 + r) * w.stride + j0;
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const int col = tx + kSide * j;
+        if (col >= nj) continue;
+        // As on the CPU: beta 0 overwrites (NaN included); otherwise (beta * w) + product, each
+        // rounded (beta 1 adds exactly).
+        const Acc product = acc[i][j];
+        out[col] = static_cast<T>(beta == Acc(0) ? product : add_rn(mul_rn(beta, static_cast<Acc>(out[col])), product));
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+// c = alpha * op(a) * op(b) + beta * c on ctx.stream() (cuBLAS, true fp32 / fp64). Views are
+// row-major device memory. m or n == 0: nothing; inner dimension 0: c = beta * c (beta 0 writes
+// zeros even over NaN). Unlike the CPU version, alpha == 0 may skip reading a and b (cuBLAS), and
+// views over several rows whose stride is below their column count are refused.
+template <class S>
+void gemm(const Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
+          MatrixView<S> c) {
+  static_assert(detail::GemmScalar<S>, "moe::backend::cuda::gemm supports float and double");
+  const Index m = ta == Op::none ? a.rows : a.cols;
+  const Index ka = ta == Op::none ? a.cols : a.rows;
+  const Index kb = tb == Op::none ? b.rows : b.cols;
+  const Index n = tb == Op::none ? b.cols : b.rows;
+  ::moe::detail::require(ka == kb && c.rows == m && c.cols == n, "gemm: shapes do not agree: op(a) is ", m, " x ", ka,
+                         ", op(b) is ", kb, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  if (m == 0 || n == 0) return;
+  if (ka == 0) {
+    detail::scale(ctx, c, beta);
+    return;
+  }
+  // Row-major c (m x n) is column-major c^T (n x m): c^T = alpha * op(b)^T * op(a)^T + beta * c^T,
+  // and a row-major operand is already its transpose in column-major terms, so b goes first
+  // with b's own op, then a with a's.
+  const std::int64_t lda = detail::leading_dim(a, "a");
+  const std::int64_t ldb = detail::leading_dim(b, "b");
+  const std::int64_t ldc = detail::leading_dim(c, "c");
+  detail::blas_gemm(ctx.blas(), detail::blas_op(tb), detail::blas_op(ta), n, m, ka, &alpha, b.data, ldb, a.data, lda,
+                    &beta, c.data, ldc);
+}
+
+// For each group g with rows [offsets[g], offsets[g+1]) of a and c:
+//   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * wr x w.cols).
+// offsets (groups + 1 entries) lives in device memory and is read only by the kernel: the host
+// never waits. So, unlike cpu::grouped_gemm, offsets[groups] == a.rows is not checked (the kernel
+// clamps every group's rows into [0, a.rows)); the other shape checks are the CPU's. One launch.
+template <class S>
+void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
+                  ConstMatrixView<S> w, MatrixView<S> c) {
+  static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm supports float and double");
+  ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
+                         " stacked weight rows do not split into ", groups, " groups");
+  const Index wr = w.rows / groups;
+  const Index k = tw == Op::none ? wr : w.cols;
+  const Index n = tw == Op::none ? w.cols : wr;
+  ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
+                         a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  if (c.rows == 0 || n == 0) return;
+  // sum over g of ceil(rows_g / kTile) <= ceil(a.rows / kTile) + groups.
+  const Index row_blocks = (a.rows + detail::kTile - 1) / detail::kTile + groups;
+  ::moe::detail::require(row_blocks <= INT_MAX, "grouped_gemm: ", a.rows, " rows in ", groups,
+                         " groups need more thread blocks than one launch allows");
+  const Index col_tiles = (n + detail::kTile - 1) / detail::kTile;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(std::min(col_tiles, detail::kMaxGridY)));
+  using Acc = typename detail::Accumulator<S>::type;
+  detail::grouped_gemm_kernel<S, Acc>
+      <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
+  MOE_CUDA_CHECK_LAUNCH();
+}
+
+// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b (w is
+// groups * a.cols x b.cols). beta 0 overwrites (NaN included), beta 1 adds; an empty group gets
+// beta * w_g. offsets is device memory, read only by the kernel: offsets[groups] == a.rows is not
+// checked (rows are clamped into [0, a.rows)); the other checks are cpu::grouped_gemm_wgrad's.
+// One launch; each output element is reduced over its group's rows in order by one thread.
+template <class S>
+void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
+                        ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+  static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm_wgrad supports float and double");
+  ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
+                         "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
+                         " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  if (w.rows == 0 || w.cols == 0) return;
+  const Index row_tiles = (a.cols + detail::kTile - 1) / detail::kTile;
+  const Index col_tiles = (b.cols + detail::kTile - 1) / detail::kTile;
+  const Index tiles = groups * row_tiles * col_tiles;
+  const auto blocks = static_cast<unsigned>(std::min<Index>(tiles, INT_MAX));
+  using Acc = typename detail::Accumulator<S>::type;
+  detail::grouped_wgrad_kernel<S, Acc><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
+      offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+  MOE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moe::backend::cuda

@@ -1,0 +1,146 @@
+#pragma once
+// moe::backend::Thrust<S, System>: the backend primitives written once over Thrust algorithms,
+// with the execution policy, the memory and the GEMMs supplied by a System:
+//   Cuda<S>       = Thrust<S, CudaSystem>: thrust::cuda policy, device memory, cuBLAS and our
+//                   grouped GEMM kernels (moe/backend/cuda.hpp, nvcc only);
+//   ThrustHost<S> = Thrust<S, HostSystem>: thrust::cpp policy, host memory, the CPU backend's
+//                   GEMMs (moe/backend/thrust_host.hpp, any C++20 compiler).
+// The second runs the CUDA backend's routing, permutation, top-k, combine and reduction logic on
+// the host, so it is tested against the CPU reference where no GPU answers.
+//
+// A System provides: Buffer<T>, Context, policy(ctx), Scratch<T> (temporary backend memory that
+// costs no allocation in steady state), gemm, grouped_gemm, grouped_gemm_wgrad, copy, synchronize.
+
+#include <thrust/binary_search.h>
+#include <thrust/copy.h>
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/scan.h>
+#include <thrust/sequence.h>
+#include <thrust/sort.h>
+
+#include "moe/backend.hpp"
+#include "moe/error.hpp"
+#include "moe/op.hpp"
+#include "moe/view.hpp"
+
+namespace moe::backend {
+
+template <class S, class System>
+class Thrust {
+ public:
+  using Scalar = S;
+  template <class T>
+  using Buffer = typename System::template Buffer<T>;
+  using Context = typename System::Context;
+
+  static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
+                   MatrixView<S> c) {
+    System::gemm(ctx, ta, tb, alpha, a, b, beta, c);
+  }
+  // offsets: [groups + 1] in backend memory.
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
+                           ConstMatrixView<S> w, MatrixView<S> c) {
+    System::grouped_gemm(ctx, offsets, groups, tw, a, w, c);
+  }
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+    System::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w);
+  }
+
+  // f(i) for every i in [0, count), one item per thread on a device; items write disjoint memory.
+  template <class F>
+  static void for_each(Context& ctx, Index count, F f) {
+    if (count <= 0) return;
+    thrust::for_each_n(System::policy(ctx), thrust::counting_iterator<Index>(0), count, f);
+  }
+
+  // dst.row(i) = src.row(rows[i]), one item per element.
+  static void gather_rows(Context& ctx, ConstMatrixView<S> src, const Index* rows, MatrixView<S> dst) {
+    detail::require(src.cols == dst.cols, "gather_rows: source has ", src.cols, " columns, destination ", dst.cols);
+    const Index cols = dst.cols;
+    for_each(ctx, dst.rows * cols, [=] MOE_HD(Index i) {
+      const Index r = i / cols, c = i % cols;
+      dst(r, c) = src(rows[r], c);
+    });
+  }
+
+  // out[c] = sum over rows r, in row order, of m(r, c): one item per column, so the order is
+  // fixed and the bits are those of the CPU backend.
+  static void sum_rows(Context& ctx, ConstMatrixView<S> m, S* out) {
+    const Index rows = m.rows;
+    for_each(ctx, m.cols, [=] MOE_HD(Index c) {
+      S acc = 0;
+      for (Index r = 0; r < rows; ++r) acc += m(r, c);
+      out[c] = acc;
+    });
+  }
+
+  // counts[b] = number of keys equal to b, for b in [0, bins): a sorted copy of the keys and one
+  // binary search per bin (no atomics). Keys outside [0, bins) are not counted; the layer
+  // checks a gate's routing at the call boundary, before any key is built from it.
+  static void histogram(Context& ctx, const Index* keys, Index count, Index bins, Index* counts) {
+    if (bins <= 0) return;
+    typename System::template Scratch<Index> sorted(ctx, count), ends(ctx, bins + 1);
+    const auto policy = System::policy(ctx);
+    if (count > 0) {
+      thrust::copy_n(policy, keys, count, sorted.data());
+      thrust::sort(policy, sorted.data(), sorted.data() + count);
+    }
+    Index* end = ends.data();
+    const Index* first = sorted.data();
+    // end[b + 1] = keys < b + 1 = keys <= b; end[0] = keys < 0.
+    for_each(ctx, bins + 1, [=] MOE_HD(Index b) { end[b] = lower_bound(first, count, b); });
+    for_each(ctx, bins, [=] MOE_HD(Index b) { counts[b] = end[b + 1] - end[b]; });
+  }
+
+  // out[0] = 0, out[i] = in[0] + ... + in[i-1]; out has count + 1 entries.
+  static void exclusive_scan(Context& ctx, const Index* in, Index count, Index* out) {
+    const auto policy = System::policy(ctx);
+    thrust::fill_n(policy, out, 1, Index{0});
+    if (count > 0) thrust::inclusive_scan(policy, in, in + count, out + 1);
+  }
+
+  // order[p] = the position of the p-th key in stable ascending key order.
+  static void stable_sort_by_key(Context& ctx, const Index* keys, Index count, Index /*bins*/, Index* order) {
+    if (count <= 0) return;
+    typename System::template Scratch<Index> sorted(ctx, count);
+    const auto policy = System::policy(ctx);
+    thrust::copy_n(policy, keys, count, sorted.data());
+    thrust::sequence(policy, order, order + count);
+    thrust::stable_sort_by_key(policy, sorted.data(), sorted.data() + count, order);
+  }
+
+  template <class T>
+  static void fill(Context& ctx, MatrixView<T> m, T value) {
+    const Index cols = m.cols;
+    for_each(ctx, m.rows * cols, [=] MOE_HD(Index i) { m(i / cols, i % cols) = value; });
+  }
+
+  // Copies between backend memory and host memory, in either direction.
+  template <class T>
+  static void copy(Context& ctx, ConstMatrixView<T> src, MatrixView<T> dst) {
+    detail::require(src.rows == dst.rows && src.cols == dst.cols, "copy: source is ", src.rows, " x ", src.cols,
+                    ", destination ", dst.rows, " x ", dst.cols);
+    if (src.rows == 0 || src.cols == 0) return;
+    System::copy(ctx, src, dst);
+  }
+
+  static void synchronize(Context& ctx) { System::synchronize(ctx); }
+
+ private:
+  // The first position in sorted[0, count) whose key is not below value.
+  MOE_HD static Index lower_bound(const Index* sorted, Index count, Index value) {
+    Index lo = 0, hi = count;
+    while (lo < hi) {
+      const Index mid = lo + (hi - lo) / 2;
+      if (sorted[mid] < value)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
+  }
+};
+
+}  // namespace moe::backend

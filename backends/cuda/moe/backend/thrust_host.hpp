@@ -1,0 +1,71 @@
+#pragma once
+// moe::backend::ThrustHost<S>: the CUDA backend's Thrust code on the host. The same primitives
+// as moe::backend::Cuda (moe/backend/thrust.hpp), run with thrust::cpp's execution policy over
+// host memory, with the CPU backend's GEMMs in place of cuBLAS and our grouped GEMM kernels.
+// Any C++20 compiler builds it (Thrust's headers come with the CUDA toolkit's CCCL), so the
+// routing, permutation, top-k, combine and reduction logic of the CUDA backend is tested
+// against the CPU reference on a machine without a GPU.
+
+#include <thrust/system/cpp/execution_policy.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "moe/backend/cpu/gemm.hpp"
+#include "moe/backend/cpu/host_matrix.hpp"
+#include "moe/backend/thrust.hpp"
+
+namespace moe::backend {
+
+struct ThrustHostSystem {
+  template <class T>
+  using Buffer = HostMatrix<T>;
+
+  // Threads for the GEMMs (0: all that OpenMP offers); Thrust's cpp system runs on one.
+  struct Context {
+    int threads = 0;
+  };
+
+  // Temporary memory for one primitive call.
+  template <class T>
+  class Scratch {
+   public:
+    Scratch(Context&, Index count) : data_(static_cast<std::size_t>(count > 0 ? count : 0)) {}
+    [[nodiscard]] T* data() { return data_.data(); }
+
+   private:
+    std::vector<T> data_;
+  };
+
+  static auto policy(Context&) { return thrust::cpp::par; }
+
+  template <class S>
+  static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
+                   MatrixView<S> c) {
+    cpu::gemm(ctx.threads, ta, tb, alpha, a, b, beta, c);
+  }
+  template <class S>
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
+                           ConstMatrixView<S> w, MatrixView<S> c) {
+    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c);
+  }
+  template <class S>
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w);
+  }
+  template <class T>
+  static void copy(Context&, ConstMatrixView<T> src, MatrixView<T> dst) {
+    for (Index r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
+  }
+  static void synchronize(Context&) {}
+};
+
+template <class S>
+using ThrustHost = Thrust<S, ThrustHostSystem>;
+
+static_assert(moe::Backend<ThrustHost<float>>);
+static_assert(moe::Backend<ThrustHost<double>>);
+
+}  // namespace moe::backend

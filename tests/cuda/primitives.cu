@@ -1,0 +1,360 @@
+// The CUDA backend's device-only primitives: every template instantiated, the host-side errors
+// checked, and with a device gemm / grouped_gemm / grouped_gemm_wgrad compared with host loops
+// (odd sizes, empty groups, transposes, strides), DeviceMatrix, the Thrust policy and the error
+// messages. Exits 77 (Meson: SKIP), naming itself, when no CUDA device answers.
+#include <cuda_bf16.h>
+#include <thrust/reduce.h>
+#include <thrust/sort.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moe/backend/cuda/caching_allocator.hpp"
+#include "moe/backend/cuda/check.hpp"
+#include "moe/backend/cuda/context.hpp"
+#include "moe/backend/cuda/device_matrix.hpp"
+#include "moe/backend/cuda/gemm.hpp"
+
+namespace mc = moe::backend::cuda;
+using moe::ConstMatrixView;
+using moe::Index;
+using moe::MatrixView;
+using moe::Op;
+
+template class moe::backend::DeviceMatrix<float>;
+template class moe::backend::DeviceMatrix<double>;
+template class moe::backend::DeviceMatrix<moe::Index>;
+template class moe::backend::DeviceMatrix<__nv_bfloat16>;
+template void mc::gemm<float>(const mc::Context&, Op, Op, float, ConstMatrixView<float>, ConstMatrixView<float>, float,
+                              MatrixView<float>);
+template void mc::gemm<double>(const mc::Context&, Op, Op, double, ConstMatrixView<double>, ConstMatrixView<double>,
+                               double, MatrixView<double>);
+template void mc::grouped_gemm<float>(const mc::Context&, const Index*, Index, Op, ConstMatrixView<float>,
+                                      ConstMatrixView<float>, MatrixView<float>);
+template void mc::grouped_gemm<double>(const mc::Context&, const Index*, Index, Op, ConstMatrixView<double>,
+                                       ConstMatrixView<double>, MatrixView<double>);
+template void mc::grouped_gemm_wgrad<float>(const mc::Context&, const Index*, Index, ConstMatrixView<float>,
+                                            ConstMatrixView<float>, float, MatrixView<float>);
+template void mc::grouped_gemm_wgrad<double>(const mc::Context&, const Index*, Index, ConstMatrixView<double>,
+                                             ConstMatrixView<double>, double, MatrixView<double>);
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+template <class F>
+void expect_error(F&& f, const std::string& fragment) {
+  try {
+    f();
+    expect(false, "no moe::Error for: " + fragment);
+  } catch (const moe::Error& e) {
+    expect(std::string(e.what()).find(fragment) != std::string::npos,
+           "message \"" + std::string(e.what()) + "\" lacks \"" + fragment + "\"");
+  }
+}
+
+// A host matrix with a row stride (>= cols), random contents, and its device copy.
+template <class S>
+struct Buffer {
+  Index rows, cols, stride;
+  std::vector<S> host;
+  S* dev = nullptr;
+  Buffer(Index r, Index c, Index s, std::mt19937& rng, S fill = S(0), bool random = true) : rows(r), cols(c), stride(s) {
+    host.assign(static_cast<std::size_t>(std::max<Index>(1, r * s)), fill);
+    std::uniform_real_distribution<double> u(-1.0, 1.0);
+    if (random)
+      for (auto& x : host) x = static_cast<S>(u(rng));
+    MOE_CUDA_CHECK(cudaMalloc(&dev, host.size() * sizeof(S)));
+    upload();
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { static_cast<void>(cudaFree(dev)); }
+  void upload() { MOE_CUDA_CHECK(cudaMemcpy(dev, host.data(), host.size() * sizeof(S), cudaMemcpyHostToDevice)); }
+  std::vector<S> download() const {
+    std::vector<S> out(host.size());
+    MOE_CUDA_CHECK(cudaMemcpy(out.data(), dev, out.size() * sizeof(S), cudaMemcpyDeviceToHost));
+    return out;
+  }
+  S at(Index r, Index c) const { return host[static_cast<std::size_t>(r * stride + c)]; }
+  MatrixView<S> view() { return {dev, rows, cols, stride}; }
+  ConstMatrixView<S> cview() const { return {dev, rows, cols, stride}; }
+};
+
+// |got - want| / (sum of |terms| + tiny), accumulated as a maximum.
+struct ErrorMeter {
+  double max_rel = 0;
+  bool bad = false;
+  void add(double got, double want, double scale) {
+    if (std::isnan(got) != std::isnan(want)) bad = true;
+    if (std::isnan(want)) return;
+    max_rel = std::max(max_rel, std::abs(got - want) / (scale + 1e-300));
+  }
+};
+
+template <class S>
+double tolerance() {
+  return std::is_same_v<S, float> ? 2e-6 : 1e-14;
+}
+
+template <class S>
+void test_gemm(std::mt19937& rng, Op ta, Op tb, Index m, Index n, Index k, S alpha, S beta, bool nan_c) {
+  const mc::Context ctx;
+  const Index ar = ta == Op::none ? m : k, ac = ta == Op::none ? k : m;
+  const Index br = tb == Op::none ? k : n, bc = tb == Op::none ? n : k;
+  Buffer<S> a(ar, ac, ac + 3, rng), b(br, bc, bc + 1, rng);
+  Buffer<S> c(m, n, n + 2, rng, std::numeric_limits<S>::quiet_NaN(), !nan_c);
+  mc::gemm<S>(ctx, ta, tb, alpha, a.cview(), b.cview(), beta, c.view());
+  ctx.synchronize();
+  const auto got = c.download();
+  ErrorMeter meter;
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < n; ++j) {
+      double sum = 0, scale = 0;
+      for (Index p = 0; p < k; ++p) {
+        const double x = ta == Op::none ? a.at(i, p) : a.at(p, i);
+        const double y = tb == Op::none ? b.at(p, j) : b.at(j, p);
+        sum += x * y;
+        scale += std::abs(x * y);
+      }
+      const double old = c.at(i, j);
+      const double want = beta == S(0) ? alpha * sum : alpha * sum + beta * old;
+      meter.add(got[static_cast<std::size_t>(i * c.stride + j)], want,
+                std::abs(alpha) * scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
+    }
+  char what[160];
+  std::snprintf(what, sizeof what, "gemm<%s> ta=%d tb=%d m=%ld n=%ld k=%ld beta=%g nan_c=%d: max rel err %.3g",
+                sizeof(S) == 4 ? "float" : "double", int(ta), int(tb), long(m), long(n), long(k), double(beta),
+                int(nan_c), meter.max_rel);
+  std::printf("%s\n", what);
+  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+}
+
+template <class S>
+void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Index k, Index n) {
+  const mc::Context ctx;
+  const Index groups = static_cast<Index>(sizes.size());
+  std::vector<Index> offsets(1, 0);
+  for (Index s : sizes) offsets.push_back(offsets.back() + s);
+  const Index rows = offsets.back();
+  const Index wr = tw == Op::none ? k : n, wc = tw == Op::none ? n : k;
+  Buffer<S> a(rows, k, k + 2, rng), w(groups * wr, wc, wc + 5, rng);
+  Buffer<S> c(rows, n, n + 1, rng, std::numeric_limits<S>::quiet_NaN(), false);
+  Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
+  off.host = offsets;
+  off.upload();
+  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view());
+  ctx.synchronize();
+  const auto got = c.download();
+  // Determinism: a second run gives the same bits.
+  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view());
+  ctx.synchronize();
+  const auto again = c.download();
+  expect(std::memcmp(got.data(), again.data(), got.size() * sizeof(S)) == 0, "grouped_gemm is not deterministic");
+  ErrorMeter meter;
+  for (Index g = 0; g < groups; ++g)
+    for (Index i = offsets[g]; i < offsets[g + 1]; ++i)
+      for (Index j = 0; j < n; ++j) {
+        double sum = 0, scale = 0;
+        for (Index p = 0; p < k; ++p) {
+          const double x = a.at(i, p);
+          const double y = tw == Op::none ? w.at(g * wr + p, j) : w.at(g * wr + j, p);
+          sum += x * y;
+          scale += std::abs(x * y);
+        }
+        meter.add(got[static_cast<std::size_t>(i * c.stride + j)], sum, scale + 1e-30);
+      }
+  char what[160];
+  std::snprintf(what, sizeof what, "grouped_gemm<%s> groups=%ld rows=%ld tw=%d k=%ld n=%ld: max rel err %.3g",
+                sizeof(S) == 4 ? "float" : "double", long(groups), long(rows), int(tw), long(k), long(n),
+                meter.max_rel);
+  std::printf("%s\n", what);
+  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+}
+
+template <class S>
+void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Index n, S beta) {
+  const mc::Context ctx;
+  const Index groups = static_cast<Index>(sizes.size());
+  std::vector<Index> offsets(1, 0);
+  for (Index s : sizes) offsets.push_back(offsets.back() + s);
+  const Index rows = offsets.back();
+  Buffer<S> a(rows, d, d + 1, rng), b(rows, n, n + 3, rng);
+  Buffer<S> w(groups * d, n, n + 2, rng, std::numeric_limits<S>::quiet_NaN(), beta != S(0));
+  Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
+  off.host = offsets;
+  off.upload();
+  mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view());
+  ctx.synchronize();
+  const auto got = w.download();
+  ErrorMeter meter;
+  for (Index g = 0; g < groups; ++g)
+    for (Index i = 0; i < d; ++i)
+      for (Index j = 0; j < n; ++j) {
+        double sum = 0, scale = 0;
+        for (Index r = offsets[g]; r < offsets[g + 1]; ++r) {
+          sum += double(a.at(r, i)) * b.at(r, j);
+          scale += std::abs(double(a.at(r, i)) * b.at(r, j));
+        }
+        const double old = w.at(g * d + i, j);
+        const double want = beta == S(0) ? sum : beta * old + sum;
+        meter.add(got[static_cast<std::size_t>((g * d + i) * w.stride + j)], want,
+                  scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
+      }
+  char what[160];
+  std::snprintf(what, sizeof what, "grouped_gemm_wgrad<%s> groups=%ld rows=%ld d=%ld n=%ld beta=%g: max rel err %.3g",
+                sizeof(S) == 4 ? "float" : "double", long(groups), long(rows), long(d), long(n), double(beta),
+                meter.max_rel);
+  std::printf("%s\n", what);
+  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+}
+
+template <class S>
+void test_all(std::mt19937& rng) {
+  for (Op ta : {Op::none, Op::transpose})
+    for (Op tb : {Op::none, Op::transpose}) {
+      test_gemm<S>(rng, ta, tb, 37, 29, 53, S(1), S(0), true);
+      test_gemm<S>(rng, ta, tb, 1, 70, 131, S(0.5), S(-1.5), false);
+      test_gemm<S>(rng, ta, tb, 65, 1, 1, S(2), S(1), false);
+    }
+  test_gemm<S>(rng, Op::none, Op::none, 13, 7, 0, S(1), S(0), true);     // k = 0, beta 0 over NaN
+  test_gemm<S>(rng, Op::none, Op::none, 13, 7, 0, S(1), S(0.25), false);  // k = 0: c = beta c
+  test_gemm<S>(rng, Op::none, Op::none, 0, 7, 5, S(1), S(0), false);      // m = 0
+  const std::vector<std::vector<Index>> cases = {
+      {0, 1, 70, 0, 133}, {1}, {0, 0, 0}, {64, 64, 1, 0, 127, 200}, {300}, {3, 0, 5, 2, 1, 0, 9, 4, 6, 1}};
+  for (const auto& sizes : cases)
+    for (Op tw : {Op::none, Op::transpose}) {
+      test_grouped<S>(rng, sizes, tw, 37, 29);
+      test_grouped<S>(rng, sizes, tw, 1, 1);   // d = 1, n = 1
+      test_grouped<S>(rng, sizes, tw, 0, 5);   // k = 0: zeros
+      test_grouped<S>(rng, sizes, tw, 80, 130);
+    }
+  std::vector<Index> many(300, 0);  // more groups than one scan round
+  for (std::size_t g = 0; g < many.size(); ++g) many[g] = static_cast<Index>((g * 7) % 5);
+  test_grouped<S>(rng, many, Op::none, 9, 11);
+  for (const auto& sizes : cases)
+    for (S beta : {S(0), S(1), S(0.5)}) {
+      test_wgrad<S>(rng, sizes, 37, 29, beta);
+      test_wgrad<S>(rng, sizes, 1, 1, beta);
+      test_wgrad<S>(rng, sizes, 70, 129, beta);
+    }
+}
+
+void test_device_matrix() {
+  using moe::backend::DeviceMatrix;
+  const mc::Context ctx;
+  DeviceMatrix<float> m(3, 5, 2.5f);
+  expect(m.rows() == 3 && m.cols() == 5 && m.size() == 15 && m.capacity() == 15, "DeviceMatrix shape");
+  std::vector<float> h(15);
+  ctx.synchronize();
+  MOE_CUDA_CHECK(cudaMemcpy(h.data(), m.data(), 60, cudaMemcpyDeviceToHost));
+  expect(h[0] == 2.5f && h[14] == 2.5f, "DeviceMatrix fill");
+  const float* before = m.data();
+  m.resize(2, 4);
+  expect(m.data() == before && m.capacity() == 15 && m.size() == 8, "DeviceMatrix keeps its allocation");
+  DeviceMatrix<float> copy(m);
+  expect(copy.rows() == 2 && copy.cols() == 4 && copy.data() != m.data(), "DeviceMatrix copy");
+  MOE_CUDA_CHECK(cudaMemcpy(h.data(), copy.data(), 32, cudaMemcpyDeviceToHost));
+  expect(h[7] == 2.5f, "DeviceMatrix copy contents");
+  DeviceMatrix<float> moved(std::move(copy));
+  expect(copy.rows() == 0 && copy.cols() == 0 && copy.data() == nullptr && copy.capacity() == 0 && moved.size() == 8,
+         "DeviceMatrix move");
+  DeviceMatrix<float> empty(0, 7);
+  expect(empty.data() == nullptr && empty.capacity() == 0, "zero-size DeviceMatrix allocates nothing");
+  DeviceMatrix<__nv_bfloat16> bf(4, 4, __float2bfloat16(1.5f));
+  DeviceMatrix<Index> idx(2, 3, Index{7});
+  idx = DeviceMatrix<Index>(1, 1, Index{3});
+  ctx.synchronize();
+  std::vector<Index> hi(1);
+  MOE_CUDA_CHECK(cudaMemcpy(hi.data(), idx.data(), sizeof(Index), cudaMemcpyDeviceToHost));
+  expect(hi[0] == 3, "DeviceMatrix<Index> move assignment");
+}
+
+void test_thrust() {
+  const mc::Context ctx;
+  moe::backend::DeviceMatrix<Index> v(1, 5000);
+  std::vector<Index> h(5000);
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = static_cast<Index>((i * 7919) % 5000);
+  MOE_CUDA_CHECK(cudaMemcpyAsync(v.data(), h.data(), 5000 * sizeof(Index), cudaMemcpyHostToDevice, ctx.stream()));
+  for (int round = 0; round < 3; ++round) {
+    thrust::sort(mc::policy(ctx), v.data(), v.data() + v.size());
+    if (round == 0) expect(mc::caching_allocator().cached_bytes() > 0, "caching allocator keeps its block");
+  }
+  const Index total = thrust::reduce(mc::policy(ctx), v.data(), v.data() + v.size(), Index{0});
+  ctx.synchronize();
+  MOE_CUDA_CHECK(cudaMemcpy(h.data(), v.data(), 5000 * sizeof(Index), cudaMemcpyDeviceToHost));
+  bool sorted = true;
+  for (std::size_t i = 0; i < h.size(); ++i) sorted = sorted && h[i] == static_cast<Index>(i);
+  expect(sorted && total == 4999 * 5000 / 2, "thrust sort / reduce through policy(ctx)");
+}
+
+// Checks that need no device: they fail before any CUDA call.
+void test_host_errors() {
+  expect_error([] { moe::backend::DeviceMatrix<float> m(-1, 2); },
+               "DeviceMatrix: shape -1 x 2 has a negative extent, expected rows >= 0 and cols >= 0");
+  const mc::Context ctx;
+  expect_error(
+      [&] {
+        mc::gemm<float>(ctx, Op::none, Op::none, 1.f, {nullptr, 2, 3}, {nullptr, 4, 5}, 0.f, {nullptr, 2, 5});
+      },
+      "gemm: shapes do not agree: op(a) is 2 x 3, op(b) is 4 x 5, c is 2 x 5");
+  expect_error(
+      [&] {
+        mc::grouped_gemm<double>(ctx, nullptr, 3, Op::none, {nullptr, 4, 2}, {nullptr, 7, 5}, {nullptr, 4, 5});
+      },
+      "grouped_gemm: 7 stacked weight rows do not split into 3 groups");
+  expect_error(
+      [&] {
+        mc::grouped_gemm<float>(ctx, nullptr, 2, Op::transpose, {nullptr, 4, 2}, {nullptr, 6, 2}, {nullptr, 4, 5});
+      },
+      "grouped_gemm: shapes do not agree: a is 4 x 2, each op(w_g) is 2 x 3, c is 4 x 5");
+  expect_error(
+      [&] {
+        mc::grouped_gemm_wgrad<float>(ctx, nullptr, 2, {nullptr, 4, 2}, {nullptr, 4, 3}, 0.f, {nullptr, 5, 3});
+      },
+      "grouped_gemm_wgrad: shapes do not agree: a is 4 x 2, b is 4 x 3, w is 5 x 3 for 2 groups");
+}
+
+}  // namespace
+
+int main() {
+  try {
+    test_host_errors();
+    if (!mc::device_available()) {
+      std::printf("SKIPPED: cuda_primitives: no CUDA device answered\n");
+      return failures == 0 ? 77 : 1;
+    }
+    std::printf("device: %s\n", mc::device_name().c_str());
+    std::mt19937 rng(12345);
+    test_device_matrix();
+    test_thrust();
+    test_all<float>(rng);
+    test_all<double>(rng);
+    expect_error(
+        [] {
+          float* p = nullptr;
+          MOE_CUDA_CHECK(cudaMalloc(&p, std::size_t{1} << 62));
+        },
+        "CUDA error cudaErrorMemoryAllocation");
+  } catch (const std::exception& e) {
+    std::printf("FAIL: exception: %s\n", e.what());
+    return 1;
+  }
+  if (failures == 0)
+    std::printf("all passed\n");
+  else
+    std::printf("%d FAILED\n", failures);
+  return failures == 0 ? 0 : 1;
+}
