@@ -12,6 +12,7 @@
 TEST_CASE_TEMPLATE_DEFINE("ThrustHost matches the CPU reference", Case, thrust_host_cases) {
   const compare::Worst worst = compare::run_all_shapes<moe::backend::ThrustHost<float>, Case>(1e-5);
   MESSAGE(compare::type_name<typename Case::GateType>(), " / ", compare::type_name<typename Case::ExpertType>(),
-          " / depth ", Case::depth, ": worst relative error forward ", worst.forward, ", backward ", worst.backward);
+          " / depth ", Case::depth, ": worst relative error forward ", worst.forward, ", backward ", worst.backward,
+          "; bf16 experts against fp32: y ", worst.bf16_vs_fp32, ", gradients ", worst.bf16_grad_vs_fp32);
 }
 TEST_CASE_TEMPLATE_APPLY(thrust_host_cases, compare::CasesAtDepth<MOE_COMPARE_DEPTH>);

@@ -9,6 +9,7 @@
 
 #include "moe/error.hpp"
 #include "moe/op.hpp"
+#include "moe/precision.hpp"
 #include "moe/view.hpp"
 
 namespace moe {
@@ -38,7 +39,7 @@ MOE_HD inline Index segment_of_row(const Index* offsets, Index segments, Index r
 //   B::Scalar                 storage and compute type of activations and parameters
 //   B::Buffer<T>              an owning row-major matrix in the backend's memory
 //   B::Context                per-call state (threads, stream, handles), default-constructible
-//   gemm, grouped_gemm, grouped_gemm_wgrad, for_each, gather_rows, sum_rows,
+//   gemm, grouped_gemm, grouped_gemm_wgrad (both with a Precision), for_each, gather_rows, sum_rows,
 //   histogram, exclusive_scan, stable_sort_by_key, fill, copy, synchronize
 // clang-format off
 template <class B>
@@ -58,8 +59,8 @@ concept Backend =
       { buf.rows() } -> std::convertible_to<Index>;
       { buf.cols() } -> std::convertible_to<Index>;
       B::gemm(ctx, Op::none, Op::none, s, a, a, s, c);
-      B::grouped_gemm(ctx, ip, n, Op::none, a, a, c);
-      B::grouped_gemm_wgrad(ctx, ip, n, a, a, s, c);
+      B::grouped_gemm(ctx, ip, n, Op::none, a, a, c, Precision::fp32);
+      B::grouped_gemm_wgrad(ctx, ip, n, a, a, s, c, Precision::fp32);
       B::for_each(ctx, n, detail::NoopItem{});
       B::gather_rows(ctx, a, ip, c);
       B::sum_rows(ctx, a, c.data);
@@ -83,6 +84,14 @@ std::vector<T> to_host(typename B::Context& ctx, ConstMatrixView<T> v) {
     B::synchronize(ctx);
   }
   return out;
+}
+
+// The same, for several reads behind one synchronization: queues the copy of v into out (resized
+// to v's size); out may be read after the next B::synchronize(ctx).
+template <Backend B, class T>
+void enqueue_to_host(typename B::Context& ctx, ConstMatrixView<T> v, std::vector<T>& out) {
+  out.resize(static_cast<std::size_t>(v.rows * v.cols));
+  if (!out.empty()) B::copy(ctx, v, MatrixView<T>{out.data(), v.rows, v.cols});
 }
 
 // dst (resized to [values x 1]) = the host values.

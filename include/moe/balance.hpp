@@ -28,7 +28,7 @@ S cv_squared(const std::vector<S>& v) {
 
 // grad[i] += scale * d CV^2 / d v[i], through the mean and the variance (MATH.md 5).
 template <class S>
-void cv_squared_grad(const S* v, Index n, S scale, S* grad) {
+MOE_HD void cv_squared_grad(const S* v, Index n, S scale, S* grad) {
   if (n <= 1) return;
   const S nn = static_cast<S>(n);
   S mean = 0;

@@ -54,6 +54,23 @@ void unrouted_tokens(typename B::Context& ctx, ConstMatrixView<Index> expert, In
   });
 }
 
+// dimportance = scale_importance * dCV^2/dImportance and dload = scale_load * dCV^2/dLoad
+// (MATH.md 5), on the backend (one item: n is small), so backward uploads nothing. load null:
+// the load is a count (no gradient), dload is left alone.
+template <Backend B>
+void balance_gradients(typename B::Context& ctx, const typename B::Scalar* importance, const typename B::Scalar* load,
+                       Index n, typename B::Scalar scale_importance, typename B::Scalar scale_load,
+                       typename B::Scalar* dimportance, typename B::Scalar* dload) {
+  using S = typename B::Scalar;
+  B::for_each(ctx, 1, [=] MOE_HD(Index) {
+    for (Index i = 0; i < n; ++i) dimportance[i] = S(0);
+    cv_squared_grad(importance, n, scale_importance, dimportance);
+    if (load == nullptr) return;
+    for (Index i = 0; i < n; ++i) dload[i] = S(0);
+    cv_squared_grad(load, n, scale_load, dload);
+  });
+}
+
 // The shared experts' pass: row r of s_count * t_count reads token r % t_count; expert e owns
 // rows [e t_count, (e + 1) t_count).
 template <Backend B>
@@ -134,6 +151,7 @@ class Layer {
       xs_ = std::move(other.xs_);
       ys_ = std::move(other.ys_);
       y_ = std::move(other.y_);
+      importance_ = std::move(other.importance_);
       routing_ = std::move(other.routing_);
       plan_ = std::move(other.plan_);
       gate_saved_ = std::move(other.gate_saved_);
@@ -157,6 +175,7 @@ class Layer {
     std::uint64_t owner_ = 0;
     Mode mode_ = Mode::train;
     Buffer<Scalar> x_, xs_, ys_, y_;
+    Buffer<Scalar> importance_;  // [n x 1] Importance, in backend memory (backward's CV^2 gradient)
     GateRouting<B> routing_;
     RoutingPlan<B> plan_;
     typename GatePolicy::Saved gate_saved_;
@@ -277,8 +296,12 @@ class Layer {
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
-    detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_);
+    // The plan counts out-of-range indices; only then is the routing read to name the first.
     f.plan_.build(ctx, f.routing_.expert.view(), n);
+    if (f.plan_.invalid() > 0) {
+      detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_);
+      detail::fail("moe::Layer::forward: the gate routed ", f.plan_.invalid(), " slots out of range");
+    }
 
     // Dispatch: gather each routed slot's token into the expert-contiguous buffer.
     const Index routed = f.plan_.routed();
@@ -343,12 +366,13 @@ class Layer {
     const BalanceWeights w = gate_.balance_weights();
     const BalanceStats<Scalar>& st = f.stats_;
     // MATH.md 5: differentiate CV^2 through mean and variance, for Importance and smooth Load.
-    std::vector<Scalar> dimportance(static_cast<std::size_t>(n), Scalar(0));
-    std::vector<Scalar> dload(static_cast<std::size_t>(n), Scalar(0));
-    cv_squared_grad(st.importance.data(), n, aux_scale * static_cast<Scalar>(w.w_importance), dimportance.data());
-    if (!st.load_is_count) cv_squared_grad(st.load.data(), n, aux_scale * static_cast<Scalar>(w.w_load), dload.data());
-    from_host<B>(ctx, dimportance, dimportance_);
-    from_host<B>(ctx, dload, dload_);
+    // (From the Forward's backend copies of Importance and Load: with comm::Local, the only
+    // communicator of this version, they equal the all-reduced statistics.)
+    dimportance_.resize(n, 1);
+    dload_.resize(n, 1);
+    detail::balance_gradients<B>(ctx, f.importance_.data(), st.load_is_count ? nullptr : f.routing_.load.data(), n,
+                                 aux_scale * static_cast<Scalar>(w.w_importance),
+                                 aux_scale * static_cast<Scalar>(w.w_load), dimportance_.data(), dload_.data());
 
     const Index routed = f.plan_.routed();
     dys_.resize(routed, d);
@@ -499,29 +523,32 @@ class Layer {
   }
 
   // MATH.md 3: Importance, Load, CV^2 and the weighted losses.
-  BalanceStats<Scalar> balance(typename B::Context& ctx, const Forward& f) {
+  BalanceStats<Scalar> balance(typename B::Context& ctx, Forward& f) {
     const Index n = config_.n_experts;
     BalanceStats<Scalar> st;
     const std::vector<Index>& off = f.plan_.host_offsets();
     st.tokens_per_expert.resize(static_cast<std::size_t>(n));
     for (std::size_t e = 0; e < static_cast<std::size_t>(n); ++e) st.tokens_per_expert[e] = off[e + 1] - off[e];
-    // Tokens with no routed slot: no expert computed them.
+    // Computed on the backend, read back together behind one synchronization: the tokens with
+    // no routed slot (no expert computed them), Importance, and the gate's smooth load.
     check_.resize(f.routing_.expert.rows(), 1);
     detail::unrouted_tokens<B>(ctx, f.routing_.expert.view(), check_.data());
-    for (const Index flag : to_host<B>(ctx, ConstMatrixView<Index>(check_.view()))) st.dropped_tokens += flag;
-    importance_.resize(n, 1);
+    f.importance_.resize(n, 1);
     detail::importance_by_expert<B>(ctx, f.routing_.gate.data(), f.plan_.order.data(), f.plan_.offsets.data(), n,
-                                    importance_.data());
-    st.importance = to_host<B>(ctx, ConstMatrixView<Scalar>(importance_.view()));
+                                    f.importance_.data());
     st.load_is_count = f.routing_.load_is_count;
-    if (st.load_is_count) {
-      st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    } else {
+    if (!st.load_is_count) {
       const Index entries = f.routing_.load.rows() * f.routing_.load.cols();
       detail::require(entries == n, "moe::Layer: the gate reported a load of ", entries,
                       " entries, expected n_experts = ", n);
-      st.load = to_host<B>(ctx, ConstMatrixView<Scalar>(f.routing_.load.view()));
     }
+    std::vector<Index> unrouted;
+    enqueue_to_host<B>(ctx, ConstMatrixView<Index>(check_.view()), unrouted);
+    enqueue_to_host<B>(ctx, ConstMatrixView<Scalar>(f.importance_.view()), st.importance);
+    if (!st.load_is_count) enqueue_to_host<B>(ctx, ConstMatrixView<Scalar>(f.routing_.load.view()), st.load);
+    B::synchronize(ctx);
+    for (const Index flag : unrouted) st.dropped_tokens += flag;
+    if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
     // MATH.md 6: summed over the global batch before CV^2.
     comm_.all_reduce_sum(st.importance.data(), n);
     comm_.all_reduce_sum(st.load.data(), n);
@@ -544,7 +571,7 @@ class Layer {
   std::optional<ExpertGroup> shared_;
   std::uint64_t id_;
   Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
-  Buffer<Scalar> importance_, dimportance_, dload_;  // balance statistics and their gradients
+  Buffer<Scalar> dimportance_, dload_;  // gradients of the balancing losses
   Buffer<Index> check_;                              // flags of the input and routing checks
 };
 

@@ -23,6 +23,7 @@
 #include "moe/optim/adam.hpp"
 #include "moe/optim/sgd.hpp"
 #include "moe/parameter.hpp"
+#include "moe/precision.hpp"
 #include "moe/random.hpp"
 #include "moe/routing_plan.hpp"
 #include "moe/top_k.hpp"

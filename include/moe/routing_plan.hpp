@@ -3,7 +3,9 @@
 // Slot s = t * k + j is token t's j-th choice. Sorting is stable, so within an expert the
 // tokens keep their batch order, and the plan is a pure function of the gate's choices.
 // Slots routed nowhere (kNotRouted) sort after every expert's rows: the first offsets[n]
-// sorted rows are the ones the experts compute.
+// sorted rows are the ones the experts compute. An index that is neither an expert nor
+// kNotRouted sorts last, in a bin of its own: invalid() counts them, and the layer refuses the
+// routing when it is not 0 (so the check costs no read of its own on a device backend).
 
 #include <vector>
 
@@ -24,10 +26,11 @@ struct RoutingPlan {
   Buffer<Index> order;     // [T*k] sorted position p -> slot s
   Buffer<Index> position;  // [T*k] slot s -> sorted position p
   Buffer<Index> token_of;  // [T*k] sorted position p -> token
-  Buffer<Index> counts;    // [n + 1] tokens routed to each expert; counts[n]: slots routed nowhere
-  Buffer<Index> offsets;   // [n + 2] expert e owns sorted rows [offsets[e], offsets[e+1])
+  Buffer<Index> counts;    // [n + 2] tokens routed to each expert; [n]: slots routed nowhere; [n + 1]: invalid
+  Buffer<Index> offsets;   // [n + 3] expert e owns sorted rows [offsets[e], offsets[e+1])
 
-  // expert: [T x k] expert index of each slot, in [0, n) or kNotRouted.
+  // expert: [T x k] expert index of each slot, in [0, n) or kNotRouted (anything else is
+  // counted by invalid()).
   void build(typename B::Context& ctx, ConstMatrixView<Index> expert, Index n_experts) {
     tokens = expert.rows;
     k = expert.cols;
@@ -36,8 +39,8 @@ struct RoutingPlan {
     order.resize(slots, 1);
     position.resize(slots, 1);
     token_of.resize(slots, 1);
-    counts.resize(n_experts + 1, 1);
-    offsets.resize(n_experts + 2, 1);
+    counts.resize(n_experts + 2, 1);
+    offsets.resize(n_experts + 3, 1);
     key_.resize(slots, 1);
     {
       const Index* e = expert.data;
@@ -45,12 +48,12 @@ struct RoutingPlan {
       Index* key = key_.data();
       B::for_each(ctx, slots, [=] MOE_HD(Index s) {
         const Index v = e[(s / kk) * stride + s % kk];
-        key[s] = v == kNotRouted ? n : v;
+        key[s] = v == kNotRouted ? n : (v >= 0 && v < n ? v : n + 1);
       });
     }
-    B::histogram(ctx, key_.data(), slots, n_experts + 1, counts.data());
-    B::exclusive_scan(ctx, counts.data(), n_experts + 1, offsets.data());
-    B::stable_sort_by_key(ctx, key_.data(), slots, n_experts + 1, order.data());
+    B::histogram(ctx, key_.data(), slots, n_experts + 2, counts.data());
+    B::exclusive_scan(ctx, counts.data(), n_experts + 2, offsets.data());
+    B::stable_sort_by_key(ctx, key_.data(), slots, n_experts + 2, order.data());
     const Index* ord = order.data();
     Index* pos = position.data();
     Index* tok = token_of.data();
@@ -65,6 +68,11 @@ struct RoutingPlan {
 
   // Rows the experts compute (slots routed to an expert).
   [[nodiscard]] Index routed() const { return host_offsets_[static_cast<std::size_t>(experts)]; }
+  // Slots whose index was neither an expert nor kNotRouted.
+  [[nodiscard]] Index invalid() const {
+    const auto n = static_cast<std::size_t>(experts);
+    return host_offsets_[n + 2] - host_offsets_[n + 1];
+  }
   // offsets, on the host: expert e owns sorted rows [host_offsets()[e], host_offsets()[e + 1]).
   [[nodiscard]] const std::vector<Index>& host_offsets() const { return host_offsets_; }
 

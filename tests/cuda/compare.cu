@@ -18,7 +18,8 @@
 TEST_CASE_TEMPLATE_DEFINE("Cuda matches the CPU reference (float)", Case, cuda_cases) {
   const compare::Worst worst = compare::run_all_shapes<moe::backend::Cuda<float>, Case>(1e-5);
   MESSAGE(compare::type_name<typename Case::GateType>(), " / ", compare::type_name<typename Case::ExpertType>(),
-          " / depth ", Case::depth, ": worst relative error forward ", worst.forward, ", backward ", worst.backward);
+          " / depth ", Case::depth, ": worst relative error forward ", worst.forward, ", backward ", worst.backward,
+          "; bf16 experts against fp32: y ", worst.bf16_vs_fp32, ", gradients ", worst.bf16_grad_vs_fp32);
 }
 TEST_CASE_TEMPLATE_APPLY(cuda_cases, compare::CasesAtDepth<MOE_COMPARE_DEPTH>);
 

@@ -19,6 +19,7 @@
 #include "moe/backend/cuda/context.hpp"
 #include "moe/backend/cuda/device_matrix.hpp"
 #include "moe/backend/cuda/gemm.hpp"
+#include "moe/precision.hpp"
 
 namespace mc = moe::backend::cuda;
 using moe::ConstMatrixView;
@@ -35,13 +36,19 @@ template void mc::gemm<float>(const mc::Context&, Op, Op, float, ConstMatrixView
 template void mc::gemm<double>(const mc::Context&, Op, Op, double, ConstMatrixView<double>, ConstMatrixView<double>,
                                double, MatrixView<double>);
 template void mc::grouped_gemm<float>(const mc::Context&, const Index*, Index, Op, ConstMatrixView<float>,
-                                      ConstMatrixView<float>, MatrixView<float>);
+                                      ConstMatrixView<float>, MatrixView<float>, moe::Precision);
 template void mc::grouped_gemm<double>(const mc::Context&, const Index*, Index, Op, ConstMatrixView<double>,
-                                       ConstMatrixView<double>, MatrixView<double>);
+                                       ConstMatrixView<double>, MatrixView<double>, moe::Precision);
 template void mc::grouped_gemm_wgrad<float>(const mc::Context&, const Index*, Index, ConstMatrixView<float>,
-                                            ConstMatrixView<float>, float, MatrixView<float>);
+                                            ConstMatrixView<float>, float, MatrixView<float>, moe::Precision);
 template void mc::grouped_gemm_wgrad<double>(const mc::Context&, const Index*, Index, ConstMatrixView<double>,
-                                             ConstMatrixView<double>, double, MatrixView<double>);
+                                             ConstMatrixView<double>, double, MatrixView<double>, moe::Precision);
+
+// An operand as the kernels see it for the given precision.
+template <class S>
+double operand(S v, moe::Precision precision) {
+  return precision == moe::Precision::bf16 ? double(moe::round_to_bf16(float(v))) : double(v);
+}
 
 namespace {
 
@@ -143,7 +150,8 @@ void test_gemm(std::mt19937& rng, Op ta, Op tb, Index m, Index n, Index k, S alp
 }
 
 template <class S>
-void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Index k, Index n) {
+void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Index k, Index n,
+                  moe::Precision precision = moe::Precision::fp32) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
   std::vector<Index> offsets(1, 0);
@@ -155,11 +163,11 @@ void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Ind
   Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
   off.host = offsets;
   off.upload();
-  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view());
+  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), precision);
   ctx.synchronize();
   const auto got = c.download();
   // Determinism: a second run gives the same bits.
-  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view());
+  mc::grouped_gemm<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), precision);
   ctx.synchronize();
   const auto again = c.download();
   expect(std::memcmp(got.data(), again.data(), got.size() * sizeof(S)) == 0, "grouped_gemm is not deterministic");
@@ -169,23 +177,24 @@ void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Ind
       for (Index j = 0; j < n; ++j) {
         double sum = 0, scale = 0;
         for (Index p = 0; p < k; ++p) {
-          const double x = a.at(i, p);
-          const double y = tw == Op::none ? w.at(g * wr + p, j) : w.at(g * wr + j, p);
+          const double x = operand(a.at(i, p), precision);
+          const double y = operand(tw == Op::none ? w.at(g * wr + p, j) : w.at(g * wr + j, p), precision);
           sum += x * y;
           scale += std::abs(x * y);
         }
         meter.add(got[static_cast<std::size_t>(i * c.stride + j)], sum, scale + 1e-30);
       }
   char what[160];
-  std::snprintf(what, sizeof what, "grouped_gemm<%s> groups=%ld rows=%ld tw=%d k=%ld n=%ld: max rel err %.3g",
-                sizeof(S) == 4 ? "float" : "double", long(groups), long(rows), int(tw), long(k), long(n),
-                meter.max_rel);
+  std::snprintf(what, sizeof what, "grouped_gemm<%s, %s> groups=%ld rows=%ld tw=%d k=%ld n=%ld: max rel err %.3g",
+                sizeof(S) == 4 ? "float" : "double", moe::to_string(precision), long(groups), long(rows), int(tw),
+                long(k), long(n), meter.max_rel);
   std::printf("%s\n", what);
   expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
 }
 
 template <class S>
-void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Index n, S beta) {
+void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Index n, S beta,
+                moe::Precision precision = moe::Precision::fp32) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
   std::vector<Index> offsets(1, 0);
@@ -196,7 +205,7 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
   Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
   off.host = offsets;
   off.upload();
-  mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view());
+  mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view(), precision);
   ctx.synchronize();
   const auto got = w.download();
   ErrorMeter meter;
@@ -205,8 +214,9 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
       for (Index j = 0; j < n; ++j) {
         double sum = 0, scale = 0;
         for (Index r = offsets[g]; r < offsets[g + 1]; ++r) {
-          sum += double(a.at(r, i)) * b.at(r, j);
-          scale += std::abs(double(a.at(r, i)) * b.at(r, j));
+          const double x = operand(a.at(r, i), precision), y = operand(b.at(r, j), precision);
+          sum += x * y;
+          scale += std::abs(x * y);
         }
         const double old = w.at(g * d + i, j);
         const double want = beta == S(0) ? sum : beta * old + sum;
@@ -214,9 +224,10 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
                   scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
       }
   char what[160];
-  std::snprintf(what, sizeof what, "grouped_gemm_wgrad<%s> groups=%ld rows=%ld d=%ld n=%ld beta=%g: max rel err %.3g",
-                sizeof(S) == 4 ? "float" : "double", long(groups), long(rows), long(d), long(n), double(beta),
-                meter.max_rel);
+  std::snprintf(what, sizeof what,
+                "grouped_gemm_wgrad<%s, %s> groups=%ld rows=%ld d=%ld n=%ld beta=%g: max rel err %.3g",
+                sizeof(S) == 4 ? "float" : "double", moe::to_string(precision), long(groups), long(rows), long(d),
+                long(n), double(beta), meter.max_rel);
   std::printf("%s\n", what);
   expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
 }
@@ -325,6 +336,12 @@ void test_host_errors() {
         mc::grouped_gemm_wgrad<float>(ctx, nullptr, 2, {nullptr, 4, 2}, {nullptr, 4, 3}, 0.f, {nullptr, 5, 3});
       },
       "grouped_gemm_wgrad: shapes do not agree: a is 4 x 2, b is 4 x 3, w is 5 x 3 for 2 groups");
+  expect_error(
+      [&] {
+        mc::grouped_gemm<double>(ctx, nullptr, 1, Op::none, {nullptr, 2, 3}, {nullptr, 3, 4}, {nullptr, 2, 4},
+                                 moe::Precision::bf16);
+      },
+      "grouped_gemm: Precision::bf16 needs float data, got 64-bit floating point");
 }
 
 }  // namespace
@@ -342,6 +359,14 @@ int main() {
     test_thrust();
     test_all<float>(rng);
     test_all<double>(rng);
+    // Precision::bf16: operands rounded to bfloat16, fp32 accumulation.
+    for (Op tw : {Op::none, Op::transpose}) {
+      test_grouped<float>(rng, {0, 1, 70, 0, 133}, tw, 37, 29, moe::Precision::bf16);
+      test_grouped<float>(rng, {300}, tw, 1, 1, moe::Precision::bf16);
+    }
+    test_wgrad<float>(rng, {0, 1, 70, 0, 133}, 37, 29, 1.0f, moe::Precision::bf16);
+    test_wgrad<float>(rng, {64, 64, 1, 0, 127, 200}, 5, 3, 0.0f, moe::Precision::bf16);
+
     expect_error(
         [] {
           float* p = nullptr;

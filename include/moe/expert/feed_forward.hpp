@@ -5,10 +5,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "moe/error.hpp"
 #include "moe/expert_group.hpp"
+#include "moe/precision.hpp"
 
 namespace moe::expert {
 
@@ -16,6 +18,7 @@ struct FeedForward {
   struct Config {
     Index hidden = 0;   // h, the hidden width of each expert
     bool bias = false;  // the reference implementation has none
+    Precision precision = Precision::fp32;  // of the GEMMs; bf16: operands rounded, fp32 accumulation (float only)
   };
   template <Backend B>
   class Group;
@@ -35,6 +38,9 @@ class FeedForward::Group {
 
   Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
+    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::FeedForward: precision = ",
+                    to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
+                    "-bit floating point");
     detail::require(config.hidden >= 1, "expert::FeedForward: hidden = ", config.hidden,
                     ", expected at least 1 (set Config::hidden)");
     detail::require(n_experts >= 1, "expert::FeedForward: n_experts = ", n_experts, ", expected at least 1");
@@ -61,7 +67,7 @@ class FeedForward::Group {
     const Index rows = xs.rows, h = config_.hidden;
     saved.pre.resize(rows, h);
     saved.act.resize(rows, h);
-    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.pre.view());
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.pre.view(), config_.precision);
     S* pre = saved.pre.data();
     S* act = saved.act.data();
     const S* b1 = config_.bias ? b1_.data() : nullptr;
@@ -74,7 +80,7 @@ class FeedForward::Group {
         act[r * h + c] = pre[r * h + c] > S(0) ? pre[r * h + c] : S(0);
       }
     });
-    B::grouped_gemm(ctx, offsets, n_, Op::none, saved.act.view(), w2_.view(), ys);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, saved.act.view(), w2_.view(), ys, config_.precision);
     if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
   }
 
@@ -82,15 +88,15 @@ class FeedForward::Group {
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
     const Index rows = xs.rows, h = config_.hidden;
     dpre_.resize(rows, h);
-    B::grouped_gemm_wgrad(ctx, offsets, n_, saved.act.view(), dys, S(1), g2_.view());
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dpre_.view());
+    B::grouped_gemm_wgrad(ctx, offsets, n_, saved.act.view(), dys, S(1), g2_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dpre_.view(), config_.precision);
     S* dpre = dpre_.data();
     const S* pre = saved.pre.data();
     B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
       if (!(pre[i] > S(0))) dpre[i] = S(0);
     });
-    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, ConstMatrixView<S>(dpre_.view()), S(1), g1_.view());
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, ConstMatrixView<S>(dpre_.view()), w1_.view(), dxs);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, ConstMatrixView<S>(dpre_.view()), S(1), g1_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, ConstMatrixView<S>(dpre_.view()), w1_.view(), dxs, config_.precision);
     if (config_.bias) {
       sum_rows_per_expert(ctx, offsets, ConstMatrixView<S>(dpre_.view()), gb1_.data());
       sum_rows_per_expert(ctx, offsets, dys, gb2_.data());

@@ -10,10 +10,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "moe/error.hpp"
 #include "moe/expert_group.hpp"
+#include "moe/precision.hpp"
 #include "moe/scalar_math.hpp"
 
 namespace moe::expert {
@@ -21,6 +23,7 @@ namespace moe::expert {
 struct SwiGLU {
   struct Config {
     Index hidden = 0;  // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
+    Precision precision = Precision::fp32;  // of the GEMMs; bf16: operands rounded, fp32 accumulation (float only)
   };
   template <Backend B>
   class Group;
@@ -41,6 +44,9 @@ class SwiGLU::Group {
 
   Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
       : config_(config), d_(d_model), n_(n_experts) {
+    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::SwiGLU: precision = ",
+                    to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
+                    "-bit floating point");
     detail::require(config.hidden >= 1, "expert::SwiGLU: hidden = ", config.hidden,
                     ", expected at least 1 (set Config::hidden)");
     detail::require(d_model >= 1, "expert::SwiGLU: d_model = ", d_model, ", expected at least 1");
@@ -69,13 +75,13 @@ class SwiGLU::Group {
     saved.h1.resize(rows, h);
     saved.h3.resize(rows, h);
     saved.act.resize(rows, h);
-    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.h1.view());
-    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w3_.view(), saved.h3.view());
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.h1.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w3_.view(), saved.h3.view(), config_.precision);
     const S* h1 = saved.h1.data();
     const S* h3 = saved.h3.data();
     S* act = saved.act.data();
     B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
-    B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys, config_.precision);
   }
 
   // With g = dys W2^T and s = sigmoid(h1):
@@ -87,8 +93,8 @@ class SwiGLU::Group {
     dh1_.resize(rows, h);
     dh3_.resize(rows, h);
     dx3_.resize(rows, d);
-    B::grouped_gemm_wgrad(ctx, offsets, n_, ConstMatrixView<S>(saved.act.view()), dys, S(1), g2_.view());
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dh1_.view());  // g, overwritten below
+    B::grouped_gemm_wgrad(ctx, offsets, n_, ConstMatrixView<S>(saved.act.view()), dys, S(1), g2_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dh1_.view(), config_.precision);  // g, overwritten below
     {
       const S* h1 = saved.h1.data();
       const S* h3 = saved.h3.data();
@@ -102,10 +108,10 @@ class SwiGLU::Group {
       });
     }
     const ConstMatrixView<S> dh1 = dh1_.view(), dh3 = dh3_.view();
-    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view());
-    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh3, S(1), g3_.view());
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh1, w1_.view(), dxs);
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view());
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view(), config_.precision);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh3, S(1), g3_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh1, w1_.view(), dxs, config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view(), config_.precision);
     const S* dx3 = dx3_.data();
     B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       for (Index c = 0; c < d; ++c) dxs(r, c) += dx3[r * d + c];

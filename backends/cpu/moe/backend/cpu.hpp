@@ -33,13 +33,14 @@ class Cpu {
                    MatrixView<S> c) {
     cpu::gemm(ctx.threads, ta, tb, alpha, a, b, beta, c);
   }
+  // precision: Precision::bf16 rounds the operands to bfloat16 (float only); see moe/precision.hpp.
   static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                           ConstMatrixView<S> w, MatrixView<S> c) {
-    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c);
+                           ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
+    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c, precision);
   }
   static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
-    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w);
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
+    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w, precision);
   }
   // Light items (a token's gate, an element) go parallel only in chunks of at least this many.
   static constexpr Index kItemsPerThread = 256;

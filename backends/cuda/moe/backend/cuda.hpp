@@ -61,13 +61,13 @@ struct CudaSystem {
   }
   template <class S>
   static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                           ConstMatrixView<S> w, MatrixView<S> c) {
-    cuda::grouped_gemm(ctx, offsets, groups, tw, a, w, c);
+                           ConstMatrixView<S> w, MatrixView<S> c, Precision precision) {
+    cuda::grouped_gemm(ctx, offsets, groups, tw, a, w, c, precision);
   }
   template <class S>
   static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
-    cuda::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w);
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision) {
+    cuda::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w, precision);
   }
 
   // Either direction between device and host memory (unified addressing), ordered on the stream.

@@ -38,14 +38,14 @@ class Thrust {
                    MatrixView<S> c) {
     System::gemm(ctx, ta, tb, alpha, a, b, beta, c);
   }
-  // offsets: [groups + 1] in backend memory.
+  // offsets: [groups + 1] in backend memory. precision: see moe/precision.hpp.
   static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                           ConstMatrixView<S> w, MatrixView<S> c) {
-    System::grouped_gemm(ctx, offsets, groups, tw, a, w, c);
+                           ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
+    System::grouped_gemm(ctx, offsets, groups, tw, a, w, c, precision);
   }
   static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
-    System::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w);
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
+    System::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w, precision);
   }
 
   // f(i) for every i in [0, count), one item per thread on a device; items write disjoint memory.

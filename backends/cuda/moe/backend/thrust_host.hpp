@@ -47,13 +47,13 @@ struct ThrustHostSystem {
   }
   template <class S>
   static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                           ConstMatrixView<S> w, MatrixView<S> c) {
-    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c);
+                           ConstMatrixView<S> w, MatrixView<S> c, Precision precision) {
+    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c, precision);
   }
   template <class S>
   static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                                 ConstMatrixView<S> b, S beta, MatrixView<S> w) {
-    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w);
+                                 ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision) {
+    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w, precision);
   }
   template <class T>
   static void copy(Context&, ConstMatrixView<T> src, MatrixView<T> dst) {

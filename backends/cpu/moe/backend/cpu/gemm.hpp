@@ -3,11 +3,14 @@
 // count) so that every element is computed by the same instruction sequence on any thread count.
 
 #include <algorithm>
+#include <type_traits>
 
 #include "moe/backend/cpu/eigen.hpp"
+#include "moe/backend/cpu/host_matrix.hpp"
 #include "moe/backend/cpu/parallel.hpp"
 #include "moe/error.hpp"
 #include "moe/op.hpp"
+#include "moe/precision.hpp"
 
 namespace moe::backend::cpu {
 
@@ -67,11 +70,28 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
   });
 }
 
+// A contiguous copy of m with every element rounded to bfloat16 (Precision::bf16's operands).
+template <class S>
+HostMatrix<S> rounded_to_bf16(ConstMatrixView<S> m, const char* who) {
+  detail::require(std::is_same_v<S, float>, who, ": Precision::bf16 needs float data, got ", sizeof(S) * 8,
+                  "-bit floating point");
+  HostMatrix<S> out(m.rows, m.cols);
+  for (Index r = 0; r < m.rows; ++r)
+    for (Index c = 0; c < m.cols; ++c) out(r, c) = static_cast<S>(round_to_bf16(static_cast<float>(m(r, c))));
+  return out;
+}
+
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
+// With Precision::bf16, a and w are rounded to bfloat16 first (into temporary copies).
 template <class S>
 void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a, ConstMatrixView<S> w,
-                  MatrixView<S> c) {
+                  MatrixView<S> c, Precision precision = Precision::fp32) {
+  if (precision == Precision::bf16) {
+    const HostMatrix<S> ar = rounded_to_bf16(a, "grouped_gemm"), wr = rounded_to_bf16(w, "grouped_gemm");
+    grouped_gemm(threads, offsets, groups, tw, ar.view(), wr.view(), c, Precision::fp32);
+    return;
+  }
   detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
                   " stacked weight rows do not split into ", groups, " groups");
   const Index wr = w.rows / groups;
@@ -103,9 +123,15 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
 // are (group, block of kGemmRowBlock columns of w): each item's reduction over the group's rows
 // is done by one thread in full, so the summation order is fixed, and a single busy expert
 // still spreads over the threads.
+// With Precision::bf16, a and b are rounded to bfloat16 first; w accumulates in S.
 template <class S>
 void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a, ConstMatrixView<S> b,
-                        S beta, MatrixView<S> w) {
+                        S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
+  if (precision == Precision::bf16) {
+    const HostMatrix<S> ar = rounded_to_bf16(a, "grouped_gemm_wgrad"), br = rounded_to_bf16(b, "grouped_gemm_wgrad");
+    grouped_gemm_wgrad(threads, offsets, groups, ar.view(), br.view(), beta, w, Precision::fp32);
+    return;
+  }
   detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows &&
                       offsets[groups] == a.rows,
                   "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows, " x ",

@@ -20,6 +20,7 @@
 #include "moe/backend/cuda/context.hpp"
 #include "moe/error.hpp"
 #include "moe/op.hpp"
+#include "moe/precision.hpp"
 #include "moe/view.hpp"
 
 namespace moe::backend::cuda {
@@ -187,10 +188,20 @@ __device__ inline bool locate_row_tile(const Index* __restrict__ offsets, Index 
   return group >= 0;
 }
 
+// An operand as the tile multiply sees it: rounded to bfloat16 for Precision::bf16 (float data
+// only), as is otherwise.
+template <bool Round, class Acc, class T>
+__device__ __forceinline__ Acc operand(T v) {
+  if constexpr (Round)
+    return static_cast<Acc>(::moe::round_to_bf16(static_cast<float>(v)));
+  else
+    return static_cast<Acc>(v);
+}
+
 // c rows of group g = a rows of group g * op(w_g). grid.x: row tiles (an upper bound on their
 // number; blocks past the last exit), grid.y: column tiles, strided when there are more than
 // grid.y of them.
-template <class T, class Acc>
+template <class T, class Acc, bool Round>
 __global__ void __launch_bounds__(kThreads)
     grouped_gemm_kernel(const Index* __restrict__ offsets, Index groups, bool transpose_w, ConstMatrixView<T> a,
                         ConstMatrixView<T> w, Index wr, MatrixView<T> c, Index k, Index n) {
@@ -219,19 +230,19 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < kTile * kDepth; e += kThreads) {
         const int i = e / kDepth;
         const int kk = e % kDepth;
-        as[kk][i] = i < m && kk < depth ? static_cast<Acc>(a.data[(row0 + i) * a.stride + k0 + kk]) : Acc(0);
+        as[kk][i] = i < m && kk < depth ? operand<Round, Acc>(a.data[(row0 + i) * a.stride + k0 + kk]) : Acc(0);
       }
       if (!transpose_w) {  // op(w_g)(kk, j) = w_g(kk, j): consecutive threads walk j
         for (int e = tid; e < kTile * kDepth; e += kThreads) {
           const int kk = e / kTile;
           const int j = e % kTile;
-          bs[kk][j] = kk < depth && j < nt ? static_cast<Acc>(wg[(k0 + kk) * w.stride + col0 + j]) : Acc(0);
+          bs[kk][j] = kk < depth && j < nt ? operand<Round, Acc>(wg[(k0 + kk) * w.stride + col0 + j]) : Acc(0);
         }
       } else {  // op(w_g)(kk, j) = w_g(j, kk): consecutive threads walk kk
         for (int e = tid; e < kTile * kDepth; e += kThreads) {
           const int j = e / kDepth;
           const int kk = e % kDepth;
-          bs[kk][j] = kk < depth && j < nt ? static_cast<Acc>(wg[(col0 + j) * w.stride + k0 + kk]) : Acc(0);
+          bs[kk][j] = kk < depth && j < nt ? operand<Round, Acc>(wg[(col0 + j) * w.stride + k0 + kk]) : Acc(0);
         }
       }
       __syncthreads();
@@ -254,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // w_g = beta * w_g + a_g^T b_g. A 1-D grid strides over the (group, row tile of w_g, column
 // tile of w_g) triples; each block reduces over its group's rows in order, kDepth at a time.
-template <class T, class Acc>
+template <class T, class Acc, bool Round>
 __global__ void __launch_bounds__(kThreads)
     grouped_wgrad_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<T> a, ConstMatrixView<T> b,
                          Acc beta, MatrixView<T> w, Index row_tiles, Index col_tiles) {
@@ -284,8 +295,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < kTile * kDepth; e += kThreads) {
         const int kk = e / kTile;
         const int i = e % kTile;
-        as[kk][i] = kk < depth && i < mi ? static_cast<Acc>(a.data[(r0 + kk) * a.stride + i0 + i]) : Acc(0);
-        bs[kk][i] = kk < depth && i < nj ? static_cast<Acc>(b.data[(r0 + kk) * b.stride + j0 + i]) : Acc(0);
+        as[kk][i] = kk < depth && i < mi ? operand<Round, Acc>(a.data[(r0 + kk) * a.stride + i0 + i]) : Acc(0);
+        bs[kk][i] = kk < depth && i < nj ? operand<Round, Acc>(b.data[(r0 + kk) * b.stride + j0 + i]) : Acc(0);
       }
       __syncthreads();
       multiply_tile(as, bs, depth, tx, ty, acc);
@@ -340,6 +351,17 @@ void gemm(const Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, Const
                     &beta, c.data, ldc);
 }
 
+namespace detail {
+// Whether the kernels round their operands to bfloat16; Precision::bf16 needs float data.
+template <class S>
+bool rounds_to_bf16(Precision precision, const char* who) {
+  if (precision != Precision::bf16) return false;
+  ::moe::detail::require(std::is_same_v<S, float>, who, ": Precision::bf16 needs float data, got ", sizeof(S) * 8,
+                         "-bit floating point");
+  return true;
+}
+}  // namespace detail
+
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * wr x w.cols).
 // offsets (groups + 1 entries) lives in device memory and is read only by the kernel: the host
@@ -347,7 +369,7 @@ void gemm(const Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, Const
 // clamps every group's rows into [0, a.rows)); the other shape checks are the CPU's. One launch.
 template <class S>
 void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                  ConstMatrixView<S> w, MatrixView<S> c) {
+                  ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
   static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm supports float and double");
   ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
                          " stacked weight rows do not split into ", groups, " groups");
@@ -364,8 +386,12 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
   const Index col_tiles = (n + detail::kTile - 1) / detail::kTile;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(std::min(col_tiles, detail::kMaxGridY)));
   using Acc = typename detail::Accumulator<S>::type;
-  detail::grouped_gemm_kernel<S, Acc>
-      <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
+  if (detail::rounds_to_bf16<S>(precision, "grouped_gemm"))
+    detail::grouped_gemm_kernel<S, Acc, true>
+        <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
+  else
+    detail::grouped_gemm_kernel<S, Acc, false>
+        <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
   MOE_CUDA_CHECK_LAUNCH();
 }
 
@@ -376,7 +402,7 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
 // One launch; each output element is reduced over its group's rows in order by one thread.
 template <class S>
 void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                        ConstMatrixView<S> b, S beta, MatrixView<S> w) {
+                        ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
   static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm_wgrad supports float and double");
   ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
                          "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
@@ -387,8 +413,12 @@ void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, 
   const Index tiles = groups * row_tiles * col_tiles;
   const auto blocks = static_cast<unsigned>(std::min<Index>(tiles, INT_MAX));
   using Acc = typename detail::Accumulator<S>::type;
-  detail::grouped_wgrad_kernel<S, Acc><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
-      offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+  if (detail::rounds_to_bf16<S>(precision, "grouped_gemm_wgrad"))
+    detail::grouped_wgrad_kernel<S, Acc, true><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
+        offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+  else
+    detail::grouped_wgrad_kernel<S, Acc, false><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
+        offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
   MOE_CUDA_CHECK_LAUNCH();
 }
 
