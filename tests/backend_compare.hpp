@@ -124,7 +124,7 @@ typename moe::GateAtDepth<Gate, Depth>::Config depth_config(Index n) {
 
 struct Shape {
   Index tokens, d, n, h, shared;
-  bool skew;  // every token's first choice is expert 0 (depth 1), many experts empty
+  bool skew;  // depth 1: every token's first choice is expert 0, experts 2 and up get no token
   const char* what;
 };
 
@@ -285,7 +285,8 @@ void compare(const Result<S>& test, const Result<S>& ref, double tol, double& wo
 // every parameter gradient as one vector), are within 1e-1: a ReLU expert's mask flips for the
 // pre-activations closer to 0 than their bf16 rounding, and a fraction p of flipped entries
 // moves a norm by about sqrt(p) (0.3% flipped: 5%); single small tensors whose sums cancel
-// (a router's gradient for one token, d = 1) can differ more and are not bounded one by one.
+// (a router's gradient for one token) can differ more and are not bounded one by one, and the
+// d = 1 shape (outputs that are sums of 3 terms that cancel) is left out.
 template <class S>
 void compare_to_fp32(const Result<S>& test, const Result<S>& ref32, Worst& worst) {
   CHECK(test.routing == ref32.routing);
@@ -350,8 +351,13 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
     REQUIRE(rp[i].name == tp[i].name);
     const Index count = rp[i].value.rows * rp[i].value.cols;
     auto values = random_values<S>(1000 + i, static_cast<std::uint32_t>(i), count, 0.5);
-    if (shape.skew && depth == 1 && rp[i].name == "gate.w_gate")  // expert 0 wins every token
-      for (Index r = 0; r < rp[i].value.rows; ++r) values[static_cast<std::size_t>(r * rp[i].value.cols)] = S(3);
+    if (shape.skew && depth == 1 && rp[i].name == "gate.w_gate") {
+      // Positive tokens: expert 0 is every token's first choice, experts 2 and up nobody's.
+      const Index cols = rp[i].value.cols;
+      for (Index r = 0; r < rp[i].value.rows; ++r)
+        for (Index c = 0; c < cols; ++c)
+          if (c == 0 || c >= 2) values[static_cast<std::size_t>(r * cols + c)] = c == 0 ? S(3) : S(-3);
+    }
     upload<Cpu>(values, rp[i].value);
     upload<Cpu>(values, r32[i].value);
     upload<Bt>(values, tp[i].value);
@@ -374,25 +380,41 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
   for (const moe::Mode mode : {moe::Mode::train, moe::Mode::inference}) {
     INFO("mode ", std::string(mode == moe::Mode::train ? "train" : "inference"));
     const auto r_ref = run<Cpu>(ref, x_host, dy_host, mode);
+    if (shape.skew && depth == 1 && !std::is_same_v<Gate, moe::gate::Softmax> &&
+        !std::is_same_v<Gate, moe::gate::ExpertChoice>) {
+      INFO("the skewed case leaves experts 2 and up empty");
+      for (std::size_t e = 2; e < r_ref.tokens_per_expert.size(); ++e) CHECK(r_ref.tokens_per_expert[e] == 0);
+    }
     const auto r_test = run<Bt>(test, x_test, dy_test, mode);
     const auto r_again = run<Bt>(again, x_test, dy_test, mode);
     compare(r_test, r_ref, tol, worst.forward, worst.backward);
     check_same_bits(r_test, r_again);
-    if (bf16) {
+    if (bf16 && shape.d >= 8) {  // d = 1: a norm over a few summands that cancel measures nothing
       INFO("bf16 experts against the fp32 reference");
       compare_to_fp32(r_test, run<Cpu>(ref32, x_host, dy_host, mode), worst);
     }
   }
 }
 
-// Every shape of a case, in fp32 and with bf16 experts, with the backend under test Bt.
+// Every shape of a case, with the backend under test Bt: in its own precision, and with bf16
+// experts when it computes in float.
 template <class Bt, class Case>
 Worst run_all_shapes(double tol) {
   Worst worst;
-  for (const Shape& shape : shapes(Case::depth))
-    for (const moe::Precision precision : {moe::Precision::fp32, moe::Precision::bf16})
-      run_case<Bt, Case>(shape, precision, tol, worst);
+  for (const Shape& shape : shapes(Case::depth)) {
+    run_case<Bt, Case>(shape, moe::Precision::fp32, tol, worst);
+    if constexpr (std::is_same_v<typename Bt::Scalar, float>) run_case<Bt, Case>(shape, moe::Precision::bf16, tol, worst);
+  }
   return worst;
+}
+
+// One doctest case: every shape of Case, with the backend under test Bt, and its worst errors.
+template <class Bt, class Case>
+void check_case(double tol) {
+  const Worst worst = run_all_shapes<Bt, Case>(tol);
+  MESSAGE(type_name<typename Case::GateType>(), " / ", type_name<typename Case::ExpertType>(), " / depth ", Case::depth,
+          ": worst relative error forward ", worst.forward, ", backward ", worst.backward,
+          "; bf16 experts against fp32: y ", worst.bf16_vs_fp32, ", gradients ", worst.bf16_grad_vs_fp32);
 }
 
 }  // namespace compare

@@ -366,8 +366,7 @@ class Layer {
     const BalanceWeights w = gate_.balance_weights();
     const BalanceStats<Scalar>& st = f.stats_;
     // MATH.md 5: differentiate CV^2 through mean and variance, for Importance and smooth Load.
-    // (From the Forward's backend copies of Importance and Load: with comm::Local, the only
-    // communicator of this version, they equal the all-reduced statistics.)
+    // (From the Forward's backend copies of Importance and Load, which hold the global sums.)
     dimportance_.resize(n, 1);
     dload_.resize(n, 1);
     detail::balance_gradients<B>(ctx, f.importance_.data(), st.load_is_count ? nullptr : f.routing_.load.data(), n,
@@ -549,9 +548,14 @@ class Layer {
     B::synchronize(ctx);
     for (const Index flag : unrouted) st.dropped_tokens += flag;
     if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    // MATH.md 6: summed over the global batch before CV^2.
+    // MATH.md 6: summed over the global batch before CV^2. Backward differentiates the Forward's
+    // backend copies: with more than one rank they are replaced by the global sums.
     comm_.all_reduce_sum(st.importance.data(), n);
     comm_.all_reduce_sum(st.load.data(), n);
+    if (comm_.size() > 1) {
+      from_host<B>(ctx, st.importance, f.importance_);
+      if (!st.load_is_count) from_host<B>(ctx, st.load, f.routing_.load);
+    }
     const BalanceWeights w = gate_.balance_weights();
     st.cv2_importance = cv_squared(st.importance);
     st.cv2_load = cv_squared(st.load);

@@ -1,5 +1,6 @@
 // The CUDA backend against the CPU reference: every gate and expert at depth MOE_COMPARE_DEPTH
-// (one executable per depth), float, with the shared comparison suite (tests/backend_compare.hpp).
+// (one executable per depth), float with fp32 and bf16 experts (and double at depth 1), with the
+// shared comparison suite (tests/backend_compare.hpp).
 // Built with MOE_POISON_BUFFERS: device and host buffers start as NaN. Exits 77 (Meson: SKIP),
 // naming itself, when no CUDA device answers.
 
@@ -15,13 +16,18 @@
 #define MOE_COMPARE_DEPTH 1
 #endif
 
-TEST_CASE_TEMPLATE_DEFINE("Cuda matches the CPU reference (float)", Case, cuda_cases) {
-  const compare::Worst worst = compare::run_all_shapes<moe::backend::Cuda<float>, Case>(1e-5);
-  MESSAGE(compare::type_name<typename Case::GateType>(), " / ", compare::type_name<typename Case::ExpertType>(),
-          " / depth ", Case::depth, ": worst relative error forward ", worst.forward, ", backward ", worst.backward,
-          "; bf16 experts against fp32: y ", worst.bf16_vs_fp32, ", gradients ", worst.bf16_grad_vs_fp32);
+TEST_CASE_TEMPLATE_DEFINE("Cuda matches the CPU reference (float, and bf16 experts)", Case, cuda_cases) {
+  compare::check_case<moe::backend::Cuda<float>, Case>(1e-5);
 }
 TEST_CASE_TEMPLATE_APPLY(cuda_cases, compare::CasesAtDepth<MOE_COMPARE_DEPTH>);
+
+#if MOE_COMPARE_DEPTH == 1
+// Cuda<double> at depth 1 (cuBLAS DGEMM and the kernels' double path), against Cpu<double>.
+TEST_CASE_TEMPLATE_DEFINE("Cuda matches the CPU reference (double)", Case, cuda_double_cases) {
+  compare::check_case<moe::backend::Cuda<double>, Case>(1e-10);
+}
+TEST_CASE_TEMPLATE_APPLY(cuda_double_cases, compare::CasesAtDepth<1>);
+#endif
 
 int main(int argc, char** argv) {
   if (!moe::backend::cuda::device_available()) {

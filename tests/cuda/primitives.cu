@@ -149,13 +149,19 @@ void test_gemm(std::mt19937& rng, Op ta, Op tb, Index m, Index n, Index k, S alp
   expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
 }
 
+// The row offsets [groups + 1] of groups of the given sizes.
+std::vector<Index> offsets_of(const std::vector<Index>& sizes) {
+  std::vector<Index> offsets(1, 0);
+  for (Index s : sizes) offsets.push_back(offsets.back() + s);
+  return offsets;
+}
+
 template <class S>
 void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Index k, Index n,
                   moe::Precision precision = moe::Precision::fp32) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
-  std::vector<Index> offsets(1, 0);
-  for (Index s : sizes) offsets.push_back(offsets.back() + s);
+  const std::vector<Index> offsets = offsets_of(sizes);
   const Index rows = offsets.back();
   const Index wr = tw == Op::none ? k : n, wc = tw == Op::none ? n : k;
   Buffer<S> a(rows, k, k + 2, rng), w(groups * wr, wc, wc + 5, rng);
@@ -184,6 +190,11 @@ void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Ind
         }
         meter.add(got[static_cast<std::size_t>(i * c.stride + j)], sum, scale + 1e-30);
       }
+  // The row padding (columns n .. stride - 1, NaN before the call) is never written.
+  bool padding_kept = true;
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = n; j < c.stride; ++j) padding_kept = padding_kept && std::isnan(got[static_cast<std::size_t>(i * c.stride + j)]);
+  expect(padding_kept, "grouped_gemm wrote into the output's row padding");
   char what[160];
   std::snprintf(what, sizeof what, "grouped_gemm<%s, %s> groups=%ld rows=%ld tw=%d k=%ld n=%ld: max rel err %.3g",
                 sizeof(S) == 4 ? "float" : "double", moe::to_string(precision), long(groups), long(rows), int(tw),
@@ -197,8 +208,7 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
                 moe::Precision precision = moe::Precision::fp32) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
-  std::vector<Index> offsets(1, 0);
-  for (Index s : sizes) offsets.push_back(offsets.back() + s);
+  const std::vector<Index> offsets = offsets_of(sizes);
   const Index rows = offsets.back();
   Buffer<S> a(rows, d, d + 1, rng), b(rows, n, n + 3, rng);
   Buffer<S> w(groups * d, n, n + 2, rng, std::numeric_limits<S>::quiet_NaN(), beta != S(0));
@@ -223,6 +233,14 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
         meter.add(got[static_cast<std::size_t>((g * d + i) * w.stride + j)], want,
                   scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
       }
+  // The row padding (columns n .. stride - 1) keeps its bits.
+  bool padding_kept = true;
+  for (Index i = 0; i < groups * d; ++i)
+    for (Index j = n; j < w.stride; ++j) {
+      const auto at = static_cast<std::size_t>(i * w.stride + j);
+      padding_kept = padding_kept && std::memcmp(&got[at], &w.host[at], sizeof(S)) == 0;
+    }
+  expect(padding_kept, "grouped_gemm_wgrad wrote into the gradient's row padding");
   char what[160];
   std::snprintf(what, sizeof what,
                 "grouped_gemm_wgrad<%s, %s> groups=%ld rows=%ld d=%ld n=%ld beta=%g: max rel err %.3g",

@@ -206,26 +206,28 @@ class Hierarchy<Gate, Depth>::Policy {
       // Counts, importance and loads per node (MATH.md 4), in path order.
       lv.count.assign(static_cast<std::size_t>(nodes), 0);
       std::vector<S> importance(static_cast<std::size_t>(nodes), S(0));
+      lv.smooth = !lv.routing.load_is_count;
+      any_smooth = any_smooth || lv.smooth;
+      if (lv.smooth)
+        detail::require(lv.routing.load.rows() * lv.routing.load.cols() == nodes, "gate::Hierarchy: levels[", l,
+                        "]'s gate reported a load of ", lv.routing.load.rows() * lv.routing.load.cols(),
+                        " entries, expected ", nodes);
       {
-        // On the host, in path order: the level's counts and Importance (small per level).
-        const std::vector<Index> node = to_host<B>(ctx, ConstMatrixView<Index>(lv.path_node.view()));
-        const std::vector<S> pg = to_host<B>(ctx, ConstMatrixView<S>(lv.path_gate.view()));
+        // On the host, in path order, behind one synchronization: the level's counts and
+        // Importance (small per level), and its gate's smooth load.
+        std::vector<Index> node;
+        std::vector<S> pg;
+        enqueue_to_host<B>(ctx, ConstMatrixView<Index>(lv.path_node.view()), node);
+        enqueue_to_host<B>(ctx, ConstMatrixView<S>(lv.path_gate.view()), pg);
+        if (lv.smooth) enqueue_to_host<B>(ctx, ConstMatrixView<S>(lv.routing.load.view()), lv.own_load);
+        B::synchronize(ctx);
         for (std::size_t p = 0; p < node.size(); ++p)
           if (node[p] != kNotRouted) {
             ++lv.count[static_cast<std::size_t>(node[p])];
             importance[static_cast<std::size_t>(node[p])] += pg[p];
           }
       }
-      lv.smooth = !lv.routing.load_is_count;
-      any_smooth = any_smooth || lv.smooth;
-      if (lv.smooth) {
-        detail::require(lv.routing.load.rows() * lv.routing.load.cols() == nodes, "gate::Hierarchy: levels[", l,
-                        "]'s gate reported a load of ", lv.routing.load.rows() * lv.routing.load.cols(),
-                        " entries, expected ", nodes);
-        lv.own_load = to_host<B>(ctx, ConstMatrixView<S>(lv.routing.load.view()));
-      } else {
-        lv.own_load.assign(lv.count.begin(), lv.count.end());
-      }
+      if (!lv.smooth) lv.own_load.assign(lv.count.begin(), lv.count.end());
       lv.load.resize(static_cast<std::size_t>(nodes));
       // While no level so far is smooth, Load_H is the count itself (not count * count / count).
       if (!any_smooth) lv.load.assign(lv.count.begin(), lv.count.end());

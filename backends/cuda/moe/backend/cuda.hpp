@@ -14,7 +14,9 @@
 #endif
 
 #include <cuda_runtime.h>
+#include <thrust/system_error.h>
 
+#include <new>
 #include <type_traits>
 
 #include "moe/backend.hpp"
@@ -53,6 +55,19 @@ struct CudaSystem {
   };
 
   static auto policy(Context& ctx) { return cuda::policy(ctx); }
+  // Thrust reports CUDA and CUB failures as thrust::system_error (a launch, a sort's temporary
+  // storage, a kernel fault seen at its synchronization); they come out as moe::Error with the
+  // call, file and line. moe::Error (e.g. the caching allocator's) goes through as is.
+  template <class F>
+  static void checked(F&& f, const char* call, const char* file, int line) {
+    try {
+      f();
+    } catch (const thrust::system_error& e) {
+      ::moe::detail::fail("Thrust error (", e.what(), ") in ", call, " at ", file, ":", line);
+    } catch (const std::bad_alloc& e) {
+      ::moe::detail::fail("Thrust could not allocate (", e.what(), ") in ", call, " at ", file, ":", line);
+    }
+  }
 
   template <class S>
   static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,

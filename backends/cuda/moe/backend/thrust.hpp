@@ -9,7 +9,12 @@
 // the host, so it is tested against the CPU reference where no GPU answers.
 //
 // A System provides: Buffer<T>, Context, policy(ctx), Scratch<T> (temporary backend memory that
-// costs no allocation in steady state), gemm, grouped_gemm, grouped_gemm_wgrad, copy, synchronize.
+// costs no allocation in steady state), gemm, grouped_gemm, grouped_gemm_wgrad, copy, synchronize,
+// and checked(f, call, file, line), which runs a Thrust call and turns its failure into a
+// moe::Error naming the call, file and line.
+
+// Runs one Thrust algorithm call through System::checked.
+#define MOE_THRUST(System, ...) System::checked([&] { __VA_ARGS__; }, #__VA_ARGS__, __FILE__, __LINE__)
 
 #include <thrust/binary_search.h>
 #include <thrust/copy.h>
@@ -17,6 +22,7 @@
 #include <thrust/iterator/counting_iterator.h>
 #include <thrust/scan.h>
 #include <thrust/sequence.h>
+#include <thrust/fill.h>
 #include <thrust/sort.h>
 
 #include "moe/backend.hpp"
@@ -52,7 +58,7 @@ class Thrust {
   template <class F>
   static void for_each(Context& ctx, Index count, F f) {
     if (count <= 0) return;
-    thrust::for_each_n(System::policy(ctx), thrust::counting_iterator<Index>(0), count, f);
+    MOE_THRUST(System, thrust::for_each_n(System::policy(ctx), thrust::counting_iterator<Index>(0), count, f));
   }
 
   // dst.row(i) = src.row(rows[i]), one item per element.
@@ -84,8 +90,8 @@ class Thrust {
     typename System::template Scratch<Index> sorted(ctx, count), ends(ctx, bins + 1);
     const auto policy = System::policy(ctx);
     if (count > 0) {
-      thrust::copy_n(policy, keys, count, sorted.data());
-      thrust::sort(policy, sorted.data(), sorted.data() + count);
+      MOE_THRUST(System, thrust::copy_n(policy, keys, count, sorted.data()));
+      MOE_THRUST(System, thrust::sort(policy, sorted.data(), sorted.data() + count));
     }
     Index* end = ends.data();
     const Index* first = sorted.data();
@@ -97,8 +103,8 @@ class Thrust {
   // out[0] = 0, out[i] = in[0] + ... + in[i-1]; out has count + 1 entries.
   static void exclusive_scan(Context& ctx, const Index* in, Index count, Index* out) {
     const auto policy = System::policy(ctx);
-    thrust::fill_n(policy, out, 1, Index{0});
-    if (count > 0) thrust::inclusive_scan(policy, in, in + count, out + 1);
+    MOE_THRUST(System, thrust::fill_n(policy, out, 1, Index{0}));
+    if (count > 0) MOE_THRUST(System, thrust::inclusive_scan(policy, in, in + count, out + 1));
   }
 
   // order[p] = the position of the p-th key in stable ascending key order.
@@ -106,9 +112,9 @@ class Thrust {
     if (count <= 0) return;
     typename System::template Scratch<Index> sorted(ctx, count);
     const auto policy = System::policy(ctx);
-    thrust::copy_n(policy, keys, count, sorted.data());
-    thrust::sequence(policy, order, order + count);
-    thrust::stable_sort_by_key(policy, sorted.data(), sorted.data() + count, order);
+    MOE_THRUST(System, thrust::copy_n(policy, keys, count, sorted.data()));
+    MOE_THRUST(System, thrust::sequence(policy, order, order + count));
+    MOE_THRUST(System, thrust::stable_sort_by_key(policy, sorted.data(), sorted.data() + count, order));
   }
 
   template <class T>

@@ -39,6 +39,11 @@ struct ThrustHostSystem {
   };
 
   static auto policy(Context&) { return thrust::cpp::par; }
+  // Host algorithms report nothing Thrust-specific: whatever they throw goes through as is.
+  template <class F>
+  static void checked(F&& f, const char*, const char*, int) {
+    f();
+  }
 
   template <class S>
   static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,

@@ -2,6 +2,7 @@
 // HostMatrix: the CPU backend's owning buffer, row-major, contiguous.
 
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -29,15 +30,17 @@ class HostMatrix {
 
   // Resizes to rows x cols, keeping the allocation when it is large enough: buffers reused
   // across calls cost no allocation in steady state. Contents are unspecified afterwards (with
-  // MOE_POISON_BUFFERS defined, every byte is 0xFF: NaN for floating point, -1 for integers, so
-  // a test sees any element read before it is written).
+  // MOE_POISON_BUFFERS defined, every byte is 0xFF for floating point, a NaN, and 0x7F for
+  // integers, a huge index that is no expert, no row and not kNotRouted, so a test sees any
+  // element read before it is written).
   void resize(Index rows, Index cols) {
     check_shape(rows, cols);
     rows_ = rows;
     cols_ = cols;
     data_.resize(static_cast<std::size_t>(rows * cols));
 #if defined(MOE_POISON_BUFFERS)
-    if (!data_.empty()) std::memset(static_cast<void*>(data_.data()), 0xFF, data_.size() * sizeof(T));
+    if (!data_.empty())
+      std::memset(static_cast<void*>(data_.data()), std::is_integral_v<T> ? 0x7F : 0xFF, data_.size() * sizeof(T));
 #endif
   }
 

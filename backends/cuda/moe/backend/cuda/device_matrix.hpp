@@ -88,7 +88,8 @@ class DeviceMatrix {
 
   // Resizes to rows x cols, keeping the allocation when it is large enough: buffers reused
   // across calls cost no allocation in steady state. Contents are unspecified afterwards (with
-  // MOE_POISON_BUFFERS defined, every byte is 0xFF, as for HostMatrix).
+  // MOE_POISON_BUFFERS defined, NaN bytes for floating point and 0x7F bytes for integers, as
+  // for HostMatrix).
   void resize(Index rows, Index cols) {
     check_shape(rows, cols);
     reserve(rows * cols);
@@ -96,7 +97,8 @@ class DeviceMatrix {
     cols_ = cols;
 #if defined(MOE_POISON_BUFFERS)
     if (size() > 0)
-      MOE_CUDA_CHECK(cudaMemsetAsync(data_, 0xFF, static_cast<std::size_t>(size()) * sizeof(T), cuda::Context{}.stream()));
+      MOE_CUDA_CHECK(cudaMemsetAsync(data_, std::is_integral_v<T> ? 0x7F : 0xFF, static_cast<std::size_t>(size()) * sizeof(T),
+                                     cuda::Context{}.stream()));
 #endif
   }
 
