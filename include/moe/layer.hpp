@@ -117,6 +117,9 @@ class Layer {
  public:
   using Scalar = typename B::Scalar;
   using Backend = B;
+  using ExpertTag = Expert;  // the expert family (e.g. expert::SwiGLU)
+  using GateTag = Gate;      // the gate family of every level (e.g. gate::TopK)
+  using CommType = Comm;
   using ExpertGroup = typename Expert::template Group<B>;
   using GateFamily = GateAtDepth<Gate, Depth>;
   using GatePolicy = typename GateFamily::template Policy<B>;

@@ -1,0 +1,305 @@
+#pragma once
+// A layer's configuration as flat string metadata, so a weights file describes the layer it
+// holds: which expert, gate, depth and scalar, and every Config field under a dotted key
+// ("config.d_model", "config.expert.hidden", "config.gate.levels.0.gate.k"). describe() writes
+// it, layer_config() reads it back, layer_kind() tells which Layer type a file needs.
+//
+// The library's experts and gates are described here. A custom expert or gate takes part by
+// giving its type a name and its Config a field list, found by argument-dependent lookup:
+//   static constexpr const char* io_name = "MyExpert";          // in the expert or gate tag
+//   template <class V> void config_fields(MyExpert::Config& c, V&& v) { v("hidden", c.hidden); }
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "moe/error.hpp"
+#include "moe/expert/feed_forward.hpp"
+#include "moe/expert/swiglu.hpp"
+#include "moe/gate/expert_choice.hpp"
+#include "moe/gate/hierarchy.hpp"
+#include "moe/gate/noisy_top_k.hpp"
+#include "moe/gate/sigmoid_bias.hpp"
+#include "moe/gate/softmax.hpp"
+#include "moe/gate/switch.hpp"
+#include "moe/gate/top_k.hpp"
+#include "moe/precision.hpp"
+
+namespace moe::io {
+
+using Metadata = std::map<std::string, std::string>;
+
+// The value of "format" in a file written by moe::io::save.
+inline constexpr std::string_view layer_format = "moe.layer/1";
+
+// Field lists of the library's Configs, in declaration order.
+template <class V>
+void config_fields(expert::FeedForward::Config& c, V&& v) {
+  v("hidden", c.hidden);
+  v("bias", c.bias);
+  v("precision", c.precision);
+}
+template <class V>
+void config_fields(expert::SwiGLU::Config& c, V&& v) {
+  v("hidden", c.hidden);
+  v("precision", c.precision);
+}
+template <class V>
+void config_fields(gate::NoisyTopK::Config& c, V&& v) {
+  v("k", c.k);
+  v("eps_noise", c.eps_noise);
+  v("noisy", c.noisy);
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+  v("w_z", c.w_z);
+}
+template <class V>
+void config_fields(gate::TopK::Config& c, V&& v) {
+  v("k", c.k);
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+  v("w_z", c.w_z);
+  v("init_scale", c.init_scale);
+}
+template <class V>
+void config_fields(gate::Softmax::Config& c, V&& v) {
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+  v("w_z", c.w_z);
+  v("init_scale", c.init_scale);
+}
+template <class V>
+void config_fields(gate::Switch::Config& c, V&& v) {
+  v("capacity_factor", c.capacity_factor);
+  v("w_aux", c.w_aux);
+  v("w_z", c.w_z);
+  v("init_scale", c.init_scale);
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+}
+template <class V>
+void config_fields(gate::ExpertChoice::Config& c, V&& v) {
+  v("capacity_factor", c.capacity_factor);
+  v("w_z", c.w_z);
+  v("init_scale", c.init_scale);
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+}
+template <class V>
+void config_fields(gate::SigmoidBias::Config& c, V&& v) {
+  v("k", c.k);
+  v("expert_groups", c.expert_groups);
+  v("top_groups", c.top_groups);
+  v("bias_rate", c.bias_rate);
+  v("scale", c.scale);
+  v("init_scale", c.init_scale);
+  v("w_importance", c.w_importance);
+  v("w_load", c.w_load);
+}
+
+// The names written as "moe.expert" and "moe.gate".
+template <class T>
+constexpr std::string_view family_name() {
+  if constexpr (std::is_same_v<T, expert::FeedForward>) return "FeedForward";
+  else if constexpr (std::is_same_v<T, expert::SwiGLU>) return "SwiGLU";
+  else if constexpr (std::is_same_v<T, gate::NoisyTopK>) return "NoisyTopK";
+  else if constexpr (std::is_same_v<T, gate::TopK>) return "TopK";
+  else if constexpr (std::is_same_v<T, gate::Softmax>) return "Softmax";
+  else if constexpr (std::is_same_v<T, gate::Switch>) return "Switch";
+  else if constexpr (std::is_same_v<T, gate::ExpertChoice>) return "ExpertChoice";
+  else if constexpr (std::is_same_v<T, gate::SigmoidBias>) return "SigmoidBias";
+  else if constexpr (requires { std::string_view(T::io_name); }) return T::io_name;
+  else
+    static_assert(sizeof(T) == 0, "moe::io: this expert or gate has no name; give it `static constexpr const char* io_name`");
+}
+
+template <class S>
+constexpr std::string_view scalar_name() {
+  if constexpr (std::is_same_v<S, float>) return "float";
+  else if constexpr (std::is_same_v<S, double>) return "double";
+  else
+    static_assert(sizeof(S) == 0, "moe::io: scalar types are float and double");
+}
+
+namespace detail {
+
+inline std::string format_value(bool v) { return v ? "true" : "false"; }
+inline std::string format_value(Precision p) { return to_string(p); }
+inline std::string format_value(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);  // round-trips every double
+  return buf;
+}
+template <class I>
+  requires std::is_integral_v<I>
+std::string format_value(I v) {
+  return std::to_string(v);
+}
+
+template <class T>
+void parse_value(const std::string& key, const std::string& text, T& out) {
+  auto bad = [&](const char* expected) {
+    moe::detail::fail("moe::io: metadata '", key, "' = '", text, "', expected ", expected);
+  };
+  if constexpr (std::is_same_v<T, bool>) {
+    if (text == "true") out = true;
+    else if (text == "false") out = false;
+    else bad("true or false");
+  } else if constexpr (std::is_same_v<T, Precision>) {
+    if (text == "fp32") out = Precision::fp32;
+    else if (text == "bf16") out = Precision::bf16;
+    else bad("fp32 or bf16");
+  } else if constexpr (std::is_same_v<T, double>) {
+    // std::from_chars for double is in libstdc++ 11+; strtod would follow the C locale.
+    double v = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc() || end != text.data() + text.size() || text.empty()) bad("a number");
+    out = v;
+  } else {
+    static_assert(std::is_integral_v<T>);
+    T v{};
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc() || end != text.data() + text.size() || text.empty()) bad("an integer in range");
+    out = v;
+  }
+}
+
+template <class C>
+concept Describable = requires(C& c) { config_fields(c, [](const char*, auto&) {}); };
+
+// Writes every field of c under prefix.
+template <class C>
+void write_fields(Metadata& m, const std::string& prefix, C c) {
+  if constexpr (Describable<C>)
+    config_fields(c, [&](const char* name, auto& field) { m[prefix + name] = format_value(field); });
+}
+
+// Reads every field of c from under prefix; every key must be present.
+template <class C>
+void read_fields(const Metadata& m, const std::string& prefix, C& c) {
+  if constexpr (Describable<C>) {
+    config_fields(c, [&](const char* name, auto& field) {
+      const std::string key = prefix + name;
+      const auto it = m.find(key);
+      moe::detail::require(it != m.end(), "moe::io: metadata has no '", key, "', expected every field of the layer's configuration");
+      parse_value(key, it->second, field);
+    });
+  } else {
+    moe::detail::fail("moe::io: the configuration under '", prefix,
+                      "' has no field list (config_fields), so it cannot be read from metadata");
+  }
+}
+
+template <class L>
+struct LayerTraits;
+
+}  // namespace detail
+
+// Which Layer type a file holds: expert and gate family names, depth, scalar.
+struct LayerKind {
+  std::string expert;
+  std::string gate;
+  int depth = 1;
+  std::string scalar;
+};
+
+inline const std::string& metadata_value(const Metadata& m, const std::string& key) {
+  const auto it = m.find(key);
+  moe::detail::require(it != m.end(), "moe::io: metadata has no '", key, "', expected a file written by moe::io::save (",
+                       layer_format, ") or a configuration with it");
+  return it->second;
+}
+
+inline LayerKind layer_kind(const Metadata& m) {
+  const std::string& format = metadata_value(m, "format");
+  moe::detail::require(format == layer_format, "moe::io: metadata 'format' = '", format, "', expected '", layer_format,
+                       "'");
+  LayerKind kind{metadata_value(m, "moe.expert"), metadata_value(m, "moe.gate"), 1, metadata_value(m, "moe.scalar")};
+  detail::parse_value("moe.depth", metadata_value(m, "moe.depth"), kind.depth);
+  moe::detail::require(kind.depth >= 1, "moe::io: metadata 'moe.depth' = ", kind.depth, ", expected at least 1");
+  return kind;
+}
+
+// The metadata describing a layer of type L with this configuration (CPU threads are a run-time
+// choice and are not written).
+template <class L>
+Metadata describe(const typename L::Config& config) {
+  using Expert = typename L::ExpertTag;
+  using Gate = typename L::GateTag;
+  Metadata m;
+  m["format"] = std::string(layer_format);
+  m["moe.expert"] = std::string(family_name<Expert>());
+  m["moe.gate"] = std::string(family_name<Gate>());
+  m["moe.depth"] = std::to_string(L::depth);
+  m["moe.scalar"] = std::string(scalar_name<typename L::Scalar>());
+  m["config.d_model"] = detail::format_value(config.d_model);
+  m["config.n_experts"] = detail::format_value(config.n_experts);
+  m["config.shared_experts"] = detail::format_value(config.shared_experts);
+  m["config.seed"] = detail::format_value(config.seed);
+  m["config.check_finite"] = detail::format_value(config.check_finite);
+  detail::write_fields(m, "config.expert.", config.expert);
+  if constexpr (L::depth == 1) {
+    detail::write_fields(m, "config.gate.", config.gate);
+  } else {
+    for (int l = 0; l < L::depth; ++l) {
+      const auto& level = config.gate.levels[static_cast<std::size_t>(l)];
+      const std::string prefix = "config.gate.levels." + std::to_string(l) + ".";
+      m[prefix + "branching"] = detail::format_value(level.branching);
+      detail::write_fields(m, prefix + "gate.", level.gate);
+    }
+    m["config.gate.w_importance"] = detail::format_value(config.gate.w_importance);
+    m["config.gate.w_load"] = detail::format_value(config.gate.w_load);
+  }
+  return m;
+}
+
+template <class L>
+Metadata describe(const L& layer) {
+  return describe<L>(layer.config());
+}
+
+// Checks that the metadata describes a layer of type L: same expert, gate, depth. The scalar may
+// differ (a double layer reads a file saved from a float one, and back).
+template <class L>
+void require_kind(const Metadata& m, const std::string& origin) {
+  const LayerKind kind = layer_kind(m);
+  const auto expert = family_name<typename L::ExpertTag>();
+  const auto gate = family_name<typename L::GateTag>();
+  moe::detail::require(kind.expert == expert && kind.gate == gate && kind.depth == L::depth, origin,
+                       ": holds a layer of expert ", kind.expert, ", gate ", kind.gate, ", depth ", kind.depth,
+                       "; expected expert ", expert, ", gate ", gate, ", depth ", L::depth);
+}
+
+// The configuration of a layer of type L read back from metadata; every field must be there.
+template <class L>
+typename L::Config layer_config(const Metadata& m, const std::string& origin = "moe::io") {
+  require_kind<L>(m, origin);
+  typename L::Config c{};
+  detail::parse_value("config.d_model", metadata_value(m, "config.d_model"), c.d_model);
+  detail::parse_value("config.n_experts", metadata_value(m, "config.n_experts"), c.n_experts);
+  detail::parse_value("config.shared_experts", metadata_value(m, "config.shared_experts"), c.shared_experts);
+  detail::parse_value("config.seed", metadata_value(m, "config.seed"), c.seed);
+  detail::parse_value("config.check_finite", metadata_value(m, "config.check_finite"), c.check_finite);
+  detail::read_fields(m, "config.expert.", c.expert);
+  if constexpr (L::depth == 1) {
+    detail::read_fields(m, "config.gate.", c.gate);
+  } else {
+    for (int l = 0; l < L::depth; ++l) {
+      auto& level = c.gate.levels[static_cast<std::size_t>(l)];
+      const std::string prefix = "config.gate.levels." + std::to_string(l) + ".";
+      detail::parse_value(prefix + "branching", metadata_value(m, prefix + "branching"), level.branching);
+      detail::read_fields(m, prefix + "gate.", level.gate);
+    }
+    detail::parse_value("config.gate.w_importance", metadata_value(m, "config.gate.w_importance"),
+                        c.gate.w_importance);
+    detail::parse_value("config.gate.w_load", metadata_value(m, "config.gate.w_load"), c.gate.w_load);
+  }
+  return c;
+}
+
+}  // namespace moe::io

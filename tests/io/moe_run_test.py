@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""moe-run end to end: a Mixtral-style block written from Python under Hugging Face's names,
+run by moe-run, against a reference of the block written here (y, gates, routing), its gradients
+against finite differences of moe-run's own outputs, a layer given by --config, the CUDA backend
+against the CPU one where a GPU answers, and the errors a user can make.
+
+usage: moe_run_test.py MOE_RUN"""
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import safetensors_py as st  # noqa: E402
+
+MOE_RUN = sys.argv[1]
+D, N, H, T = 5, 4, 3, 7
+PREFIX = "model.layers.0.block_sparse_moe."
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures.append(what)
+
+
+def run(*args, expect=0):
+    p = subprocess.run([MOE_RUN, *map(str, args)], capture_output=True, text=True)
+    if p.returncode != expect:
+        print(p.stdout, p.stderr)
+        raise SystemExit(f"moe-run {' '.join(map(str, args))}: exit {p.returncode}, expected {expect}")
+    return p
+
+
+def rand(rng, count):
+    return [st.f32(rng.uniform(-1, 1)) for _ in range(count)]
+
+
+def mixtral_weights(rng):
+    w = {PREFIX + "gate.weight": ("F32", [N, D], rand(rng, N * D))}
+    for e in range(N):
+        p = f"{PREFIX}experts.{e}."
+        w[p + "w1.weight"] = ("F32", [H, D], rand(rng, H * D))
+        w[p + "w2.weight"] = ("F32", [D, H], rand(rng, D * H))
+        w[p + "w3.weight"] = ("F32", [H, D], rand(rng, H * D))
+    return w
+
+
+def reference(w, x):
+    """The block: softmax over the n logits, top 2 renormalized, SwiGLU experts."""
+    g = w[PREFIX + "gate.weight"][2]
+    ys, gates, experts = [], [], []
+    for t in range(T):
+        xt = x[t * D : (t + 1) * D]
+        logits = [sum(g[e * D + j] * xt[j] for j in range(D)) for e in range(N)]
+        m = max(logits)
+        p = [math.exp(v - m) for v in logits]
+        z = sum(p)
+        p = [v / z for v in p]
+        top = sorted(range(N), key=lambda e: (-p[e], e))[:2]
+        kept = p[top[0]] + p[top[1]]
+        y = [0.0] * D
+        for e in top:
+            w1, w2, w3 = (w[f"{PREFIX}experts.{e}.{k}.weight"][2] for k in ("w1", "w2", "w3"))
+            u = [sum(w1[i * D + j] * xt[j] for j in range(D)) for i in range(H)]
+            v = [sum(w3[i * D + j] * xt[j] for j in range(D)) for i in range(H)]
+            hid = [u[i] / (1 + math.exp(-u[i])) * v[i] for i in range(H)]
+            for j in range(D):
+                y[j] += p[e] / kept * sum(w2[j * H + i] * hid[i] for i in range(H))
+        ys += y
+        gates += [p[e] / kept for e in top]
+        experts += top
+    return ys, gates, experts
+
+
+def rel_err(a, b):
+    num = math.sqrt(sum((u - v) ** 2 for u, v in zip(a, b)))
+    den = math.sqrt(sum(v * v for v in b)) or 1.0
+    return num / den
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    path = lambda name: os.path.join(tmp, name)  # noqa: E731
+    rng = random.Random(7)
+    weights = mixtral_weights(rng)
+    st.write(path("w.safetensors"), weights)
+    x = rand(rng, T * D)
+    dy = rand(rng, T * D)
+    st.write(path("in.safetensors"), {"x": ("F64", [T, D], x), "dy": ("F64", [T, D], dy)})
+
+    # 1. The forward pass against the reference.
+    run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("in.safetensors"),
+        "--output", path("out.safetensors"), "--mode", "inference", "--dtype", "double")
+    out, meta = st.read(path("out.safetensors"))
+    ry, rg, re = reference(weights, x)
+    check(out["y"][1] == [T, D] and rel_err(out["y"][2], ry) < 1e-12, f"y matches the reference ({rel_err(out['y'][2], ry):.2e})")
+    check(rel_err(out["gates"][2], rg) < 1e-12, "gates match the reference")
+    check(out["experts"][0] == "I64" and out["experts"][2] == re, "routing matches the reference")
+    check(meta.get("moe.gate") == "TopK" and meta.get("run.mode") == "inference", "output metadata describes the run")
+    check(all(k in out for k in ("loss", "importance", "load", "tokens_per_expert", "dropped_tokens")), "statistics written")
+    check(sum(out["tokens_per_expert"][2]) == 2 * T, "tokens_per_expert counts every slot")
+
+    # 2. Gradients against finite differences of L = sum(y * dy), through moe-run itself.
+    def loss(w, xs):
+        st.write(path("wp.safetensors"), w)
+        st.write(path("ip.safetensors"), {"x": ("F64", [T, D], xs)})
+        run("--weights", path("wp.safetensors"), "--mixtral", PREFIX, "--input", path("ip.safetensors"),
+            "--output", path("op.safetensors"), "--mode", "inference", "--dtype", "double")
+        y = st.read(path("op.safetensors"))[0]["y"][2]
+        return sum(a * b for a, b in zip(y, dy))
+
+    eps = 1e-4  # weights are stored as F32: steps of 2^-14 and up are exact
+    probes = [  # (HF tensor, row, col, our gradient, its index in our [in, out] layout)
+        (PREFIX + "gate.weight", 2, 3, "grad.gate.w_gate", 3 * N + 2),
+        (PREFIX + "experts.1.w1.weight", 1, 4, "grad.experts.1.w1", 4 * H + 1),
+        (PREFIX + "experts.3.w2.weight", 0, 2, "grad.experts.3.w2", 2 * D + 0),
+        (PREFIX + "experts.0.w3.weight", 2, 0, "grad.experts.0.w3", 0 * H + 2),
+    ]
+    for name, r, c, grad, idx in probes:
+        cols = weights[name][1][1]
+        used = any(e in re for e in range(N)) if "gate" in name else int(name.split("experts.")[1].split(".")[0]) in re
+        plus, minus = dict(weights), dict(weights)
+        for sign, w in ((1, plus), (-1, minus)):
+            vals = list(weights[name][2])
+            vals[r * cols + c] = st.f32(vals[r * cols + c] + sign * eps)
+            w[name] = ("F32", weights[name][1], vals)
+        step = plus[name][2][r * cols + c] - minus[name][2][r * cols + c]
+        fd = (loss(plus, x) - loss(minus, x)) / step
+        got = out[grad][2][idx]
+        check(abs(fd - got) <= 1e-6 * max(1.0, abs(fd)) and (used or got == 0),
+              f"{grad}[{idx}] = {got:.9g} against finite differences {fd:.9g}")
+    for j in (0, 3 * D + 2):
+        xp, xm = list(x), list(x)
+        xp[j] += 1e-6
+        xm[j] -= 1e-6
+        fd = (loss(weights, xp) - loss(weights, xm)) / 2e-6
+        check(abs(fd - out["dx"][2][j]) <= 1e-6 * max(1.0, abs(fd)), f"dx[{j}] = {out['dx'][2][j]:.9g} against {fd:.9g}")
+
+    # 3. A layer given by --config (a two-level hierarchy), weights without metadata, explicit noise.
+    config = {"moe.expert": "FeedForward", "moe.gate": "NoisyTopK", "moe.depth": 2, "moe.scalar": "double",
+              "config.d_model": D, "config.n_experts": 4, "config.shared_experts": 0, "config.seed": 0,
+              "config.check_finite": True, "config.expert.hidden": H, "config.expert.bias": False,
+              "config.expert.precision": "fp32", "config.gate.w_importance": 0.01, "config.gate.w_load": 0.01}
+    for level, branching in ((0, 2), (1, 2)):
+        config[f"config.gate.levels.{level}.branching"] = branching
+        for key, value in (("k", 1), ("eps_noise", 0.01), ("noisy", True), ("w_importance", 0.0),
+                           ("w_load", 0.0), ("w_z", 0.0)):
+            config[f"config.gate.levels.{level}.gate.{key}"] = value
+    with open(path("config.json"), "w") as f:
+        import json
+        json.dump(config, f)
+    w2 = {"gate.0.w_gate": ("F64", [D, 2], rand(rng, D * 2)), "gate.0.w_noise": ("F64", [D, 2], rand(rng, D * 2)),
+          "gate.1.w_gate": ("F64", [2, D, 2], rand(rng, 2 * D * 2)),
+          "gate.1.w_noise": ("F64", [2, D, 2], rand(rng, 2 * D * 2))}
+    for e in range(4):
+        w2[f"experts.{e}.w1"] = ("F64", [D, H], rand(rng, D * H))
+        w2[f"experts.{e}.w2"] = ("F64", [H, D], rand(rng, H * D))
+    st.write(path("w2.safetensors"), w2)
+    noise = rand(rng, T * 6)  # every level's nodes: 2 + 4
+    st.write(path("in2.safetensors"), {"x": ("F64", [T, D], x), "noise": ("F64", [T, 6], noise)})
+    args = ["--weights", path("w2.safetensors"), "--config", path("config.json"), "--input", path("in2.safetensors")]
+    run(*args, "--output", path("o1.safetensors"))
+    run(*args, "--output", path("o2.safetensors"), "--threads", "1")
+    with open(path("o1.safetensors"), "rb") as a, open(path("o2.safetensors"), "rb") as b:
+        check(a.read() == b.read(), "a run is deterministic, whatever the thread count")
+    o1, m1 = st.read(path("o1.safetensors"))
+    check(m1.get("moe.depth") == "2" and "level.1.importance" in o1, "a hierarchy's per-level statistics are written")
+    check(all(math.isfinite(v) for v in o1["y"][2]), "the hierarchy's output is finite")
+    # The noise is used: other noise, another smooth load (the gates of k = 1 are all 1).
+    st.write(path("in3.safetensors"), {"x": ("F64", [T, D], x), "noise": ("F64", [T, 6], [3 * v for v in noise])})
+    run(*args[:-1], path("in3.safetensors"), "--output", path("o3.safetensors"))
+    check(st.read(path("o3.safetensors"))[0]["load"][2] != o1["load"][2], "the input's noise reaches the gate (its smooth load)")
+
+    # 4. The CUDA backend against the CPU one, where a device answers.
+    p = subprocess.run([MOE_RUN, "--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input",
+                        path("in.safetensors"), "--output", path("gpu.safetensors"), "--backend", "cuda"],
+                       capture_output=True, text=True)
+    if p.returncode == 77:
+        print("skip CUDA against CPU: no CUDA device answers")
+    elif "built without CUDA" in p.stderr:
+        print("skip CUDA against CPU: moe-run built without CUDA")
+    else:
+        check(p.returncode == 0, f"--backend cuda runs ({p.stderr.strip()})")
+        run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("in.safetensors"),
+            "--output", path("cpu.safetensors"))
+        g, c = st.read(path("gpu.safetensors"))[0], st.read(path("cpu.safetensors"))[0]
+        for name in ("y", "gates", "dx", "grad.experts.1.w1"):
+            check(rel_err(g[name][2], c[name][2]) < 1e-5, f"CUDA {name} matches the CPU")
+
+    # 5. Errors: each names what is wrong.
+    p = run("--weights", path("w.safetensors"), "--input", path("in.safetensors"), expect=2)
+    check("--output" in p.stderr, "a missing option is a usage error")
+    p = run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("in.safetensors"),
+            "--output", path("x.safetensors"), "--mode", "sideways", expect=2)
+    check("--mode sideways" in p.stderr, "a bad value is a usage error naming it")
+    st.write(path("bad.safetensors"), {"x": ("F64", [T, D + 1], rand(rng, T * (D + 1)))})
+    p = run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("bad.safetensors"),
+            "--output", path("x.safetensors"), expect=1)
+    check("'x'" in p.stderr and f"[{T}, {D + 1}]" in p.stderr, "an input of the wrong width names the tensor and shape")
+    p = run("--weights", path("w2.safetensors"), "--input", path("in2.safetensors"), "--output", path("x.safetensors"),
+            expect=1)
+    check("no 'format'" in p.stderr, "weights without metadata and without --config are refused")
+    broken = dict(w2)
+    del broken["experts.3.w2"]
+    st.write(path("w3.safetensors"), broken)
+    p = run("--weights", path("w3.safetensors"), "--config", path("config.json"), "--input", path("in2.safetensors"),
+            "--output", path("x.safetensors"), expect=1)
+    check("experts.3.w2" in p.stderr, "a missing weight is named")
+    check(not os.path.exists(path("x.safetensors")), "no output is written when the run fails")
+
+if failures:
+    print(f"{len(failures)} check(s) failed")
+    sys.exit(1)
+print("all checks passed")
