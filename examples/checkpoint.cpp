@@ -2,7 +2,9 @@
 // its configuration) to a safetensors file, build a second layer from the file alone, and check
 // that both compute the same output. Then the same weights stored as bf16, at half the size.
 //
-//   checkpoint [DIR]     (default: the system's temporary directory)
+//   checkpoint [DIR]     (files go to a new directory in DIR, default the system's temporary one)
+
+#include <stdlib.h>
 
 #include <cmath>
 #include <cstdint>
@@ -10,6 +12,7 @@
 #include <exception>
 #include <filesystem>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "moe/backend/cpu.hpp"
@@ -61,18 +64,27 @@ int run(const std::filesystem::path& dir) {
   const double rel = std::sqrt(err / norm);
   std::printf("bf16 copy: %ju bytes, output within %.2e of the fp32 layer's (relative)\n",
               static_cast<std::uintmax_t>(std::filesystem::file_size(half)), rel);
-  std::filesystem::remove(file);
-  std::filesystem::remove(half);
   return same && rel < 2e-2 ? 0 : 1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc > 1 ? std::filesystem::path(argv[1]) : std::filesystem::temp_directory_path());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "checkpoint: %s\n", e.what());
+  // A directory of this run's own (mkdtemp), removed at the end whatever happens.
+  std::string dir = ((argc > 1 ? std::filesystem::path(argv[1]) : std::filesystem::temp_directory_path()) /
+                     "moe-checkpoint-XXXXXX")
+                        .string();
+  if (mkdtemp(dir.data()) == nullptr) {
+    std::fprintf(stderr, "checkpoint: cannot create a directory like %s\n", dir.c_str());
     return 1;
   }
+  int status = 1;
+  try {
+    status = run(dir);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "checkpoint: %s\n", e.what());
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  return status;
 }

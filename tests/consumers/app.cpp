@@ -1,7 +1,9 @@
 // A program built outside moe's own build, the way a user's is: a layer's forward and backward
-// through the installed headers (or the subproject's). Exits non-zero when an output has the
-// wrong shape or is not finite.
+// through the installed headers (or the subproject's), and a checkpoint round trip in memory
+// (moe/io, which needs nlohmann-json from the same flags). Exits non-zero when an output has the
+// wrong shape or is not finite, or the reloaded layer computes something else.
 #include <moe/backend/cpu.hpp>
+#include <moe/io/checkpoint.hpp>
 #include <moe/moe.hpp>
 
 #include <cmath>
@@ -46,6 +48,18 @@ int main() {
       std::fprintf(stderr, "balance loss %g, expected a finite value\n", double(f.loss()));
       ok = false;
     }
+    // The checkpoint's bytes, parsed and loaded into a layer of another seed: the same output.
+    Moe other({.d_model = d, .n_experts = 4, .expert = {.hidden = 16}, .gate = {.k = 2}, .seed = 2});
+    moe::io::load(other, moe::io::SafeTensors::parse(moe::io::checkpoint(layer).bytes()));
+    const auto y1 = layer.forward(x.view(), moe::Mode::inference);
+    const auto y2 = other.forward(x.view(), moe::Mode::inference);
+    for (moe::Index t = 0; t < tokens; ++t)
+      for (moe::Index c = 0; c < d; ++c)
+        if (y1.y()(t, c) != y2.y()(t, c)) {
+          std::fprintf(stderr, "reloaded layer: y(%td, %td) = %g, expected %g\n", t, c, double(y2.y()(t, c)),
+                       double(y1.y()(t, c)));
+          ok = false;
+        }
     if (!ok) return 1;
     std::printf("moe consumer: forward and backward of a %td x %td input, balance loss %g\n", tokens, d,
                 double(f.loss()));

@@ -285,3 +285,50 @@ TEST_CASE("a configuration's metadata round-trips and is checked on read") {
   CHECK_THROWS_WITH_AS(moe::io::layer_config<L>(bad), doctest::Contains("depth 1; expected expert FeedForward, gate SigmoidBias, depth 2"),
                        moe::Error);
 }
+
+TEST_CASE("metadata is compared as values, and other writers' metadata is not the layer's") {
+  using L = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, moe::backend::Cpu<float>>;
+  const L::Config config{.d_model = 4, .n_experts = 4, .expert = {.hidden = 3}, .gate = {.k = 2, .w_load = 0.01}, .seed = 1};
+  L saved(config);
+  const auto bytes = moe::io::checkpoint(saved).bytes();
+  const auto original = moe::io::SafeTensors::parse(bytes);
+  const auto rewrite = [&](const moe::io::Metadata& meta) {
+    moe::io::SafeTensorsWriter w;
+    for (const auto& [k, v] : meta) w.set_metadata(k, v);
+    for (const auto& t : original.tensors()) {
+      const auto v = original.read<float>(t.name);
+      w.add(t.name, t.shape, std::span<const float>(v));
+    }
+    return moe::io::SafeTensors::parse(w.bytes(), "rewritten.safetensors");
+  };
+  L layer({.d_model = 4, .n_experts = 4, .expert = {.hidden = 3}, .gate = {.k = 2, .w_load = 0.01}, .seed = 2});
+
+  SUBCASE("the same numbers written otherwise") {
+    auto meta = original.metadata();
+    CHECK(meta.at("config.gate.w_load") == "0.01");  // the shortest form that reads back
+    meta["config.gate.w_load"] = "1.0e-2";
+    meta["config.gate.k"] = "+2";  // from_chars refuses a sign: the key is named
+    CHECK_THROWS_WITH_AS(moe::io::load(layer, rewrite(meta)), doctest::Contains("'config.gate.k' = '+2'"), moe::Error);
+    meta["config.gate.k"] = "2";
+    moe::io::load(layer, rewrite(meta));
+    CHECK(all_values(layer) == all_values(saved));
+  }
+  SUBCASE("a Hugging Face file's format key") {
+    moe::io::load(layer, rewrite({{"format", "pt"}}));
+    CHECK(all_values(layer) == all_values(saved));
+  }
+  SUBCASE("sizes the file cannot hold") {
+    TempDir dir;
+    auto meta = original.metadata();
+    meta["config.n_experts"] = "1000000000000";
+    moe::io::SafeTensorsWriter w;
+    for (const auto& [k, v] : meta) w.set_metadata(k, v);
+    for (const auto& t : original.tensors()) {
+      const auto v = original.read<float>(t.name);
+      w.add(t.name, t.shape, std::span<const float>(v));
+    }
+    w.write(dir.path / "big.safetensors");
+    CHECK_THROWS_WITH_AS((void)moe::io::load_layer<L>(dir.path / "big.safetensors"),
+                         doctest::Contains("n_experts = 1000000000000, more than the file's"), moe::Error);
+  }
+}

@@ -186,3 +186,16 @@ TEST_CASE("a Mixtral block that does not fit is refused, naming the tensor") {
                          doctest::Contains("model.layers.9.gate.weight"), moe::Error);
   }
 }
+
+TEST_CASE("a Mixtral block into a layer with shared experts is refused before anything changes") {
+  const Block block(23);
+  const auto file = block.file(moe::io::Dtype::F32);
+  auto config = moe::io::mixtral_config<Mixtral<float>>(file, prefix);
+  config.shared_experts = 1;
+  Mixtral<float> layer(config);
+  std::vector<std::vector<float>> before;
+  for (auto& p : layer.parameters()) before.emplace_back(p.value.data, p.value.data + p.size());
+  CHECK_THROWS_WITH_AS(moe::io::load_mixtral(layer, file, prefix), doctest::Contains("shared_experts.w1"), moe::Error);
+  std::size_t i = 0;
+  for (auto& p : layer.parameters()) CHECK(std::vector<float>(p.value.data, p.value.data + p.size()) == before[i++]);
+}

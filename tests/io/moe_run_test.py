@@ -174,6 +174,13 @@ with tempfile.TemporaryDirectory() as tmp:
     run(*args[:-1], path("in3.safetensors"), "--output", path("o3.safetensors"))
     check(st.read(path("o3.safetensors"))[0]["load"][2] != o1["load"][2], "the input's noise reaches the gate (its smooth load)")
 
+    # Weights exported by another writer carry its own "format" (Hugging Face: "pt"): not ours.
+    st.write(path("w2pt.safetensors"), w2, metadata={"format": "pt"})
+    run("--weights", path("w2pt.safetensors"), "--config", path("config.json"), "--input", path("in2.safetensors"),
+        "--output", path("o4.safetensors"))
+    with open(path("o1.safetensors"), "rb") as a, open(path("o4.safetensors"), "rb") as b:
+        check(a.read() == b.read(), "weights with another writer's format metadata run the same")
+
     # 4. The CUDA backend against the CPU one, where a device answers.
     p = subprocess.run([MOE_RUN, "--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input",
                         path("in.safetensors"), "--output", path("gpu.safetensors"), "--backend", "cuda"],
@@ -196,6 +203,15 @@ with tempfile.TemporaryDirectory() as tmp:
     p = run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("in.safetensors"),
             "--output", path("x.safetensors"), "--mode", "sideways", expect=2)
     check("--mode sideways" in p.stderr, "a bad value is a usage error naming it")
+    p = run("--weights", path("w.safetensors"), "--input", path("in.safetensors"), "--output", path("x.safetensors"),
+            "--verbose", expect=2)
+    check("unknown option --verbose" in p.stderr, "an unknown option is named, even last")
+    p = run("--weights", path("w2.safetensors"), "--config", path("config.json"), "--k", "3", "--input",
+            path("in2.safetensors"), "--output", path("x.safetensors"), expect=2)
+    check("--k is the Mixtral block's k" in p.stderr, "--k without --mixtral is refused")
+    p = run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--threads", "-1", "--input",
+            path("in.safetensors"), "--output", path("x.safetensors"), expect=2)
+    check("--threads -1" in p.stderr, "a negative thread count is refused")
     st.write(path("bad.safetensors"), {"x": ("F64", [T, D + 1], rand(rng, T * (D + 1)))})
     p = run("--weights", path("w.safetensors"), "--mixtral", PREFIX, "--input", path("bad.safetensors"),
             "--output", path("x.safetensors"), expect=1)

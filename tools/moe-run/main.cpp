@@ -2,6 +2,7 @@
 // library can be compared with another implementation (PyTorch, JAX) or one backend with another.
 // See docs/interop.md.
 
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
@@ -73,7 +74,7 @@ template <class T>
 T parse_number(std::string_view flag, const std::string& text) {
   T v{};
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size() || text.empty())
+  if (ec != std::errc() || end != text.data() + text.size() || text.empty() || v < T{0})
     throw UsageError{std::string(flag) + " " + text + ": expected a non-negative integer"};
   return v;
 }
@@ -81,6 +82,7 @@ T parse_number(std::string_view flag, const std::string& text) {
 int run(int argc, char** argv) {
   moe_run::Job job;
   std::string config_path, dtype;
+  bool k_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -91,6 +93,11 @@ int run(int argc, char** argv) {
       job.check_finite = false;
       continue;
     }
+    static constexpr std::string_view with_value[] = {"--weights", "--input",  "--output",     "--config", "--mixtral",
+                                                      "--k",       "--mode",   "--backend",    "--dtype",  "--noise-seed",
+                                                      "--threads"};
+    if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value))
+      throw UsageError{"unknown option " + std::string(flag)};
     if (i + 1 >= argc) throw UsageError{std::string(flag) + ": expected a value after it"};
     const std::string value = argv[++i];
     if (flag == "--weights") job.weights = value;
@@ -98,7 +105,10 @@ int run(int argc, char** argv) {
     else if (flag == "--output") job.output = value;
     else if (flag == "--config") config_path = value;
     else if (flag == "--mixtral") job.mixtral = value;
-    else if (flag == "--k") job.mixtral_k = parse_number<moe::Index>(flag, value);
+    else if (flag == "--k") {
+      job.mixtral_k = parse_number<moe::Index>(flag, value);
+      k_given = true;
+    }
     else if (flag == "--mode") {
       if (value == "train") job.mode = moe::Mode::train;
       else if (value == "inference") job.mode = moe::Mode::inference;
@@ -116,6 +126,8 @@ int run(int argc, char** argv) {
   if (job.weights.empty() || job.input.empty() || job.output.empty())
     throw UsageError{"--weights, --input and --output are required"};
   if (job.mixtral && !config_path.empty()) throw UsageError{"--mixtral takes the configuration from the weights' shapes; drop --config"};
+  if (k_given && !job.mixtral) throw UsageError{"--k is the Mixtral block's k; other layers take k from their configuration"};
+  if (job.mixtral_k < 1) throw UsageError{"--k " + std::to_string(job.mixtral_k) + ": expected at least 1"};
 
   if (job.backend == "cuda") {
     moe::detail::require(moe_run::cuda_built(), "moe-run: --backend cuda, but this moe-run was built without CUDA");

@@ -36,17 +36,7 @@ struct Job {
   bool check_finite = true;
 };
 
-template <class L>
-inline constexpr bool is_mixtral = std::is_same_v<typename L::ExpertTag, moe::expert::SwiGLU> &&
-                                   std::is_same_v<typename L::GateTag, moe::gate::TopK> && L::depth == 1;
-
 namespace detail {
-
-inline std::string shape_string(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
 
 template <class S>
 void add_matrix(moe::io::SafeTensorsWriter& w, const std::string& name, const std::vector<S>& v, Index rows, Index cols) {
@@ -69,7 +59,7 @@ moe::ConstMatrixView<typename B::Scalar> upload(typename B::Context& ctx, const 
   using S = typename B::Scalar;
   const auto& info = in.info(name);
   moe::detail::require(info.shape.size() == 2 && info.shape[1] == cols, in.origin(), ": tensor '", name,
-                       "' has shape ", shape_string(info.shape), ", expected [T, ", cols, "]");
+                       "' has shape ", moe::io::detail::shape_string(info.shape), ", expected [T, ", cols, "]");
   const std::vector<S> host = in.read<S>(name, moe::io::Expect{std::nullopt, finite});
   moe::from_host<B>(ctx, host, buf);
   B::synchronize(ctx);
@@ -90,14 +80,14 @@ void run(const Job& job) {
   using S = typename L::Scalar;
   const moe::io::SafeTensors weights = moe::io::SafeTensors::open(job.weights);
   typename L::Config config{};
-  if constexpr (is_mixtral<L>) {
+  if constexpr (moe::io::is_mixtral_layer<L>) {
     if (job.mixtral) config = moe::io::mixtral_config<L>(weights, *job.mixtral, job.mixtral_k);
   }
   if (!job.mixtral) config = moe::io::layer_config<L>(job.config, "configuration");
   config.threads = job.threads;
   config.check_finite = job.check_finite;
   L layer(config);
-  if constexpr (is_mixtral<L>) {
+  if constexpr (moe::io::is_mixtral_layer<L>) {
     if (job.mixtral) moe::io::load_mixtral(layer, weights, *job.mixtral, job.check_finite);
   }
   if (!job.mixtral) moe::io::load(layer, weights, {.check_finite = job.check_finite, .check_config = true});
@@ -132,6 +122,7 @@ void run(const Job& job) {
   detail::add_scalar(out, "cv2_load", st.cv2_load);
   detail::add_vector(out, "importance", st.importance);
   detail::add_vector(out, "load", st.load);
+  detail::add_scalar(out, "load_is_count", static_cast<std::int64_t>(st.load_is_count ? 1 : 0));
   detail::add_vector(out, "tokens_per_expert", st.tokens_per_expert);
   detail::add_scalar(out, "dropped_tokens", st.dropped_tokens);
   for (std::size_t l = 0; l < st.levels.size(); ++l) {

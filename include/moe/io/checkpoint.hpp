@@ -36,8 +36,8 @@ struct SaveOptions {
 };
 
 struct LoadOptions {
-  bool check_finite = true;      // a NaN or Inf in a tensor is an Error naming the tensor
-  bool check_config = true;      // when the file has the layer's metadata: it must describe this layer's Config
+  bool check_finite = true;       // a NaN or Inf in a weight is an Error naming the tensor (a selection bias is always checked)
+  bool check_config = true;       // when the file has the layer's metadata (format moe.layer/1): it must describe this layer's Config
   bool allow_unexpected = false;  // tensors the layer does not have are ignored instead of an Error
 };
 
@@ -151,17 +151,16 @@ void load(L& layer, const SafeTensors& file, const LoadOptions& options = {}) {
   using S = typename L::Scalar;
   using B = typename L::Backend;
   const std::string& origin = file.origin();
-  if (options.check_config && file.metadata().contains("format")) {
-    require_kind<L>(file.metadata(), origin);
-    const Metadata mine = describe(layer);
-    for (const auto& [key, value] : mine) {
+  // Files of other writers may have a "format" key of their own (Hugging Face: "pt").
+  const auto format = file.metadata().find("format");
+  if (options.check_config && format != file.metadata().end() && format->second == layer_format) {
+    // Compared as values: the file's configuration read and written again in canonical form.
+    const Metadata theirs = describe<L>(layer_config<L>(file.metadata(), origin));
+    for (const auto& [key, value] : describe(layer)) {
       // The seed only chose the initial values; check_finite is a run-time choice.
       if (key.rfind("config.", 0) != 0 || key == "config.seed" || key == "config.check_finite") continue;
-      const auto it = file.metadata().find(key);
-      moe::detail::require(it != file.metadata().end(), origin, ": metadata has no '", key, "', expected ", value,
-                           " as in the layer");
-      moe::detail::require(it->second == value, origin, ": metadata '", key, "' = ", it->second,
-                           ", but the layer has ", value);
+      const std::string& other = theirs.at(key);
+      moe::detail::require(other == value, origin, ": metadata '", key, "' = ", other, ", but the layer has ", value);
     }
   }
   std::vector<detail::Slot<S>> slots;
@@ -183,7 +182,8 @@ void load(L& layer, const SafeTensors& file, const LoadOptions& options = {}) {
   std::vector<std::vector<S>> biases;
   detail::for_each_bias(layer, [&](const std::string& name, auto& policy) {
     const ConstMatrixView<S> b = policy.bias();
-    biases.push_back(file.read<S>(name, Expect{std::vector<std::int64_t>{b.rows, b.cols}, options.check_finite}));
+    // Always finite: set_bias refuses anything else, and it runs after the weights are copied.
+    biases.push_back(file.read<S>(name, Expect{std::vector<std::int64_t>{b.rows, b.cols}, true}));
   });
 
   typename B::Context ctx;
@@ -210,6 +210,17 @@ template <class L>
 L load_layer(const std::filesystem::path& path, const LoadOptions& options = {}, int threads = 0) {
   const SafeTensors file = SafeTensors::open(path);
   typename L::Config config = layer_config<L>(file.metadata(), file.origin());
+  // The metadata is not trusted with the layer's size before a tensor is checked: every layer
+  // holds a [d x n] router and, per expert, a [d x hidden] matrix or larger, so these products
+  // cannot exceed the file's element count (a corrupt value would allocate without bound).
+  double elements = 0;
+  for (const auto& t : file.tensors()) elements += static_cast<double>(t.numel());
+  const double d = static_cast<double>(config.d_model), n = static_cast<double>(config.n_experts);
+  double h = 1;
+  if constexpr (requires { config.expert.hidden; }) h = static_cast<double>(config.expert.hidden);
+  moe::detail::require(d * n <= elements && d * h <= elements, file.origin(), ": metadata says d_model = ",
+                       config.d_model, ", n_experts = ", config.n_experts,
+                       ", more than the file's ", elements, " values can hold");
   config.threads = threads;
   L layer(config);
   load(layer, file, options);

@@ -12,7 +12,6 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <map>
 #include <string>
 #include <string_view>
@@ -131,9 +130,10 @@ namespace detail {
 inline std::string format_value(bool v) { return v ? "true" : "false"; }
 inline std::string format_value(Precision p) { return to_string(p); }
 inline std::string format_value(double v) {
+  // The shortest text that reads back to v, independent of the C locale.
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.17g", v);  // round-trips every double
-  return buf;
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : std::string("nan");
 }
 template <class I>
   requires std::is_integral_v<I>

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moe/backend.hpp"
@@ -25,16 +27,21 @@
 #include "moe/expert/swiglu.hpp"
 #include "moe/gate/top_k.hpp"
 #include "moe/io/safetensors.hpp"
+#include "moe/parameter.hpp"
 
 namespace moe::io {
+
+// Whether L is the layer a Mixtral block maps to: Layer<expert::SwiGLU, gate::TopK, B>.
+template <class L>
+inline constexpr bool is_mixtral_layer = std::is_same_v<typename L::ExpertTag, expert::SwiGLU> &&
+                                         std::is_same_v<typename L::GateTag, gate::TopK> && L::depth == 1;
 
 // The layer's Config for the block under prefix: d and n from the router, h from expert 0's w1;
 // k = 2 (Mixtral's num_experts_per_tok); no balancing or z-loss weights (Mixtral trains with
 // another auxiliary loss; they do not change the forward pass).
 template <class L>
 typename L::Config mixtral_config(const SafeTensors& file, std::string_view prefix, Index k = 2) {
-  static_assert(std::is_same_v<typename L::ExpertTag, expert::SwiGLU> && std::is_same_v<typename L::GateTag, gate::TopK> &&
-                    L::depth == 1,
+  static_assert(is_mixtral_layer<L>,
                 "moe::io::mixtral_config: the layer must be moe::Layer<expert::SwiGLU, gate::TopK, B>");
   const std::string p(prefix);
   const TensorInfo& router = file.info(p + "gate.weight");
@@ -72,8 +79,7 @@ std::vector<S> transposed(const std::vector<S>& in, std::int64_t rows, std::int6
 // check_finite: a NaN or Inf is an Error naming the tensor.
 template <class L>
 void load_mixtral(L& layer, const SafeTensors& file, std::string_view prefix, bool check_finite = true) {
-  static_assert(std::is_same_v<typename L::ExpertTag, expert::SwiGLU> && std::is_same_v<typename L::GateTag, gate::TopK> &&
-                    L::depth == 1,
+  static_assert(is_mixtral_layer<L>,
                 "moe::io::load_mixtral: the layer must be moe::Layer<expert::SwiGLU, gate::TopK, B>");
   using S = typename L::Scalar;
   using B = typename L::Backend;
@@ -96,7 +102,7 @@ void load_mixtral(L& layer, const SafeTensors& file, std::string_view prefix, bo
     w3.insert(w3.end(), b.begin(), b.end());
     w2.insert(w2.end(), o.begin(), o.end());
   }
-  typename B::Context ctx;
+  std::vector<std::pair<const std::vector<S>*, Parameter<S>>> targets;
   for (auto& param : layer.parameters()) {
     const std::vector<S>* src = param.name == "gate.w_gate" ? &w_gate
                                 : param.name == "experts.w1" ? &w1
@@ -105,8 +111,11 @@ void load_mixtral(L& layer, const SafeTensors& file, std::string_view prefix, bo
                                                              : nullptr;
     moe::detail::require(src != nullptr && static_cast<Index>(src->size()) == param.size(), "moe::io::load_mixtral: parameter '",
                          param.name, "' of the layer has no counterpart in a Mixtral block (shared experts?)");
-    B::copy(ctx, ConstMatrixView<S>{src->data(), 1, param.size()}, MatrixView<S>{param.value.data, 1, param.size()});
+    targets.emplace_back(src, param);
   }
+  typename B::Context ctx;
+  for (auto& [src, param] : targets)
+    B::copy(ctx, ConstMatrixView<S>{src->data(), 1, param.size()}, MatrixView<S>{param.value.data, 1, param.size()});
   B::synchronize(ctx);
 }
 
