@@ -70,6 +70,14 @@ void add_parameter_slots(std::vector<Slot<S>>& slots, Parameter<S>& p) {
                      p.value.data + i * per, per});
 }
 
+// Every parameter tensor of the layer as checkpoint slots, in the order save writes them.
+template <class L>
+std::vector<Slot<typename L::Scalar>> parameter_slots(L& layer) {
+  std::vector<Slot<typename L::Scalar>> slots;
+  for (auto& p : layer.parameters()) add_parameter_slots(slots, p);
+  return slots;
+}
+
 template <class P>
 concept HasSelectionBias = requires(P& p) {
   p.bias();
@@ -95,8 +103,7 @@ void for_each_bias(L& layer, F&& f) {
 // The tensors a checkpoint of this layer holds, as (name, shape), in the order save writes them.
 template <class L>
 std::vector<std::pair<std::string, std::vector<std::int64_t>>> checkpoint_tensors(L& layer) {
-  std::vector<detail::Slot<typename L::Scalar>> slots;
-  for (auto& p : layer.parameters()) detail::add_parameter_slots(slots, p);
+  const auto slots = detail::parameter_slots(layer);
   std::vector<std::pair<std::string, std::vector<std::int64_t>>> out;
   for (auto& s : slots) out.emplace_back(s.name, s.shape);
   detail::for_each_bias(layer, [&](const std::string& name, auto& policy) {
@@ -122,8 +129,7 @@ SafeTensorsWriter checkpoint(L& layer, const SaveOptions& options = {}) {
   }
   for (auto& [key, value] : meta) writer.set_metadata(key, value);
   typename B::Context ctx;
-  std::vector<detail::Slot<S>> slots;
-  for (auto& p : layer.parameters()) detail::add_parameter_slots(slots, p);
+  const auto slots = detail::parameter_slots(layer);
   for (auto& s : slots) {
     const std::vector<S> host = to_host<B>(ctx, ConstMatrixView<S>{s.data, 1, s.count});
     writer.add(s.name, s.shape, std::span<const S>(host), dtype);
@@ -163,8 +169,7 @@ void load(L& layer, const SafeTensors& file, const LoadOptions& options = {}) {
       moe::detail::require(other == value, origin, ": metadata '", key, "' = ", other, ", but the layer has ", value);
     }
   }
-  std::vector<detail::Slot<S>> slots;
-  for (auto& p : layer.parameters()) detail::add_parameter_slots(slots, p);
+  const auto slots = detail::parameter_slots(layer);
   std::set<std::string> expected;
   for (const auto& s : slots) expected.insert(s.name);
   detail::for_each_bias(layer, [&](const std::string& name, auto&) { expected.insert(name); });
