@@ -19,7 +19,8 @@ struct NaiveGate {
   std::vector<double> load;
 };
 
-NaiveGate naive_noisy_top_k(NoisyLayer& layer, const Matrix<double>& x, const Matrix<double>& z, Index k) {
+NaiveGate naive_noisy_top_k(NoisyLayer& layer, const Matrix<double>& x, const Matrix<double>& z, Index k,
+                            double eps_noise) {
   const auto params = layer.parameters();
   const Dense<double> xd = test::to_dense(x.view());
   const Dense<double> clean = xd * test::to_dense(ConstMatrixView<double>(params[0].value));
@@ -30,7 +31,7 @@ NaiveGate naive_noisy_top_k(NoisyLayer& layer, const Matrix<double>& x, const Ma
     std::vector<double> h(static_cast<std::size_t>(n)), sigma(static_cast<std::size_t>(n));
     std::vector<Index> order(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) {
-      sigma[i] = std::log1p(std::exp(raw(t, i))) + 1e-2;
+      sigma[i] = std::log1p(std::exp(raw(t, i))) + eps_noise;
       h[i] = clean(t, i) + z(t, i) * sigma[i];
       order[i] = i;
     }
@@ -76,26 +77,33 @@ Dense<double> naive_mixture(NoisyLayer& layer, const Matrix<double>& x, const De
 }  // namespace
 
 TEST_CASE("the layer equals a naive dense evaluation of sum_i G(x)_i E_i(x) (MATH.md 1-3)") {
-  for (const bool bias : {false, true}) {
-    for (const Index k : {1, 2, 3}) {
-      CAPTURE(bias);
-      CAPTURE(k);
-      NoisyLayer layer(
-          {.d_model = 5, .n_experts = 8, .expert = {.hidden = 7, .bias = bias}, .gate = {.k = k}, .seed = 3});
-      test::randomize_parameters(layer, 11);
-      const auto x = test::random_matrix<double>(23, 5, 4);
-      Matrix<double> z(23, 8);
-      test::fill_normal(z.view(), 9);
-      const auto f = layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
-      const NaiveGate ref = naive_noisy_top_k(layer, x, z, k);
+  // eps_noise at its default and away from it: the noise floor enters H and the smooth load.
+  for (const double eps_noise : {1e-2, 0.3}) {
+    for (const bool bias : {false, true}) {
+      for (const Index k : {1, 2, 3}) {
+        CAPTURE(eps_noise);
+        CAPTURE(bias);
+        CAPTURE(k);
+        NoisyLayer layer({.d_model = 5,
+                          .n_experts = 8,
+                          .expert = {.hidden = 7, .bias = bias},
+                          .gate = {.k = k, .eps_noise = eps_noise},
+                          .seed = 3});
+        test::randomize_parameters(layer, 11);
+        const auto x = test::random_matrix<double>(23, 5, 4);
+        Matrix<double> z(23, 8);
+        test::fill_normal(z.view(), 9);
+        const auto f = layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
+        const NaiveGate ref = naive_noisy_top_k(layer, x, z, k, eps_noise);
 
-      Dense<double> gates = Dense<double>::Zero(23, 8);
-      for (Index t = 0; t < 23; ++t)
-        for (Index j = 0; j < k; ++j) gates(t, f.expert_index()(t, j)) = f.gates()(t, j);
-      CHECK((gates - ref.gates).cwiseAbs().maxCoeff() < 1e-14);
-      for (std::size_t i = 0; i < 8; ++i) CHECK(f.stats().load[i] == doctest::Approx(ref.load[i]).epsilon(1e-12));
-      const Dense<double> y_ref = naive_mixture(layer, x, ref.gates, bias);
-      CHECK((test::to_dense(f.y()) - y_ref).cwiseAbs().maxCoeff() < 1e-12);
+        Dense<double> gates = Dense<double>::Zero(23, 8);
+        for (Index t = 0; t < 23; ++t)
+          for (Index j = 0; j < k; ++j) gates(t, f.expert_index()(t, j)) = f.gates()(t, j);
+        CHECK((gates - ref.gates).cwiseAbs().maxCoeff() < 1e-14);
+        for (std::size_t i = 0; i < 8; ++i) CHECK(f.stats().load[i] == doctest::Approx(ref.load[i]).epsilon(1e-12));
+        const Dense<double> y_ref = naive_mixture(layer, x, ref.gates, bias);
+        CHECK((test::to_dense(f.y()) - y_ref).cwiseAbs().maxCoeff() < 1e-12);
+      }
     }
   }
 }
@@ -327,6 +335,25 @@ TEST_CASE("Eigen row-major matrices, maps and blocks pass as views without a cop
   const auto a = layer.forward(x, Mode::inference);
   const auto b = layer.forward(left, Mode::inference);
   CHECK(test::same_bits(a.y(), b.y()));
+  // The views the layer receives point into the caller's storage, with its stride.
+  const ConstMatrixView<double> vx = x, vleft = left;
+  CHECK(vx.data == x.data());
+  CHECK(vx.stride == 3);
+  CHECK(vleft.data == wide.data());
+  CHECK(vleft.rows == 5);
+  CHECK(vleft.cols == 3);
+  CHECK(vleft.stride == 6);
+  Eigen::Map<const Dense<double>> map(x.data(), 5, 3);
+  const ConstMatrixView<double> vmap = map;
+  CHECK(vmap.data == x.data());
+  const auto block = wide.middleCols(2, 3);
+  const ConstMatrixView<double> vblock = block;
+  CHECK(vblock.data == wide.data() + 2);
+  CHECK(vblock.stride == 6);
+  // A write through a view is seen by the caller: no copy was made on the way.
+  MatrixView<double> writable = wide;
+  writable(4, 5) = 42.0;
+  CHECK(wide(4, 5) == 42.0);
 }
 
 TEST_CASE("forward_into reuses a Forward's buffers and gives the same bits as a fresh forward") {

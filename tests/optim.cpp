@@ -36,6 +36,56 @@ TEST_CASE("Adam: the first step moves each weight by lr against its gradient's s
   CHECK(value[0] == doctest::Approx(1.0 - 0.02).epsilon(1e-7));
 }
 
+// The update rules written out in double, over steps whose gradients change, with every option
+// set away from its default: a swapped or dropped term changes the trajectory.
+TEST_CASE("Adam follows its update rule over changing gradients: betas, eps, weight decay, bias correction") {
+  const double lr = 0.05, b1 = 0.8, b2 = 0.95, eps = 1e-3, wd = 0.1;
+  std::vector<double> value{1.0, -2.0, 0.5, 3.0}, grad(4);
+  std::vector<Parameter<double>> params{{"w", {2, 2}, {value.data(), 2, 2}, {grad.data(), 2, 2}}};
+  optim::Adam<B> adam({.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd});
+  std::vector<double> ref = value, m(4, 0.0), v(4, 0.0);
+  for (int t = 1; t <= 6; ++t) {
+    for (std::size_t i = 0; i < 4; ++i) grad[i] = std::sin(1.7 * t + static_cast<double>(i)) * (1.0 + i);
+    adam.step(params);
+    for (std::size_t i = 0; i < 4; ++i) {
+      m[i] = b1 * m[i] + (1 - b1) * grad[i];
+      v[i] = b2 * v[i] + (1 - b2) * grad[i] * grad[i];
+      const double m_hat = m[i] / (1 - std::pow(b1, t)), v_hat = v[i] / (1 - std::pow(b2, t));
+      ref[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + wd * ref[i]);  // decoupled decay (AdamW)
+    }
+    CAPTURE(t);
+    for (std::size_t i = 0; i < 4; ++i) CHECK(value[i] == doctest::Approx(ref[i]).epsilon(1e-12));
+  }
+  CHECK(adam.steps() == 6);
+}
+
+TEST_CASE("weight decay alone shrinks a weight whose gradient is zero by lr * wd per step") {
+  std::vector<double> value{2.0, -4.0}, grad{0.0, 0.0};
+  std::vector<Parameter<double>> params{{"w", {2}, {value.data(), 1, 2}, {grad.data(), 1, 2}}};
+  optim::Adam<B> adam({.lr = 0.1, .weight_decay = 0.5});
+  adam.step(params);
+  CHECK(value[0] == doctest::Approx(2.0 * (1 - 0.05)).epsilon(1e-14));
+  CHECK(value[1] == doctest::Approx(-4.0 * (1 - 0.05)).epsilon(1e-14));
+}
+
+TEST_CASE("SGD with momentum follows its update rule over changing gradients") {
+  const double lr = 0.1, mu = 0.7;
+  std::vector<double> value{1.0, -1.0, 0.25}, grad(3);
+  std::vector<Parameter<double>> params{{"w", {3}, {value.data(), 1, 3}, {grad.data(), 1, 3}}};
+  optim::Sgd<B> sgd({.lr = lr, .momentum = mu});
+  std::vector<double> ref = value, vel(3, 0.0);
+  for (int t = 1; t <= 5; ++t) {
+    for (std::size_t i = 0; i < 3; ++i) grad[i] = std::cos(0.9 * t * (1.0 + i));
+    sgd.step(params);
+    for (std::size_t i = 0; i < 3; ++i) {
+      vel[i] = mu * vel[i] + grad[i];
+      ref[i] -= lr * vel[i];
+    }
+    CAPTURE(t);
+    for (std::size_t i = 0; i < 3; ++i) CHECK(value[i] == doctest::Approx(ref[i]).epsilon(1e-14));
+  }
+}
+
 TEST_CASE("a layer trained with Adam lowers a regression loss") {
   using L = Layer<expert::FeedForward, gate::NoisyTopK, B>;
   L layer({.d_model = 4, .n_experts = 4, .expert = {.hidden = 8}, .gate = {.k = 2}, .seed = 1});
