@@ -6,9 +6,18 @@
 // not valid for a few experts, a line to gate_config / expert_config).
 //
 // Checks, per case: the same routing; ||test - cpu|| / ||cpu|| below a tolerance for the output,
-// the gates, the balance statistics and losses, the input gradient and every parameter gradient;
-// finite outputs (buffers are poisoned with NaN when built with MOE_POISON_BUFFERS); the same
-// bits from two layers of the backend under test (determinism).
+// the gates, the balance statistics, each loss term on its own, the input gradient and every
+// parameter gradient; finite outputs (buffers and every primitive's scratch memory are poisoned
+// when built with MOE_POISON_BUFFERS); the same bits from two layers of the backend under test
+// (determinism); and the output against a naive mixture written here, sum over a token's routed
+// slots of gate * E_i(x) plus the shared experts' E_s(x), from the parameters and the routing the
+// layer reports.
+//
+// What it does not check: both sides run the same gate, layer and expert templates, so a bug in
+// that shared code is the same on both sides and only the naive mixture sees it (dispatch,
+// combine, the experts' forward). Whether a gate routes and weights as its formula says, and
+// whether backward differentiates forward, is checked on the CPU reference by each gate's
+// reference tests and the finite-difference tests (tests/gates.cpp, tests/gradients.cpp, ...).
 
 #include <doctest/doctest.h>
 
@@ -16,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -124,9 +134,14 @@ typename moe::GateAtDepth<Gate, Depth>::Config depth_config(Index n) {
 
 struct Shape {
   Index tokens, d, n, h, shared;
-  bool skew;  // depth 1: every token's first choice is expert 0, experts 2 and up get no token
+  // Every token's first choice at the first level is its node 0, and its nodes 2 and up get no
+  // token: at depth D the leaf experts 2^D and up are empty (2 per node of the first level's 4).
+  bool skew;
   const char* what;
 };
+
+// The first leaf expert the skewed routing leaves empty (see Shape::skew).
+constexpr Index first_skew_empty(int depth) { return Index{1} << depth; }
 
 // Shapes for a depth: odd sizes (one token, a token count no tile divides, d = 1, one expert),
 // shared experts, skewed routing.
@@ -264,7 +279,12 @@ void compare(const Result<S>& test, const Result<S>& ref, double tol, double& wo
   check_close("gates", test.gates, ref.gates, tol, worst_forward);
   check_close("importance", test.importance, ref.importance, tol, worst_forward);
   check_close("load", test.load, ref.load, tol, worst_forward);
-  check_close("losses", test.losses, ref.losses, tol, worst_forward);
+  // Each term on its own: a wrong small term (the z-loss) must not hide behind the total.
+  static const char* const loss_names[] = {"loss_importance", "loss_load", "loss_aux", "loss_z", "loss"};
+  REQUIRE(test.losses.size() == 5);
+  REQUIRE(ref.losses.size() == 5);
+  for (std::size_t i = 0; i < 5; ++i)
+    check_close(loss_names[i], std::vector<S>{test.losses[i]}, std::vector<S>{ref.losses[i]}, tol, worst_forward);
   REQUIRE(test.level_count.size() == ref.level_count.size());
   for (std::size_t l = 0; l < test.level_count.size(); ++l) {
     CHECK(test.level_count[l] == ref.level_count[l]);
@@ -297,6 +317,61 @@ void compare_to_fp32(const Result<S>& test, const Result<S>& ref32, Worst& worst
     all_ref.insert(all_ref.end(), ref32.grads[i].begin(), ref32.grads[i].end());
   }
   check_close("dx and every parameter gradient", all_test, all_ref, 1e-1, worst.bf16_grad_vs_fp32);
+}
+
+// Host parameter values by name, as uploaded to every layer of a case.
+template <class S>
+using Values = std::map<std::string, std::vector<S>>;
+
+// Expert e of a family ("experts." or "shared_experts.") on one token, written out in double from
+// the parameters' stacked layout: w1, w3 [count * d x h], w2 [count * h x d], biases [count x h],
+// [count x d]. out[c] += scale * E_e(x)[c].
+template <class Expert, class S>
+void naive_expert(const Values<S>& p, const std::string& prefix, Index e, const S* x, Index d, Index h, double scale,
+                  double* out) {
+  const auto& w1 = p.at(prefix + "w1");
+  const auto& w2 = p.at(prefix + "w2");
+  std::vector<double> a(static_cast<std::size_t>(h));
+  for (Index j = 0; j < h; ++j) {
+    double pre = 0, gate = 0;
+    for (Index c = 0; c < d; ++c) pre += static_cast<double>(x[c]) * w1[static_cast<std::size_t>((e * d + c) * h + j)];
+    if constexpr (std::is_same_v<Expert, moe::expert::SwiGLU>) {
+      const auto& w3 = p.at(prefix + "w3");
+      for (Index c = 0; c < d; ++c) gate += static_cast<double>(x[c]) * w3[static_cast<std::size_t>((e * d + c) * h + j)];
+      a[static_cast<std::size_t>(j)] = pre / (1 + std::exp(-pre)) * gate;  // silu(x W1) * (x W3)
+    } else {
+      static_assert(std::is_same_v<Expert, moe::expert::FeedForward>, "naive_expert: an expert without a reference");
+      if (p.count(prefix + "b1")) pre += p.at(prefix + "b1")[static_cast<std::size_t>(e * h + j)];
+      a[static_cast<std::size_t>(j)] = std::max(pre, 0.0);
+    }
+  }
+  for (Index c = 0; c < d; ++c) {
+    double acc = 0;
+    for (Index j = 0; j < h; ++j) acc += a[static_cast<std::size_t>(j)] * w2[static_cast<std::size_t>((e * h + j) * d + c)];
+    if constexpr (std::is_same_v<Expert, moe::expert::FeedForward>)
+      if (p.count(prefix + "b2")) acc += p.at(prefix + "b2")[static_cast<std::size_t>(e * d + c)];
+    out[c] += scale * acc;
+  }
+}
+
+// MATH.md 1 written out, independent of the layer's dispatch and combine: y[t] = sum over t's
+// routed slots of gate * E_expert(x[t]), plus every shared expert's E(x[t]); [T x d] in double.
+template <class Expert, class S>
+std::vector<double> naive_mixture(const Values<S>& p, const std::vector<S>& x, const std::vector<Index>& routing,
+                                  const std::vector<S>& gates, Index t_count, Index d, Index h, Index shared) {
+  std::vector<double> y(static_cast<std::size_t>(t_count * d), 0.0);
+  const Index slots = t_count > 0 ? static_cast<Index>(routing.size()) / t_count : 0;
+  for (Index t = 0; t < t_count; ++t) {
+    const S* xt = x.data() + t * d;
+    double* yt = y.data() + t * d;
+    for (Index j = 0; j < slots; ++j) {
+      const Index e = routing[static_cast<std::size_t>(t * slots + j)];
+      if (e == moe::kNotRouted) continue;
+      naive_expert<Expert>(p, "experts.", e, xt, d, h, static_cast<double>(gates[static_cast<std::size_t>(t * slots + j)]), yt);
+    }
+    for (Index e = 0; e < shared; ++e) naive_expert<Expert>(p, "shared_experts.", e, xt, d, h, 1.0, yt);
+  }
+  return y;
 }
 
 // The same bits: routing, output, input and parameter gradients.
@@ -347,17 +422,19 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
   auto r32 = ref32.parameters();
   auto tp = test.parameters();
   REQUIRE(rp.size() == tp.size());
+  Values<S> host_values;
   for (std::size_t i = 0; i < rp.size(); ++i) {
     REQUIRE(rp[i].name == tp[i].name);
     const Index count = rp[i].value.rows * rp[i].value.cols;
     auto values = random_values<S>(1000 + i, static_cast<std::uint32_t>(i), count, 0.5);
-    if (shape.skew && depth == 1 && rp[i].name == "gate.w_gate") {
-      // Positive tokens: expert 0 is every token's first choice, experts 2 and up nobody's.
+    if (shape.skew && rp[i].name == (depth == 1 ? "gate.w_gate" : "gate.0.w_gate")) {
+      // Positive tokens: the first level's node 0 is every token's first choice, 2 and up nobody's.
       const Index cols = rp[i].value.cols;
       for (Index r = 0; r < rp[i].value.rows; ++r)
         for (Index c = 0; c < cols; ++c)
           if (c == 0 || c >= 2) values[static_cast<std::size_t>(r * cols + c)] = c == 0 ? S(3) : S(-3);
     }
+    host_values[rp[i].name] = values;
     upload<Cpu>(values, rp[i].value);
     upload<Cpu>(values, r32[i].value);
     upload<Bt>(values, tp[i].value);
@@ -380,14 +457,26 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
   for (const moe::Mode mode : {moe::Mode::train, moe::Mode::inference}) {
     INFO("mode ", std::string(mode == moe::Mode::train ? "train" : "inference"));
     const auto r_ref = run<Cpu>(ref, x_host, dy_host, mode);
-    if (shape.skew && depth == 1 && !std::is_same_v<Gate, moe::gate::Softmax> &&
-        !std::is_same_v<Gate, moe::gate::ExpertChoice>) {
-      INFO("the skewed case leaves experts 2 and up empty");
-      for (std::size_t e = 2; e < r_ref.tokens_per_expert.size(); ++e) CHECK(r_ref.tokens_per_expert[e] == 0);
+    if (shape.skew && !std::is_same_v<Gate, moe::gate::Softmax> && !std::is_same_v<Gate, moe::gate::ExpertChoice>) {
+      INFO("the skewed case leaves the leaf experts ", first_skew_empty(depth), " and up empty");
+      REQUIRE(static_cast<Index>(r_ref.tokens_per_expert.size()) > first_skew_empty(depth));
+      for (auto e = static_cast<std::size_t>(first_skew_empty(depth)); e < r_ref.tokens_per_expert.size(); ++e)
+        CHECK(r_ref.tokens_per_expert[e] == 0);
+      Index kept = 0;
+      for (Index e = 0; e < first_skew_empty(depth); ++e) kept += r_ref.tokens_per_expert[static_cast<std::size_t>(e)];
+      CHECK(kept > 0);
     }
     const auto r_test = run<Bt>(test, x_test, dy_test, mode);
     const auto r_again = run<Bt>(again, x_test, dy_test, mode);
     compare(r_test, r_ref, tol, worst.forward, worst.backward);
+    if (!bf16) {
+      INFO("the output against a naive mixture of the routed and shared experts (MATH.md 1)");
+      const auto naive = naive_mixture<Expert>(host_values, xv, r_test.routing, r_test.gates, t_count, d, shape.h,
+                                               shape.shared);
+      const std::vector<double> y(r_test.y.begin(), r_test.y.end());
+      double ignored = 0;
+      check_close("y against the naive mixture", y, naive, std::is_same_v<S, float> ? 1e-4 : 1e-10, ignored);
+    }
     check_same_bits(r_test, r_again);
     if (bf16 && shape.d >= 8) {  // d = 1: a norm over a few summands that cancel measures nothing
       INFO("bf16 experts against the fp32 reference");

@@ -1,6 +1,9 @@
 // The CUDA backend's Thrust code, run on the host (moe::backend::ThrustHost), against the CPU
 // reference: every gate and expert at depth MOE_COMPARE_DEPTH (one executable per depth, so they
-// build in parallel), bit for bit. Built with MOE_POISON_BUFFERS: every buffer starts poisoned.
+// build in parallel), bit for bit, and against the naive mixture of backend_compare.hpp. Built
+// with MOE_POISON_BUFFERS: every buffer and every primitive's scratch memory starts poisoned.
+// What it checks is the Thrust primitives (routing plan, histogram, scan, sort, gather, sums)
+// under the shared gate, layer and expert code; backend_compare.hpp says what it does not.
 
 #include "backend_compare.hpp"
 #include "moe/backend/thrust_host.hpp"

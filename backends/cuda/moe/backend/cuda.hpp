@@ -35,7 +35,8 @@ struct CudaSystem {
   using Context = cuda::Context;
 
   // Temporary device memory for one primitive call, from the per-thread caching allocator:
-  // after the first call of each size, no cudaMalloc.
+  // after the first call of each size, no cudaMalloc. Contents are unspecified (poisoned like
+  // every buffer with MOE_POISON_BUFFERS: the allocator fills the blocks it hands out).
   template <class T>
   class Scratch {
    public:

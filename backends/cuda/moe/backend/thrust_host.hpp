@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 #include "moe/backend/cpu/gemm.hpp"
 #include "moe/backend/cpu/host_matrix.hpp"
@@ -27,15 +26,17 @@ struct ThrustHostSystem {
     int threads = 0;
   };
 
-  // Temporary memory for one primitive call.
+  // Temporary memory for one primitive call. Contents are unspecified: with MOE_POISON_BUFFERS
+  // defined they are poisoned as HostMatrix's are (NaN bytes, 0x7F bytes for integers), so an
+  // element read before it is written shows in a test instead of reading as a vector's zero.
   template <class T>
   class Scratch {
    public:
-    Scratch(Context&, Index count) : data_(static_cast<std::size_t>(count > 0 ? count : 0)) {}
+    Scratch(Context&, Index count) { data_.resize(count > 0 ? count : 0, 1); }
     [[nodiscard]] T* data() { return data_.data(); }
 
    private:
-    std::vector<T> data_;
+    HostMatrix<T> data_;
   };
 
   static auto policy(Context&) { return thrust::cpp::par; }

@@ -35,8 +35,48 @@ class CachingAllocator {
   CachingAllocator& operator=(const CachingAllocator&) = delete;
   ~CachingAllocator() { release_cached(); }
 
-  // A block of at least num_bytes on the current device, from the cache when one fits.
+  // A block of at least num_bytes on the current device, from the cache when one fits. With
+  // MOE_POISON_BUFFERS defined, every block handed out is 0xFF bytes (ordered on the library
+  // stream), so a temporary read before it is written shows as garbage in a test, never as the
+  // zeros a fresh allocation often happens to hold.
   char* allocate(std::ptrdiff_t num_bytes) {
+    char* block = take(num_bytes);
+#if defined(MOE_POISON_BUFFERS)
+    if (num_bytes > 0)
+      MOE_CUDA_CHECK(cudaMemsetAsync(block, 0xFF, static_cast<std::size_t>(num_bytes), Context{}.stream()));
+#endif
+    return block;
+  }
+
+  // Returns a block to the cache. Never throws (Thrust calls it from destructors).
+  void deallocate(char* block, std::size_t /*num_bytes*/) noexcept {
+    const auto it = live_.find(block);
+    if (it == live_.end()) return;  // not from this allocator: not ours to free
+    const Key key = it->second;
+    live_.erase(it);
+    try {
+      free_.emplace(key, block);
+    } catch (...) {
+      free_block(key.device, block);  // no memory for the bookkeeping: give the block back instead
+    }
+  }
+
+  // Frees every cached (not currently handed out) block. Never throws.
+  void release_cached() noexcept {
+    for (const auto& [key, block] : free_) free_block(key.device, block);
+    free_.clear();
+  }
+
+  // Bytes held in the cache, not handed out.
+  [[nodiscard]] std::size_t cached_bytes() const noexcept {
+    std::size_t total = 0;
+    for (const auto& entry : free_) total += entry.first.bytes;
+    return total;
+  }
+
+ private:
+  // A block of at least num_bytes: a cached one when one fits, else a fresh one.
+  char* take(std::ptrdiff_t num_bytes) {
     const std::size_t bytes = bin_size(num_bytes <= 0 ? std::size_t{1} : static_cast<std::size_t>(num_bytes));
     int device = 0;
     MOE_CUDA_CHECK(cudaGetDevice(&device));
@@ -69,33 +109,6 @@ class CachingAllocator {
     return block;
   }
 
-  // Returns a block to the cache. Never throws (Thrust calls it from destructors).
-  void deallocate(char* block, std::size_t /*num_bytes*/) noexcept {
-    const auto it = live_.find(block);
-    if (it == live_.end()) return;  // not from this allocator: not ours to free
-    const Key key = it->second;
-    live_.erase(it);
-    try {
-      free_.emplace(key, block);
-    } catch (...) {
-      free_block(key.device, block);  // no memory for the bookkeeping: give the block back instead
-    }
-  }
-
-  // Frees every cached (not currently handed out) block. Never throws.
-  void release_cached() noexcept {
-    for (const auto& [key, block] : free_) free_block(key.device, block);
-    free_.clear();
-  }
-
-  // Bytes held in the cache, not handed out.
-  [[nodiscard]] std::size_t cached_bytes() const noexcept {
-    std::size_t total = 0;
-    for (const auto& entry : free_) total += entry.first.bytes;
-    return total;
-  }
-
- private:
   struct Key {
     int device;
     std::size_t bytes;
