@@ -134,8 +134,9 @@ typename moe::GateAtDepth<Gate, Depth>::Config depth_config(Index n) {
 
 struct Shape {
   Index tokens, d, n, h, shared;
-  // Every token's first choice at the first level is its node 0, and its nodes 2 and up get no
-  // token: at depth D the leaf experts 2^D and up are empty (2 per node of the first level's 4).
+  // Every token's first choice at the first level is its node 0, and the nodes 2 and up get no
+  // token: the leaf experts 2^depth and up are empty (depth 1: the experts themselves; depths 2
+  // and 3: the first level has 4 nodes of 2^(depth-1) leaves each).
   bool skew;
   const char* what;
 };

@@ -255,18 +255,7 @@ TEST_CASE("ties go to the lower row, deterministically") {
       CHECK(tied.routing.gate(t, i) == (t < 5 ? 0.25 : 0.0));
     }
 
-  // Same result for any thread count, bit for bit.
-  Flat::Config c{.d_model = 4, .n_experts = 8, .expert = {.hidden = 5}, .gate = {.capacity_factor = 1.3}, .seed = 9};
-  c.threads = 1;
-  Flat one(c);
-  c.threads = 2;
-  Flat two(c);
-  const auto big = test::random_matrix<double>(700, 4, 6);
-  const auto f1 = one.forward(big.view());
-  const auto f2 = two.forward(big.view());
-  CHECK(test::same_bits(f1.expert_index(), f2.expert_index()));
-  CHECK(test::same_bits(f1.y(), f2.y()));
-  CHECK(test::same_bits(f1.gates(), f2.gates()));
+  // Thread counts: tests/determinism.cpp, on batches large enough to split the work.
 }
 
 TEST_CASE("capacity: C = ceil(c R / n), clamped to [0, R], decimal factors exact") {

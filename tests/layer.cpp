@@ -297,14 +297,12 @@ void check_same_bits(const Run<S>& a, const Run<S>& b) {
 }
 }  // namespace
 
-TEST_CASE_TEMPLATE("determinism: same seed, same bits; 1 and 2 threads, same bits", S, float, double) {
-  // 1500 tokens: enough work that the CPU backend really splits GEMMs, gates and experts.
-  const Run<S> one = run_once<S>(7, 1, 1500);
-  const Run<S> again = run_once<S>(7, 1, 1500);
-  const Run<S> two = run_once<S>(7, 2, 1500);
+// Thread counts (1, 2, 3, 7): tests/determinism.cpp.
+TEST_CASE_TEMPLATE("determinism: same seed, same bits; another seed, other bits", S, float, double) {
+  const Run<S> one = run_once<S>(7, 2, 1500);
+  const Run<S> again = run_once<S>(7, 2, 1500);
   check_same_bits(one, again);
-  check_same_bits(one, two);
-  const Run<S> other = run_once<S>(8, 1, 1500);
+  const Run<S> other = run_once<S>(8, 2, 1500);
   CHECK_FALSE(test::same_bits(one.y.view(), other.y.view()));
 }
 

@@ -114,9 +114,10 @@ struct GradientCheck {
 };
 
 template <class L>
-GradientCheck check_layer_gradients(L& layer, MatrixView<double> x, ConstMatrixView<double> dy,
-                                    Noise<double> noise = {}, double bound = 1e-6, double step = 1e-6,
+GradientCheck check_layer_gradients(L& layer, MatrixView<typename L::Scalar> x, ConstMatrixView<typename L::Scalar> dy,
+                                    Noise<typename L::Scalar> noise = {}, double bound = 1e-6, double step = 1e-6,
                                     Mode mode = Mode::train) {
+  using S = typename L::Scalar;
   GradientCheck out;
   out.bound = bound;
   layer.zero_grad();
@@ -127,29 +128,34 @@ GradientCheck check_layer_gradients(L& layer, MatrixView<double> x, ConstMatrixV
     return m;
   }();
   const auto back = layer.backward(base, dy);
+  // The objective is summed in double whatever the layer computes in.
   auto objective = [&] {
     const auto f = layer.forward(x, mode, noise);
     if (!same_bits(f.expert_index(), ConstMatrixView<Index>(routing0.view()))) out.routing_stable = false;
     const auto y = f.y();
-    double s = f.loss();
+    double s = static_cast<double>(f.loss());
     for (Index r = 0; r < y.rows; ++r)
-      for (Index c = 0; c < y.cols; ++c) s += dy(r, c) * y(r, c);
+      for (Index c = 0; c < y.cols; ++c) s += static_cast<double>(dy(r, c)) * static_cast<double>(y(r, c));
     return s;
   };
-  auto difference = [&](double* value) {
-    const double keep = *value;
-    *value = keep + step;
+  // Central differences over the steps actually taken (in float, value + step is rounded).
+  auto difference = [&](S* value) {
+    if (!out.routing_stable) return 0.0;  // the point is unusable: stop probing
+    const S keep = *value;
+    *value = static_cast<S>(keep + static_cast<S>(step));
+    const double taken_up = static_cast<double>(*value) - static_cast<double>(keep);
     const double up = objective();
-    *value = keep - step;
+    *value = static_cast<S>(keep - static_cast<S>(step));
+    const double taken_down = static_cast<double>(*value) - static_cast<double>(keep);
     const double down = objective();
     *value = keep;
-    return (up - down) / (2 * step);
+    return (up - down) / (taken_up - taken_down);
   };
-  auto compare = [&](const std::string& name, const double* grad, double* value, Index count) {
+  auto compare = [&](const std::string& name, const S* grad, S* value, Index count) {
     std::vector<double> analytic, numeric;
     double norm = 0;
     for (Index i = 0; i < count; ++i) {
-      analytic.push_back(grad[i]);
+      analytic.push_back(static_cast<double>(grad[i]));
       numeric.push_back(difference(value + i));
       norm += numeric.back() * numeric.back();
     }

@@ -3,7 +3,11 @@
 // build in parallel), bit for bit, and against the naive mixture of backend_compare.hpp. Built
 // with MOE_POISON_BUFFERS: every buffer and every primitive's scratch memory starts poisoned.
 // What it checks is the Thrust primitives (routing plan, histogram, scan, sort, gather, sums)
-// under the shared gate, layer and expert code; backend_compare.hpp says what it does not.
+// under the shared gate, layer and expert code, and the routing primitives directly against the
+// CPU backend's; backend_compare.hpp says what it does not check.
+
+#include <algorithm>
+#include <vector>
 
 #include "backend_compare.hpp"
 #include "moe/backend/thrust_host.hpp"
@@ -18,3 +22,57 @@ TEST_CASE_TEMPLATE_DEFINE("ThrustHost matches the CPU reference", Case, thrust_h
   compare::check_case<moe::backend::ThrustHost<float>, Case>(0.0);
 }
 TEST_CASE_TEMPLATE_APPLY(thrust_host_cases, compare::CasesAtDepth<MOE_COMPARE_DEPTH>);
+
+namespace {
+using moe::Index;
+
+// Keys in [0, bins), uniform: the routed slots' experts.
+std::vector<Index> random_keys(Index count, Index bins, std::uint64_t seed) {
+  const moe::CounterRandom r{seed};
+  std::vector<Index> keys(static_cast<std::size_t>(count));
+  for (Index i = 0; i < count; ++i) {
+    const double u = 0.5 * (1.0 + r.symmetric_uniform(static_cast<std::uint64_t>(i), 0u, 3u));
+    keys[static_cast<std::size_t>(i)] = std::min<Index>(bins - 1, static_cast<Index>(u * static_cast<double>(bins)));
+  }
+  return keys;
+}
+}  // namespace
+
+TEST_CASE("ThrustHost's routing primitives equal the CPU backend's, output memory poisoned first") {
+  using Host = moe::backend::ThrustHost<float>;
+  using Cpu = moe::backend::Cpu<float>;
+  Host::Context hctx{};
+  Cpu::Context cctx{};
+  for (const Index count : {0, 1, 7, 1000}) {
+    for (const Index bins : {1, 3, 64}) {
+      CAPTURE(count);
+      CAPTURE(bins);
+      const auto keys = random_keys(count, bins, static_cast<std::uint64_t>(count * 100 + bins));
+      // Outputs in poisoned buffers (MOE_POISON_BUFFERS): an element a primitive leaves
+      // unwritten differs from the reference.
+      moe::backend::HostMatrix<Index> h_counts, c_counts, h_scan, c_scan, h_order, c_order;
+      h_counts.resize(bins, 1);
+      c_counts.resize(bins, 1);
+      Host::histogram(hctx, keys.data(), count, bins, h_counts.data());
+      Cpu::histogram(cctx, keys.data(), count, bins, c_counts.data());
+      CHECK(h_counts.values() == c_counts.values());
+      Index total = 0;
+      for (const Index c : c_counts.values()) total += c;
+      CHECK(total == count);
+
+      h_scan.resize(bins + 1, 1);
+      c_scan.resize(bins + 1, 1);
+      Host::exclusive_scan(hctx, c_counts.data(), bins, h_scan.data());
+      Cpu::exclusive_scan(cctx, c_counts.data(), bins, c_scan.data());
+      CHECK(h_scan.values() == c_scan.values());
+      CHECK(h_scan[0] == 0);
+      CHECK(h_scan[bins] == count);
+
+      h_order.resize(count, 1);
+      c_order.resize(count, 1);
+      Host::stable_sort_by_key(hctx, keys.data(), count, bins, h_order.data());
+      Cpu::stable_sort_by_key(cctx, keys.data(), count, bins, c_order.data());
+      CHECK(h_order.values() == c_order.values());
+    }
+  }
+}
