@@ -6,7 +6,8 @@ usage: check_headers.py --root ROOT [--cccl DIR] -- COMPILER [FLAGS...]
 
 The headers: include/moe/**.hpp and backends/cpu/moe/**.hpp, found anew on every run (a header
 added later is checked without a change here), and with --cccl (Thrust's include directory) the
-CUDA backend's Thrust headers, which also build for the host. Eigen and nlohmann_json come from
+CUDA backend's Thrust headers, which also build for the host. The MPI communicator's header is
+checked with MPI's flags where pkg-config knows an MPI. Eigen and nlohmann_json come from
 pkg-config as system headers: their own warnings are not ours. Exits 1 if any header fails.
 """
 import argparse
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 THRUST_HEADERS = ["moe/backend/thrust.hpp", "moe/backend/thrust_host.hpp"]
+MPI_HEADERS = ["moe/comm/mpi.hpp"]
 
 
 def system_includes(packages):
@@ -41,7 +43,13 @@ def main():
     dirs = [args.root / "include", args.root / "backends/cpu"]
     headers = sorted(str(p.relative_to(d)) for d in dirs for p in d.rglob("*.hpp"))
     base = compiler + ["-fsyntax-only", "-x", "c++"] + [f"-I{d}" for d in dirs]
-    jobs = [(h, base) for h in headers]
+    jobs = [(h, base) for h in headers if h not in MPI_HEADERS]
+    # The MPI communicator needs mpi.h: checked where pkg-config knows an MPI, said otherwise.
+    if subprocess.run(["pkg-config", "--exists", "mpi"]).returncode == 0:
+        mpi = base + ["-DOMPI_SKIP_MPICXX"] + system_includes(["mpi"])
+        jobs += [(h, mpi) for h in MPI_HEADERS]
+    else:
+        print(f"not checked (no MPI known to pkg-config): {', '.join(MPI_HEADERS)}", flush=True)
     if args.cccl:
         thrust = base + [f"-I{args.root / 'backends/cuda'}", "-isystem", args.cccl]
         jobs += [(h, thrust) for h in THRUST_HEADERS]
