@@ -545,6 +545,9 @@ TEST_CASE("parse rejects a malformed file, naming the origin, the tensor and the
   SUBCASE("the tensors tile the data buffer") {
     check_message(parse_error("{" + w + "," + entry("v", "F32", "[2]", 4, 12) + "}", 12),
                   {"tensor 'v' (data_offsets [4, 12]) overlaps tensor 'w' ([0, 8])"});
+    // By a single byte: the last byte of one tensor is the first of the next.
+    check_message(parse_error("{" + w + "," + entry("v", "I8", "[5]", 7, 12) + "}", 12),
+                  {"tensor 'v' (data_offsets [7, 12]) overlaps tensor 'w' ([0, 8])"});
     check_message(parse_error("{" + w + "," + entry("v", "F32", "[2]", 0, 8) + "}", 8),
                   {"overlaps tensor", "'v'", "'w'"});
     check_message(parse_error("{" + w + "," + entry("z", "F32", "[0]", 4, 4) + "}", 8),
