@@ -234,6 +234,43 @@ TEST_CASE("depth 3 builds, matches finite differences and trains") {
   CHECK(after < 0.25 * before);
 }
 
+TEST_CASE("depth 3: each level's gate of each group reads its own noise columns (MATH.md 4)") {
+  // Zero-initialized gates: every noisy logit is z * (softplus(0) + eps), so without noise every
+  // level ties to its lowest experts, and one large noise value steers exactly the group whose
+  // column it is in. Levels (2, k 2), (3, k 2), (2, k 1): noise columns [0, 2) level 0,
+  // [2, 8) level 1 (group g: 2 + 3 g + i), [8, 20) level 2 (group g: 8 + 2 g + i).
+  Tree3 layer({.d_model = 4,
+               .n_experts = 12,
+               .expert = {.hidden = 3},
+               .gate = {.levels = {{{.branching = 2, .gate = {.k = 2}},
+                                    {.branching = 3, .gate = {.k = 2}},
+                                    {.branching = 2, .gate = {.k = 1}}}}}});
+  REQUIRE(layer.noise_columns() == 20);
+  const auto x = test::random_matrix<double>(6, 4, 3);
+  auto leaves_with = [&](Index column) {
+    Matrix<double> z(6, 20, 0.0);
+    if (column >= 0)
+      for (Index t = 0; t < 6; ++t) z(t, column) = 50.0;
+    const auto f = layer.forward(x.view(), Mode::train, Noise<double>(z.view()));
+    std::vector<Index> used;
+    for (Index e = 0; e < 12; ++e)
+      if (f.stats().tokens_per_expert[static_cast<std::size_t>(e)] > 0) {
+        CHECK(f.stats().tokens_per_expert[static_cast<std::size_t>(e)] == 6);
+        used.push_back(e);
+      }
+    return used;
+  };
+  // Ties everywhere: level-0 nodes 0 and 1, level-1 experts 0 and 1, level-2 expert 0. Leaf
+  // (n0 * 3 + n1) * 2 + n2.
+  CHECK(leaves_with(-1) == std::vector<Index>{0, 2, 6, 8});
+  // Level 2, group 4 (the path 1, 1), expert 1: column 8 + 2 * 4 + 1 = 17. Only that group moves.
+  CHECK(leaves_with(17) == std::vector<Index>{0, 2, 6, 9});
+  // Level 1, group 1, expert 2: column 2 + 3 * 1 + 2 = 7. Node 1's tokens take experts 2 and 0.
+  CHECK(leaves_with(7) == std::vector<Index>{0, 2, 6, 10});
+  // Level 0, expert 1 first: column 1 changes the order of the slots, not the set of leaves.
+  CHECK(leaves_with(1) == std::vector<Index>{0, 2, 6, 8});
+}
+
 TEST_CASE("a group that receives no token contributes zero load and no NaN") {
   constexpr Index a = 3, b = 4, T = 16, d = 4;
   Tree2 layer(tree2(a, 2, b, 2));
