@@ -152,6 +152,13 @@ TEST_CASE("bad arguments and MPI failures are moe::Errors naming the call and th
   const auto negative = error_of_call([&] { comm.all_to_all_v(nullptr, counts.data(), nullptr, counts.data()); });
   CHECK(negative.find("-4") != std::string::npos);
   CHECK(negative.find(me) != std::string::npos);
+  // Every rank refuses before posting anything, so no rank waits for a message.
+  std::vector<Index> sends(static_cast<std::size_t>(comm.size()), 0), recvs = sends;
+  std::vector<std::byte> buffer(2);
+  sends[static_cast<std::size_t>(comm.rank())] = 1;
+  recvs[static_cast<std::size_t>(comm.rank())] = 2;
+  CHECK(error_of_call([&] { comm.all_to_all_v(buffer.data(), sends.data(), buffer.data(), recvs.data()); })
+            .find("sending 1 bytes to itself but receiving 2") != std::string::npos);
   CHECK(error_of_call([&] {
           std::byte b{};
           comm.broadcast(&b, 1, comm.size());

@@ -99,6 +99,9 @@ class Mpi {
     detail::require((send != nullptr || send_total == 0) && (recv != nullptr || recv_total == 0),
                     "comm::Mpi::all_to_all_v on rank ", rank_, ": a null buffer for ", send_total, " bytes to send and ",
                     recv_total, " to receive");
+    // Checked before anything is posted, so that a refusal leaves no message in flight.
+    detail::require(send_counts[rank_] == recv_counts[rank_], "comm::Mpi::all_to_all_v on rank ", rank_, ": sending ",
+                    send_counts[rank_], " bytes to itself but receiving ", recv_counts[rank_], ", expected equal counts");
     std::vector<MPI_Request> requests;
     const auto post = [&](std::byte* data, Index bytes, int peer, bool receive) {
       for (Index done = 0; done < bytes;) {
@@ -129,8 +132,6 @@ class Mpi {
       offset += send_counts[r];
     }
     // What a rank sends itself is copied.
-    detail::require(send_counts[rank_] == recv_counts[rank_], "comm::Mpi::all_to_all_v on rank ", rank_, ": sending ",
-                    send_counts[rank_], " bytes to itself but receiving ", recv_counts[rank_], ", expected equal counts");
     Index recv_self = 0;
     for (int r = 0; r < rank_; ++r) recv_self += recv_counts[r];
     if (send_counts[rank_] > 0) std::copy_n(send + self_offset, send_counts[rank_], recv + recv_self);
