@@ -79,9 +79,17 @@ struct NoBarrier {
   int size() const { return 1; }
   void all_reduce_sum(double*, Index) {}
   void all_reduce_sum(float*, Index) {}
+  void all_reduce_sum(std::int64_t*, Index) {}
   void all_to_all_v(const std::byte*, const Index*, std::byte*, const Index*) {}
+  void all_gather(const std::byte*, Index, std::byte*) {}
+  std::int64_t exclusive_scan(std::int64_t) { return 0; }
+  void broadcast(std::byte*, Index, int) {}
 };
 static_assert(!Communicator<NoBarrier>);
+struct WithBarrier : NoBarrier {
+  void barrier() {}
+};
+static_assert(Communicator<WithBarrier>);
 
 // The per-expert adapter makes a group from a simple expert.
 struct Scale {
