@@ -142,6 +142,60 @@ TEST_CASE("exclusive_scan: each rank's first global index") {
   CHECK(comm.exclusive_scan(mine) == expected);
 }
 
+TEST_CASE("all_gather and broadcast: every rank's block in rank order, root's bytes everywhere") {
+  Mpi comm(MPI_COMM_WORLD, {.max_message_bytes = 5});  // blocks of 13 bytes travel as 3 messages
+  const int p = comm.size(), me = comm.rank();
+  constexpr Index bytes = 13;
+  std::vector<std::byte> mine(bytes), all(static_cast<std::size_t>(p * bytes), std::byte{0xEE});
+  for (Index i = 0; i < bytes; ++i) mine[static_cast<std::size_t>(i)] = payload(me, 0, i);
+  comm.all_gather(mine.data(), bytes, all.data());
+  Index wrong = 0;
+  for (int r = 0; r < p; ++r)
+    for (Index i = 0; i < bytes; ++i)
+      if (all[static_cast<std::size_t>(r * bytes + i)] != payload(r, 0, i)) ++wrong;
+  CHECK(wrong == 0);
+  const int root = p - 1;
+  std::vector<std::byte> data(bytes);
+  for (Index i = 0; i < bytes; ++i) data[static_cast<std::size_t>(i)] = me == root ? payload(root, 1, i) : std::byte{0};
+  comm.broadcast(data.data(), bytes, root);
+  wrong = 0;
+  for (Index i = 0; i < bytes; ++i) wrong += data[static_cast<std::size_t>(i)] != payload(root, 1, i) ? 1 : 0;
+  CHECK(wrong == 0);
+}
+
+TEST_CASE("a rank that stops calling ends the others' call with a moe::Error after the timeout, not a hang") {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size < 2) return;
+  Mpi comm(MPI_COMM_WORLD, {.timeout_seconds = 0.5});
+  const int me = comm.rank();
+  // Rank 0 exchanges one byte with rank 1; rank 1 is late (it answers only after rank 0 gave up).
+  std::vector<Index> counts(static_cast<std::size_t>(size), 0);
+  std::byte out{0x2A}, in{0};
+  if (me == 0) {
+    counts[1] = 1;
+    const auto start = MPI_Wtime();
+    const auto error = error_of_call([&] { comm.all_to_all_v(&out, counts.data(), &in, counts.data()); });
+    const double waited = MPI_Wtime() - start;
+    CHECK(error.find("all_to_all_v on rank 0 of " + std::to_string(size)) != std::string::npos);
+    CHECK(error.find("after 0.5 s") != std::string::npos);
+    CHECK(waited >= 0.5);
+    CHECK(waited < 10);
+    CHECK(comm.broken());
+    CHECK(error_of_call([&] { comm.barrier(); }).find("the communicator is broken") != std::string::npos);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);  // rank 0 has given up
+  if (me == 1) {
+    // The late call completes (rank 0's messages were posted), and so do rank 0's abandoned ones.
+    counts[0] = 1;
+    comm.all_to_all_v(&out, counts.data(), &in, counts.data());
+    CHECK(in == std::byte{0x2A});
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  CHECK(error_of_call([] { Mpi bad(MPI_COMM_WORLD, {.timeout_seconds = 0}); }).find("timeout_seconds = 0") !=
+        std::string::npos);
+}
+
 TEST_CASE("bad arguments and MPI failures are moe::Errors naming the call and the rank") {
   Mpi comm;
   const std::string me = "on rank " + std::to_string(comm.rank());

@@ -6,6 +6,11 @@
 // Options::max_message_bytes (2^30 by default, below MPI's int counts) is split into several
 // messages, so more than 2^31 bytes travel with an MPI that has no large-count calls (OpenMPI 4).
 //
+// Every call waits at most Options::timeout_seconds for its peers: a rank that failed, or stopped
+// making the same calls, ends the others' calls with a moe::Error instead of a hang. After a
+// timeout the communicator is broken (messages may be left in flight) and refuses every call.
+// Sums are reduced to rank 0 and broadcast, so every rank holds the same bits.
+//
 // MPI must be initialized (MPI_Init or MPI_Init_thread) before a comm::Mpi is built, and stay
 // initialized until it is destroyed. Every rank must make the same collective calls in the same
 // order, as with MPI itself. Link with moe-mpi (pkg-config) or moe::moe with the mpi component.
@@ -16,7 +21,9 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,6 +36,8 @@ struct MpiOptions {
   // The largest single message; larger transfers are split. At most INT_MAX (MPI counts are
   // int). Smaller values only cost messages (tests use them to exercise the splitting).
   Index max_message_bytes = Index{1} << 30;
+  // How long a call waits for its peers before it fails (seconds, > 0).
+  double timeout_seconds = 600;
 };
 
 class Mpi {
@@ -45,13 +54,16 @@ class Mpi {
     detail::require(options.max_message_bytes >= 1 && options.max_message_bytes <= INT_MAX,
                     "comm::Mpi: max_message_bytes = ", options.max_message_bytes, ", expected 1 <= max_message_bytes <= ",
                     INT_MAX);
+    detail::require(options.timeout_seconds > 0, "comm::Mpi: timeout_seconds = ", options.timeout_seconds,
+                    ", expected > 0");
     check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
     check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
     check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
     check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
   }
-  Mpi(const Mpi& other) : options_(other.options_), rank_(other.rank_), size_(other.size_) {
-    if (other.comm_ != MPI_COMM_NULL) check(MPI_Comm_dup(other.comm_, &comm_), "MPI_Comm_dup");
+  // A copy duplicates the MPI communicator: a collective call on every rank (MPI_Comm_dup).
+  Mpi(const Mpi& other) : options_(other.options_), rank_(other.rank_), size_(other.size_), broken_(other.broken_) {
+    if (other.comm_ != MPI_COMM_NULL && !broken_) check(MPI_Comm_dup(other.comm_, &comm_), "MPI_Comm_dup");
   }
   Mpi& operator=(const Mpi& other) {
     if (this != &other) {
@@ -64,7 +76,8 @@ class Mpi {
       : options_(other.options_),
         comm_(std::exchange(other.comm_, MPI_COMM_NULL)),
         rank_(other.rank_),
-        size_(other.size_) {}
+        size_(other.size_),
+        broken_(other.broken_) {}
   Mpi& operator=(Mpi&& other) noexcept {
     swap(other);
     return *this;
@@ -72,13 +85,16 @@ class Mpi {
   ~Mpi() {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (comm_ != MPI_COMM_NULL && finalized == 0) static_cast<void>(MPI_Comm_free(&comm_));
+    // A broken communicator may have messages in flight: it is left to MPI_Finalize.
+    if (comm_ != MPI_COMM_NULL && finalized == 0 && !broken_) static_cast<void>(MPI_Comm_free(&comm_));
   }
 
   [[nodiscard]] int rank() const { return rank_; }
   [[nodiscard]] int size() const { return size_; }
   [[nodiscard]] MPI_Comm native() const { return comm_; }
   [[nodiscard]] const Options& options() const { return options_; }
+  // True after a call timed out: every later call throws.
+  [[nodiscard]] bool broken() const { return broken_; }
 
   // In place: data[i] = the sum over ranks of data[i], the same bits on every rank.
   void all_reduce_sum(double* data, Index count) { all_reduce(data, count, MPI_DOUBLE, "all_reduce_sum"); }
@@ -88,6 +104,7 @@ class Mpi {
   // send_counts[r] bytes to rank r (packed in rank order in send), recv_counts[r] bytes from
   // rank r (packed in rank order in recv). What rank a sends to b, b must expect from a.
   void all_to_all_v(const std::byte* send, const Index* send_counts, std::byte* recv, const Index* recv_counts) {
+    require_healthy("all_to_all_v");
     Index send_total = 0, recv_total = 0;
     for (int r = 0; r < size_; ++r) {
       detail::require(send_counts[r] >= 0 && recv_counts[r] >= 0, "comm::Mpi::all_to_all_v on rank ", rank_,
@@ -104,16 +121,7 @@ class Mpi {
                     send_counts[rank_], " bytes to itself but receiving ", recv_counts[rank_], ", expected equal counts");
     std::vector<MPI_Request> requests;
     const auto post = [&](std::byte* data, Index bytes, int peer, bool receive) {
-      for (Index done = 0; done < bytes;) {
-        const Index part = std::min(bytes - done, options_.max_message_bytes);
-        MPI_Request request = MPI_REQUEST_NULL;
-        if (receive)
-          check(MPI_Irecv(data + done, static_cast<int>(part), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
-        else
-          check(MPI_Isend(data + done, static_cast<int>(part), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
-        requests.push_back(request);
-        done += part;
-      }
+      post_split(requests, data, bytes, peer, receive);
     };
     // Receives first, then sends; messages between two ranks with one tag arrive in order, so
     // the pieces of a split transfer land where they belong.
@@ -138,46 +146,125 @@ class Mpi {
     wait_all(requests, "all_to_all_v");
   }
 
+  // bytes from every rank: recv holds size() blocks of bytes, in rank order (recv may not
+  // overlap send).
+  void all_gather(const std::byte* send, Index bytes, std::byte* recv) {
+    require_healthy("all_gather");
+    detail::require(bytes >= 0 && ((send != nullptr && recv != nullptr) || bytes == 0), "comm::Mpi::all_gather on rank ",
+                    rank_, ": bytes = ", bytes, ", expected >= 0 with both buffers");
+    std::vector<MPI_Request> requests;
+    for (int r = 0; r < size_; ++r)
+      if (r != rank_) post_split(requests, recv + r * bytes, bytes, r, true);
+    for (int r = 0; r < size_; ++r)
+      if (r != rank_) post_split(requests, const_cast<std::byte*>(send), bytes, r, false);
+    if (bytes > 0) std::copy_n(send, bytes, recv + rank_ * bytes);
+    wait_all(requests, "all_gather");
+  }
+
   // The sum of value over the ranks below this one (0 on rank 0): a rank's first global token
   // index when value is its batch size.
   [[nodiscard]] std::int64_t exclusive_scan(std::int64_t value) {
+    require_healthy("exclusive_scan");
     std::int64_t out = 0;
-    check(MPI_Exscan(&value, &out, 1, MPI_INT64_T, MPI_SUM, comm_), "MPI_Exscan");
+    MPI_Request request = MPI_REQUEST_NULL;
+    check(MPI_Iexscan(&value, &out, 1, MPI_INT64_T, MPI_SUM, comm_, &request), "MPI_Iexscan");
+    wait_one(request, "MPI_Iexscan");
     return rank_ == 0 ? 0 : out;  // MPI leaves rank 0's result undefined
   }
 
   // bytes bytes of data from rank root to every rank.
   void broadcast(std::byte* data, Index bytes, int root) {
+    require_healthy("broadcast");
     detail::require(root >= 0 && root < size_, "comm::Mpi::broadcast on rank ", rank_, ": root = ", root,
                     ", expected 0 <= root < ", size_);
     for (Index done = 0; done < bytes;) {
       const Index part = std::min(bytes - done, options_.max_message_bytes);
-      check(MPI_Bcast(data + done, static_cast<int>(part), MPI_BYTE, root, comm_), "MPI_Bcast");
+      MPI_Request request = MPI_REQUEST_NULL;
+      check(MPI_Ibcast(data + done, static_cast<int>(part), MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
+      wait_one(request, "MPI_Ibcast");
       done += part;
     }
   }
 
-  void barrier() { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+  void barrier() {
+    require_healthy("barrier");
+    MPI_Request request = MPI_REQUEST_NULL;
+    check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+    wait_one(request, "MPI_Ibarrier");
+  }
 
  private:
   static constexpr int kTag = 0x6d6f65;  // "moe"
 
+  // Messages of at most max_message_bytes, posted in order (one tag: they arrive in order).
+  void post_split(std::vector<MPI_Request>& requests, std::byte* data, Index bytes, int peer, bool receive) {
+    for (Index done = 0; done < bytes;) {
+      const Index part = std::min(bytes - done, options_.max_message_bytes);
+      MPI_Request request = MPI_REQUEST_NULL;
+      if (receive)
+        check(MPI_Irecv(data + done, static_cast<int>(part), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Irecv");
+      else
+        check(MPI_Isend(data + done, static_cast<int>(part), MPI_BYTE, peer, kTag, comm_, &request), "MPI_Isend");
+      requests.push_back(request);
+      done += part;
+    }
+  }
+
+  // Reduced onto rank 0, then broadcast: every rank ends with rank 0's bits (MPI_Allreduce does
+  // not promise the same bits everywhere).
   template <class T>
   void all_reduce(T* data, Index count, MPI_Datatype type, const char* what) {
+    require_healthy(what);
     detail::require(count >= 0 && (data != nullptr || count == 0), "comm::Mpi::", what, " on rank ", rank_,
                     ": count = ", count, ", expected >= 0 with a buffer");
     const Index per_message = std::max<Index>(1, options_.max_message_bytes / static_cast<Index>(sizeof(T)));
     for (Index done = 0; done < count;) {
       const Index part = std::min(count - done, per_message);
-      check(MPI_Allreduce(MPI_IN_PLACE, data + done, static_cast<int>(part), type, MPI_SUM, comm_), "MPI_Allreduce");
+      const int n = static_cast<int>(part);
+      MPI_Request request = MPI_REQUEST_NULL;
+      if (rank_ == 0)
+        check(MPI_Ireduce(MPI_IN_PLACE, data + done, n, type, MPI_SUM, 0, comm_, &request), "MPI_Ireduce");
+      else
+        check(MPI_Ireduce(data + done, nullptr, n, type, MPI_SUM, 0, comm_, &request), "MPI_Ireduce");
+      wait_one(request, "MPI_Ireduce");
+      check(MPI_Ibcast(data + done, n, type, 0, comm_, &request), "MPI_Ibcast");
+      wait_one(request, "MPI_Ibcast");
       done += part;
     }
   }
 
+  void require_healthy(const char* what) const {
+    detail::require(!broken_, "comm::Mpi::", what, " on rank ", rank_, " of ", size_,
+                    ": the communicator is broken (an earlier call timed out), expected a healthy communicator");
+  }
+
+  void wait_one(MPI_Request& request, const char* what) {
+    std::vector<MPI_Request> one{request};
+    wait_all(one, what);
+    request = MPI_REQUEST_NULL;
+  }
+
+  // Polls until every request completes, or fails after timeout_seconds (a rank that failed or
+  // stopped calling never completes them). Polling, not MPI_Waitall, is what bounds the wait.
   void wait_all(std::vector<MPI_Request>& requests, const char* what) {
     if (requests.empty()) return;
     std::vector<MPI_Status> statuses(requests.size());
-    const int code = MPI_Waitall(static_cast<int>(requests.size()), requests.data(), statuses.data());
+    const auto start = std::chrono::steady_clock::now();
+    const auto limit = std::chrono::duration<double>(options_.timeout_seconds);
+    int code = MPI_SUCCESS;
+    for (long polls = 0;; ++polls) {
+      int done = 0;
+      code = MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, statuses.data());
+      if (code != MPI_SUCCESS || done != 0) break;
+      if (std::chrono::steady_clock::now() - start > limit) {
+        broken_ = true;
+        detail::fail("comm::Mpi::", what, " on rank ", rank_, " of ", size_, ": no answer from the other ranks after ",
+                     options_.timeout_seconds, " s (timeout_seconds): a rank failed or stopped making the same calls");
+      }
+      // Spin briefly (fast peers answer within microseconds), then yield the core: ranks may
+      // outnumber cores.
+      if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
     if (code == MPI_SUCCESS) return;
     // MPI_ERR_IN_STATUS: the first failing request's own error.
     int detail_code = code;
@@ -207,12 +294,14 @@ class Mpi {
     std::swap(comm_, other.comm_);
     std::swap(rank_, other.rank_);
     std::swap(size_, other.size_);
+    std::swap(broken_, other.broken_);
   }
 
   Options options_;
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
+  bool broken_ = false;
 };
 
 static_assert(Communicator<Mpi>);
