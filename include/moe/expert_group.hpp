@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "moe/backend.hpp"
+#include "moe/error.hpp"
 #include "moe/parameter.hpp"
 
 namespace moe {
@@ -32,6 +33,14 @@ concept ExpertGroup =
     };
 // clang-format on
 
+// Which of a layer's experts a group holds when the experts are sharded across processes:
+// experts [first, first + n_experts) of `total`. A group built with a shard initializes exactly
+// the values the whole group of `total` experts holds for those experts.
+struct ExpertShard {
+  Index first = 0;
+  Index total = 0;  // 0: not sharded (the group holds every expert)
+};
+
 // An expert family: a tag with a Config and a Group<B> built from (config, d_model, n_experts, seed).
 // clang-format off
 template <class Expert, class B>
@@ -40,5 +49,22 @@ concept ExpertFamily = requires { typename Expert::Config; typename Expert::temp
                                                Index, Index, std::uint64_t> &&
                        ExpertGroup<typename Expert::template Group<B>, B>;
 // clang-format on
+
+// An expert family whose groups can hold a shard of the experts: Group<B> is also built from
+// (config, d_model, n_local, seed, ExpertShard). Needed by a layer sharded across processes.
+template <class Expert, class B>
+concept ShardableExpertFamily =
+    ExpertFamily<Expert, B> && std::constructible_from<typename Expert::template Group<B>, const typename Expert::Config&,
+                                                       Index, Index, std::uint64_t, ExpertShard>;
+
+namespace detail {
+// The shard's first expert, checked against the group's size.
+inline Index shard_first(const ExpertShard& shard, Index n_local, const char* who) {
+  if (shard.total == 0) return 0;
+  detail::require(shard.first >= 0 && shard.first + n_local <= shard.total, who, ": a shard of ", n_local,
+                  " experts from expert ", shard.first, ", expected it within the layer's ", shard.total, " experts");
+  return shard.first;
+}
+}  // namespace detail
 
 }  // namespace moe

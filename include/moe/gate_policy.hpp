@@ -11,6 +11,7 @@
 
 #include <concepts>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "moe/backend.hpp"
@@ -32,14 +33,28 @@ struct GateNoise {
   std::uint64_t step = 0;
   const Index* row_token = nullptr;  // the token of each row (null: row r is token r)
   Index column = 0;                  // first column of this gate's block (a hierarchy's level)
+  Index token_offset = 0;            // the global index of token 0 (a rank's offset in a sharded layer)
 
   MOE_HD S at(Index row, Index col) const {
     const Index token = row_token != nullptr ? row_token[row] : row;
     const Index c = column + col;
     if (values != nullptr) return values[token * stride + c];
-    return static_cast<S>(stream.normal(static_cast<std::uint64_t>(token), static_cast<std::uint32_t>(c),
+    // Drawn noise is keyed by the token's global index: a sharded batch draws what one process
+    // would on the concatenated batch.
+    return static_cast<S>(stream.normal(static_cast<std::uint64_t>(token_offset + token), static_cast<std::uint32_t>(c),
                                         static_cast<std::uint32_t>(step)));
   }
+};
+
+// How a gate sums host statistics over the ranks of a sharded layer. A layer sharded across
+// processes installs one in every gate policy that has set_reduction(GateReduction<S>): a gate
+// whose state depends on batch statistics (a hierarchy's loads, a selection bias moved by the
+// counts) then sees the sums over the global batch. Empty (false) in one process.
+template <class S>
+struct GateReduction {
+  std::function<void(S*, Index)> sum;            // in place, over every rank
+  std::function<void(Index*, Index)> sum_index;  // in place, over every rank
+  explicit operator bool() const { return static_cast<bool>(sum); }
 };
 
 // A slot whose expert index is kNotRouted carries no token to any expert (a token over an
@@ -54,6 +69,7 @@ struct GateRouting {
   typename B::template Buffer<S> gate;        // [R x k] gate value of each slot (0 when not routed)
   typename B::template Buffer<S> load;        // [groups x n] smooth load of each group's experts, when !load_is_count
   bool load_is_count = true;                  // the layer then uses the hard counts
+  bool load_reduced = false;                  // load already summed over the ranks (through a GateReduction)
   S loss_aux = 0;                     // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
   S loss_z = 0;                       // the weighted router z-loss, 0 if off
   std::vector<LevelStats<S>> levels;  // filled by a hierarchical gate only

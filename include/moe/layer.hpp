@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <exception>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -24,6 +26,7 @@
 #include "moe/parameter.hpp"
 #include "moe/random.hpp"
 #include "moe/routing_plan.hpp"
+#include "moe/shard.hpp"
 
 namespace moe {
 
@@ -107,6 +110,19 @@ class Noise {
 template <class Gate, int Depth>
 using GateAtDepth = std::conditional_t<Depth == 1, Gate, gate::Hierarchy<Gate, Depth>>;
 
+// What a moe::Layer is built from (Layer<...>::Config).
+template <class Expert, class GateFamily>
+struct LayerConfig {
+  Index d_model = 0;    // d, the width of a token
+  Index n_experts = 0;  // n
+  typename Expert::Config expert{};
+  typename GateFamily::Config gate{};  // at Depth > 1: gate::Hierarchy's Config (one entry per level)
+  Index shared_experts = 0;            // s always-on experts added to every token's output (same Config as `expert`)
+  std::uint64_t seed = 0;              // parameter initialization
+  bool check_finite = true;            // reject NaN and Inf in inputs, noise and output gradients
+  int threads = 0;                     // CPU threads, 0: all that OpenMP offers; results do not depend on it
+};
+
 // clang-format off
 template <class Expert, class Gate, Backend B, int Depth = 1, Communicator Comm = comm::Local>
   requires ExpertFamily<Expert, B> && GateFamily<Gate, B>
@@ -127,16 +143,9 @@ class Layer {
   template <class T>
   using Buffer = typename B::template Buffer<T>;
 
-  struct Config {
-    Index d_model = 0;    // d, the width of a token
-    Index n_experts = 0;  // n
-    typename Expert::Config expert{};
-    typename GateFamily::Config gate{};  // at Depth > 1: gate::Hierarchy's Config (one entry per level)
-    Index shared_experts = 0;            // s always-on experts added to every token's output (same Config as `expert`)
-    std::uint64_t seed = 0;              // parameter initialization
-    bool check_finite = true;            // reject NaN and Inf in inputs, noise and output gradients
-    int threads = 0;                     // CPU threads, 0: all that OpenMP offers; results do not depend on it
-  };
+  // The same type for every backend-independent choice of Comm: a one-process layer and a
+  // sharded one are built from one Config.
+  using Config = LayerConfig<Expert, GateFamily>;
 
   // The result of one forward call: the output, the balance statistics, the routing, and what
   // backward needs (kept here, owned by the caller; the layer holds no per-call state).
@@ -161,6 +170,12 @@ class Layer {
       expert_saved_ = std::move(other.expert_saved_);
       shared_ = std::move(other.shared_);
       stats_ = std::move(other.stats_);
+      exchange_ = std::move(other.exchange_);
+      xe_ = std::move(other.xe_);
+      ye_ = std::move(other.ye_);
+      tokens_per_expert_ = std::move(other.tokens_per_expert_);
+      own_loss_share_ = other.own_loss_share_;
+      call_ = other.call_;
       return *this;
     }
     [[nodiscard]] ConstMatrixView<Scalar> y() const { return y_.view(); }
@@ -189,25 +204,37 @@ class Layer {
       typename ExpertGroup::Saved saved;
     } shared_;
     BalanceStats<Scalar> stats_;
+    // Sharded across processes: the exchange of this call, the rows this rank's experts computed
+    // (in their order), the global routed count of each expert, this rank's share of the global
+    // batch (its weight in the gate's own losses), and which forward call of the layer this was.
+    ExpertExchange<B> exchange_;
+    Buffer<Scalar> xe_, ye_;
+    std::vector<Index> tokens_per_expert_;
+    Scalar own_loss_share_ = Scalar(1);
+    std::uint64_t call_ = 0;
   };
 
   struct Backward {
     Buffer<Scalar> dx;  // [T x d] gradient with respect to the input
   };
 
+  // With a communicator of P > 1 ranks the layer is sharded (MATH.md 6, docs/distributed.md):
+  // every rank builds it with the same Config; rank r holds a block of the experts
+  // (expert_shard()), and the gate and the shared experts are replicated. The constructor checks
+  // that every rank's configuration and replicated weights are the same (a collective call).
   explicit Layer(const Config& config, Comm comm = {})
       : config_(validated(config)),
         comm_(std::move(comm)),
+        placement_(place_experts(config_, comm_.size())),
         gate_(config_.gate, config_.d_model, config_.n_experts, config_.seed, Index{1}),
-        experts_(config_.expert, config_.d_model, config_.n_experts, config_.seed),
+        experts_(make_experts(config_, placement_, comm_.rank())),
         id_(next_id()) {
     if (config_.shared_experts > 0)
       shared_.emplace(config_.expert, config_.d_model, config_.shared_experts, config_.seed ^ kSharedSeed);
-    detail::require(comm_.size() == 1, "moe::Layer: communicator has ", comm_.size(),
-                    " ranks, expected 1: expert sharding across processes is not available in this version");
-    detail::require(experts_.n_experts() == config_.n_experts && gate_.n_experts() == config_.n_experts,
+    detail::require(experts_.n_experts() == placement_.count(comm_.rank()) && gate_.n_experts() == config_.n_experts,
                     "moe::Layer: gate has ", gate_.n_experts(), " experts and expert group ", experts_.n_experts(),
-                    ", expected both = n_experts = ", config_.n_experts);
+                    ", expected n_experts = ", config_.n_experts, " and the rank's ", placement_.count(comm_.rank()));
+    if (sharded()) verify_replicas();
   }
 
   // A copy is a new layer with the same parameters: results of the original's forward are not
@@ -215,6 +242,7 @@ class Layer {
   Layer(const Layer& other)
       : config_(other.config_),
         comm_(other.comm_),
+        placement_(other.placement_),
         gate_(other.gate_),
         experts_(other.experts_),
         shared_(other.shared_),
@@ -223,6 +251,7 @@ class Layer {
     if (this != &other) {
       config_ = other.config_;
       comm_ = other.comm_;
+      placement_ = other.placement_;
       gate_ = other.gate_;
       experts_ = other.experts_;
       shared_ = other.shared_;
@@ -234,6 +263,7 @@ class Layer {
   Layer(Layer&& other) noexcept
       : config_(std::move(other.config_)),
         comm_(std::move(other.comm_)),
+        placement_(other.placement_),
         gate_(std::move(other.gate_)),
         experts_(std::move(other.experts_)),
         shared_(std::move(other.shared_)),
@@ -242,6 +272,7 @@ class Layer {
     if (this != &other) {
       config_ = std::move(other.config_);
       comm_ = std::move(other.comm_);
+      placement_ = std::move(other.placement_);
       gate_ = std::move(other.gate_);
       experts_ = std::move(other.experts_);
       shared_ = std::move(other.shared_);
@@ -261,33 +292,40 @@ class Layer {
   // The same, reusing the matrix buffers of a previous result: a training loop that keeps one
   // Forward does not reallocate them in steady state (the small per-expert statistics vectors
   // are rebuilt). If the input is rejected, f is left as it was.
+  //
+  // Sharded: every rank calls forward (and backward) the same number of times, in the same mode,
+  // each with its own batch (any size, 0 included). A rank whose input is refused makes every
+  // rank's call fail with a moe::Error; a rank that fails later ends the others' calls when the
+  // communicator's timeout passes.
   void forward_into(Forward& f, ConstMatrixView<Scalar> x, Mode mode = Mode::train, Noise<Scalar> noise = {}) {
-    const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts, nz_cols = noise_columns();
+    const Index t_count = x.rows, d = config_.d_model, n = config_.n_experts;
     require_usable("forward");
-    check_view(x, "moe::Layer::forward: input");
-    detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
     typename B::Context ctx{context()};
-    if (config_.check_finite) detail::require_finite<B>(ctx, x, "moe::Layer::forward: input", check_);
     GateNoise<Scalar> gate_noise{};
-    if (gate_.needs_noise(mode)) {
-      detail::require(!noise.empty(), "moe::Layer::forward: the gate draws noise in training; pass a moe::Rng ",
-                      "or an explicit noise matrix [T x noise_columns()] (or use Mode::inference)");
-      if (noise.is_explicit()) {
-        const auto z = noise.values();
-        check_view(z, "moe::Layer::forward: noise");
-        detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
-                        ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
-        if (config_.check_finite) detail::require_finite<B>(ctx, z, "moe::Layer::forward: noise", check_);
-        gate_noise.values = z.data;
-        gate_noise.stride = z.stride;
-      } else {
-        const Rng::Draw draw = noise.rng()->next();
-        gate_noise.stream = draw.stream;
-        gate_noise.step = draw.step;
+    std::exception_ptr refused;
+    try {
+      check_forward(ctx, x, mode, noise, gate_noise);
+    } catch (const Error&) {
+      refused = std::current_exception();
+    }
+    const std::uint64_t call = ++forward_calls_;
+    Index global_tokens = t_count;
+    if (sharded()) {
+      const std::vector<Index> all = agree("forward", refused, {t_count, static_cast<Index>(mode), static_cast<Index>(call)});
+      global_tokens = 0;
+      for (int r = 0; r < comm_.size(); ++r) {
+        if (r < comm_.rank()) gate_noise.token_offset += all[static_cast<std::size_t>(r) * 3];
+        global_tokens += all[static_cast<std::size_t>(r) * 3];
       }
+      if constexpr (requires { gate_.set_reduction(reduction()); }) gate_.set_reduction(reduction());
+    } else if (refused) {
+      std::rethrow_exception(refused);
     }
 
     f.owner_ = 0;  // invalid until complete
+    f.call_ = call;
+    f.own_loss_share_ =
+        global_tokens > 0 ? static_cast<Scalar>(t_count) / static_cast<Scalar>(global_tokens) : Scalar(0);
     f.mode_ = mode;
     f.x_.resize(t_count, d);
     B::copy(ctx, x, f.x_.view());
@@ -306,12 +344,19 @@ class Layer {
       detail::fail("moe::Layer::forward: the gate routed ", f.plan_.invalid(), " slots out of range");
     }
 
-    // Dispatch: gather each routed slot's token into the expert-contiguous buffer.
+    // Dispatch: gather each routed slot's token into the expert-contiguous buffer; sharded, the
+    // rows then travel to the ranks that hold their experts and the outputs come back.
     const Index routed = f.plan_.routed();
     f.xs_.resize(routed, d);
     f.ys_.resize(routed, d);
     B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
-    experts_.forward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.ys_.view(), f.expert_saved_);
+    if (sharded()) {
+      plan_exchange(ctx, f);
+      experts_.forward(ctx, f.xe_.view(), f.exchange_.local_offsets(), f.ye_.view(), f.expert_saved_);
+      f.exchange_.from_experts(ctx, comm_, f.ye_.view(), f.ys_.view());
+    } else {
+      experts_.forward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.ys_.view(), f.expert_saved_);
+    }
     if (shared_) shared_forward(ctx, f);
 
     // Combine, MATH.md 1: y[t] = sum over t's k slots, in slot order, of gate * expert output
@@ -353,18 +398,30 @@ class Layer {
 
   // The same, reusing out's buffer: a training loop that keeps one Backward allocates nothing
   // for dx in steady state.
+  //
+  // Sharded: every rank calls backward for the same forward call with the same aux_scale. The
+  // gradients of the replicated parameters (gate, shared experts) are summed over the ranks, so
+  // every rank holds, bit for bit, the gradient of the loss over the global batch; the experts'
+  // gradients stay with the rank that holds them.
   void backward_into(Backward& out, const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale = Scalar(1)) {
     require_usable("backward");
-    detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
-    detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
-    const Index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
-    check_view(dy, "moe::Layer::backward: dy");
-    detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
-                    ", expected the output's shape ", t_count, " x ", d);
     typename B::Context ctx{context()};
-    if (config_.check_finite) detail::require_finite<B>(ctx, dy, "moe::Layer::backward: dy", check_);
-    detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ", aux_scale,
-                    ", expected a finite value");
+    std::exception_ptr refused;
+    try {
+      check_backward(ctx, f, dy, aux_scale);
+    } catch (const Error&) {
+      refused = std::current_exception();
+    }
+    if (sharded()) {
+      double scale = static_cast<double>(aux_scale);
+      Index scale_bits = 0;
+      std::memcpy(&scale_bits, &scale, sizeof scale);
+      agree("backward", refused, {Index{0}, static_cast<Index>(f.call_), scale_bits});
+      stash_replicated_grads(ctx);
+    } else if (refused) {
+      std::rethrow_exception(refused);
+    }
+    const Index t_count = f.x_.rows(), d = config_.d_model, n = config_.n_experts, k = gate_.k();
 
     const BalanceWeights w = gate_.balance_weights();
     const BalanceStats<Scalar>& st = f.stats_;
@@ -414,7 +471,16 @@ class Layer {
         }
       });
     }
-    experts_.backward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.expert_saved_, dys_.view(), dxs_.view());
+    if (sharded()) {
+      const Index received = f.exchange_.received();
+      dye_.resize(received, d);
+      dxe_.resize(received, d);
+      f.exchange_.to_experts(ctx, comm_, dys_.view(), dye_.view());
+      experts_.backward(ctx, f.xe_.view(), f.exchange_.local_offsets(), f.expert_saved_, dye_.view(), dxe_.view());
+      f.exchange_.from_experts(ctx, comm_, dxe_.view(), dxs_.view());
+    } else {
+      experts_.backward(ctx, f.xs_.view(), f.plan_.offsets.data(), f.expert_saved_, dys_.view(), dxs_.view());
+    }
     if (shared_) shared_backward(ctx, f, dy);
     {
       const Scalar* dxs = dxs_.data();
@@ -438,8 +504,11 @@ class Layer {
         }
       });
     }
+    // The gate's own losses (a Switch loss, a z-loss) of a sharded layer are the token-weighted
+    // mean of each rank's: this rank's part of their gradient is weighted by its share.
     gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(),
-                   st.load_is_count ? nullptr : dload_.data(), aux_scale, out.dx.view());
+                   st.load_is_count ? nullptr : dload_.data(), aux_scale * f.own_loss_share_, out.dx.view());
+    if (sharded()) sum_replicated_grads(ctx);
   }
 
   // Every trainable tensor, gate first, then the routed experts ("experts.*"), then the shared
@@ -470,6 +539,38 @@ class Layer {
   // The shared experts (Config::shared_experts > 0), or null.
   [[nodiscard]] ExpertGroup* shared_experts() { return shared_ ? &*shared_ : nullptr; }
   [[nodiscard]] Comm& communicator() { return comm_; }
+  // The experts this rank holds: experts [first, first + experts().n_experts()) of n_experts
+  // (all of them with one rank). Their parameters ("experts.*") are stacked in that order.
+  [[nodiscard]] ExpertShard expert_shard() const {
+    return {placement_.first(comm_.rank()), config_.n_experts};
+  }
+  [[nodiscard]] const ExpertPlacement& placement() const { return placement_; }
+  // Whether the experts are sharded over more than one rank.
+  [[nodiscard]] bool sharded() const { return comm_.size() > 1; }
+
+  // The parameters every rank holds the same copy of: the gate's, then the shared experts'.
+  [[nodiscard]] std::vector<Parameter<Scalar>> replicated_parameters() {
+    std::vector<Parameter<Scalar>> all = parameters(), out;
+    for (auto& p : all)
+      if (p.name.rfind("experts.", 0) != 0) out.push_back(std::move(p));
+    return out;
+  }
+
+  // Sharded: checks that every rank built the layer with the same configuration and holds the
+  // same replicated weights (a hash of both, compared over the ranks; a collective call). The
+  // constructor calls it; call it again after loading weights.
+  void verify_replicas() {
+    require_usable("verify_replicas");
+    typename B::Context ctx{context()};
+    const std::uint64_t mine = replica_hash(ctx);
+    std::vector<Index> all = gather_host({static_cast<Index>(mine)});
+    for (int r = 0; r < comm_.size(); ++r)
+      detail::require(all[static_cast<std::size_t>(r)] == all[0], "moe::Layer on rank ", comm_.rank(), ": rank ", r,
+                      "'s configuration or replicated weights differ from rank 0's (hash ",
+                      static_cast<std::uint64_t>(all[static_cast<std::size_t>(r)]), ", expected ",
+                      static_cast<std::uint64_t>(all[0]),
+                      "): build the layer with the same Config and the same weights on every rank");
+  }
 
  private:
   static Config validated(const Config& c) {
@@ -478,6 +579,210 @@ class Layer {
     detail::require(c.threads >= 0, "moe::Layer: threads = ", c.threads, ", expected >= 0 (0: all available)");
     detail::require(c.shared_experts >= 0, "moe::Layer: shared_experts = ", c.shared_experts, ", expected >= 0");
     return c;
+  }
+
+  // The checks of forward's arguments; fills the gate's noise.
+  void check_forward(typename B::Context& ctx, ConstMatrixView<Scalar> x, Mode mode, const Noise<Scalar>& noise,
+                     GateNoise<Scalar>& gate_noise) {
+    const Index t_count = x.rows, d = config_.d_model, nz_cols = noise_columns();
+    check_view(x, "moe::Layer::forward: input");
+    detail::require(x.cols == d, "moe::Layer::forward: input has ", x.cols, " columns, expected d_model = ", d);
+    if (config_.check_finite) detail::require_finite<B>(ctx, x, "moe::Layer::forward: input", check_);
+    if (!gate_.needs_noise(mode)) return;
+    detail::require(!noise.empty(), "moe::Layer::forward: the gate draws noise in training; pass a moe::Rng ",
+                    "or an explicit noise matrix [T x noise_columns()] (or use Mode::inference)");
+    if (noise.is_explicit()) {
+      const auto z = noise.values();
+      check_view(z, "moe::Layer::forward: noise");
+      detail::require(z.rows == t_count && z.cols == nz_cols, "moe::Layer::forward: noise is ", z.rows, " x ", z.cols,
+                      ", expected [T x noise_columns()] = ", t_count, " x ", nz_cols);
+      if (config_.check_finite) detail::require_finite<B>(ctx, z, "moe::Layer::forward: noise", check_);
+      gate_noise.values = z.data;
+      gate_noise.stride = z.stride;
+    } else {
+      const Rng::Draw draw = noise.rng()->next();
+      gate_noise.stream = draw.stream;
+      gate_noise.step = draw.step;
+    }
+  }
+
+  void check_backward(typename B::Context& ctx, const Forward& f, ConstMatrixView<Scalar> dy, Scalar aux_scale) {
+    detail::require(f.valid(), "moe::Layer::backward: this Forward holds no forward pass; call forward first");
+    detail::require(f.owner_ == id_, "moe::Layer::backward: this Forward was produced by another layer");
+    const Index t_count = f.x_.rows(), d = config_.d_model;
+    check_view(dy, "moe::Layer::backward: dy");
+    detail::require(dy.rows == t_count && dy.cols == d, "moe::Layer::backward: dy is ", dy.rows, " x ", dy.cols,
+                    ", expected the output's shape ", t_count, " x ", d);
+    if (config_.check_finite) detail::require_finite<B>(ctx, dy, "moe::Layer::backward: dy", check_);
+    detail::require(std::isfinite(static_cast<double>(aux_scale)), "moe::Layer::backward: aux_scale = ", aux_scale,
+                    ", expected a finite value");
+  }
+
+  // Rank r's experts: blocks of whole first-level groups in a hierarchy (groups are the unit of
+  // sharding), of experts at depth 1.
+  static ExpertPlacement place_experts(const Config& c, int ranks) {
+    if (ranks == 1) return {{0, c.n_experts}};
+    Index unit = 1;
+    if constexpr (Depth > 1) {
+      const Index groups = c.gate.levels[0].branching;
+      if (groups >= 1 && c.n_experts % groups == 0) unit = c.n_experts / groups;
+    }
+    return ExpertPlacement::even(c.n_experts, ranks, unit);
+  }
+
+  static ExpertGroup make_experts(const Config& c, const ExpertPlacement& p, int rank) {
+    if (p.ranks() == 1) return ExpertGroup(c.expert, c.d_model, c.n_experts, c.seed);
+    if constexpr (ShardableExpertFamily<Expert, B>) {
+      return ExpertGroup(c.expert, c.d_model, p.count(rank), c.seed, ExpertShard{p.first(rank), c.n_experts});
+    } else {
+      detail::fail("moe::Layer: the expert family cannot hold a shard of the experts, needed with ", p.ranks(),
+                   " ranks: give its Group a constructor (config, d_model, n_local, seed, moe::ExpertShard)");
+    }
+  }
+
+  // Sharded: every rank shares `mine` (host values) and learns whether some rank refused its
+  // arguments (then every rank throws) and whether all make the same call: mine[0] is the
+  // rank's own (e.g. its batch size), the rest must be equal everywhere (e.g. the mode and the
+  // call's index). Returns every rank's values, rank-major.
+  std::vector<Index> agree(const char* call, const std::exception_ptr& refused, std::vector<Index> mine) {
+    mine.insert(mine.begin(), refused ? 1 : 0);
+    const std::size_t m = mine.size();
+    const std::vector<Index> all = gather_host(mine);
+    if (refused) std::rethrow_exception(refused);
+    for (int r = 0; r < comm_.size(); ++r) {
+      const Index* theirs = all.data() + static_cast<std::size_t>(r) * m;
+      detail::require(theirs[0] == 0, "moe::Layer::", call, " on rank ", comm_.rank(), ": rank ", r,
+                      " refused its arguments (its own error says why), so every rank stops this call");
+      for (std::size_t i = 2; i < m; ++i)
+        detail::require(theirs[i] == mine[i], "moe::Layer::", call, " on rank ", comm_.rank(), ": rank ", r,
+                        " makes a different call (", theirs[i], " where this rank has ", mine[i],
+                        "), expected every rank to make the same calls in the same order and mode");
+    }
+    std::vector<Index> values;  // without the flags
+    for (int r = 0; r < comm_.size(); ++r)
+      values.insert(values.end(), all.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r) * m + 1),
+                    all.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r + 1) * m));
+    return values;
+  }
+
+  // Host values through the communicator (whose buffers are backend memory).
+  std::vector<Index> gather_host(const std::vector<Index>& mine) {
+    typename B::Context ctx{context()};
+    const auto m = static_cast<Index>(mine.size());
+    from_host<B>(ctx, mine, comm_send_);
+    comm_recv_.resize(m * comm_.size(), 1);
+    B::synchronize(ctx);
+    comm_.all_gather(reinterpret_cast<const std::byte*>(comm_send_.data()), m * static_cast<Index>(sizeof(Index)),
+                     reinterpret_cast<std::byte*>(comm_recv_.data()));
+    return to_host<B>(ctx, ConstMatrixView<Index>(comm_recv_.view()));
+  }
+
+  template <class T>
+  void reduce_host(T* data, Index count) {
+    typename B::Context ctx{context()};
+    auto& buffer = reduce_buffer<T>();
+    buffer.resize(count, 1);
+    if (count == 0) return;
+    B::copy(ctx, ConstMatrixView<T>{data, count, 1}, buffer.view());
+    B::synchronize(ctx);
+    comm_.all_reduce_sum(buffer.data(), count);
+    B::copy(ctx, ConstMatrixView<T>(buffer.view()), MatrixView<T>{data, count, 1});
+    B::synchronize(ctx);
+  }
+  template <class T>
+  Buffer<T>& reduce_buffer() {
+    if constexpr (std::is_same_v<T, Index>)
+      return comm_send_;
+    else
+      return comm_scalar_;
+  }
+
+  // What a gate reduces over the ranks (a hierarchy's loads, a selection bias's counts).
+  GateReduction<Scalar> reduction() {
+    GateReduction<Scalar> r;
+    r.sum = [this](Scalar* data, Index count) { reduce_host(data, count); };
+    r.sum_index = [this](Index* data, Index count) { reduce_host(data, count); };
+    return r;
+  }
+
+  // Every rank's routed rows per expert, then the exchange plan and the rows this rank's
+  // experts compute.
+  void plan_exchange(typename B::Context& ctx, Forward& f) {
+    const Index n = config_.n_experts, d = config_.d_model;
+    const std::vector<Index>& off = f.plan_.host_offsets();
+    std::vector<Index> mine(static_cast<std::size_t>(n));
+    for (std::size_t e = 0; e < mine.size(); ++e) mine[e] = off[e + 1] - off[e];
+    const std::vector<Index> all = gather_host(mine);
+    f.tokens_per_expert_.assign(static_cast<std::size_t>(n), 0);
+    for (int r = 0; r < comm_.size(); ++r)
+      for (std::size_t e = 0; e < mine.size(); ++e)
+        f.tokens_per_expert_[e] += all[static_cast<std::size_t>(r) * mine.size() + e];
+    f.exchange_.plan(ctx, all, placement_, comm_.rank());
+    f.xe_.resize(f.exchange_.received(), d);
+    f.ye_.resize(f.exchange_.received(), d);
+    f.exchange_.to_experts(ctx, comm_, f.xs_.view(), f.xe_.view());
+  }
+
+  // Backward of a sharded layer: the replicated parameters' gradients so far are set aside and
+  // zeroed, this call's are summed over the ranks, and the two added.
+  void stash_replicated_grads(typename B::Context& ctx) {
+    auto params = replicated_parameters();
+    grad_stash_.resize(packed_size(params), 1);
+    pack(ctx, params, grad_stash_);
+    for (auto& p : params) B::fill(ctx, p.grad, Scalar(0));
+  }
+  void sum_replicated_grads(typename B::Context& ctx) {
+    auto params = replicated_parameters();
+    grad_sum_.resize(packed_size(params), 1);
+    pack(ctx, params, grad_sum_);
+    B::synchronize(ctx);
+    comm_.all_reduce_sum(grad_sum_.data(), grad_sum_.rows());
+    Index at = 0;
+    for (auto& p : params) {
+      const Scalar* sum = grad_sum_.data() + at;
+      const Scalar* before = grad_stash_.data() + at;
+      const MatrixView<Scalar> g = p.grad;
+      const Index cols = g.cols;
+      B::for_each(ctx, g.rows * g.cols, [=] MOE_HD(Index i) {
+        g.data[(i / cols) * g.stride + i % cols] = before[i] + sum[i];
+      });
+      at += g.rows * g.cols;
+    }
+  }
+  static Index packed_size(const std::vector<Parameter<Scalar>>& params) {
+    Index total = 0;
+    for (const auto& p : params) total += p.grad.rows * p.grad.cols;
+    return total;
+  }
+  static void pack(typename B::Context& ctx, const std::vector<Parameter<Scalar>>& params, Buffer<Scalar>& out) {
+    Index at = 0;
+    for (const auto& p : params) {
+      B::copy(ctx, ConstMatrixView<Scalar>(p.grad), MatrixView<Scalar>{out.data() + at, p.grad.rows, p.grad.cols});
+      at += p.grad.rows * p.grad.cols;
+    }
+  }
+
+  // FNV-1a over the configuration that must match on every rank and the replicated weights.
+  std::uint64_t replica_hash(typename B::Context& ctx) {
+    std::uint64_t h = 14695981039346656037ull;
+    const auto mix = [&h](const void* data, std::size_t bytes) {
+      const auto* p = static_cast<const unsigned char*>(data);
+      for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
+    };
+    const Index shape[] = {config_.d_model, config_.n_experts, config_.shared_experts, gate_.k(), noise_columns(),
+                           Depth, static_cast<Index>(sizeof(Scalar)), config_.check_finite ? 1 : 0,
+                           static_cast<Index>(config_.seed)};  // the experts' initialization
+    mix(shape, sizeof shape);
+    for (auto& p : parameters()) {
+      const bool expert = p.name.rfind("experts.", 0) == 0;
+      mix(p.name.data(), p.name.size());
+      // An expert tensor's leading extent is the rank's expert count; the rest must match.
+      for (std::size_t i = expert ? 1 : 0; i < p.shape.size(); ++i) mix(&p.shape[i], sizeof(Index));
+      if (expert) continue;
+      const std::vector<Scalar> values = to_host<B>(ctx, ConstMatrixView<Scalar>(p.value));
+      mix(values.data(), values.size() * sizeof(Scalar));
+    }
+    return h;
   }
 
   static constexpr std::uint64_t kSharedSeed = 0x5348415245444558ull;  // shared experts' init stream
@@ -544,6 +849,14 @@ class Layer {
       detail::require(entries == n, "moe::Layer: the gate reported a load of ", entries,
                       " entries, expected n_experts = ", n);
     }
+    if (sharded()) {
+      // MATH.md 6: summed over the global batch before CV^2, in place in the Forward's backend
+      // copies (backward differentiates those). A gate that reduced its load itself says so.
+      B::synchronize(ctx);
+      comm_.all_reduce_sum(f.importance_.data(), n);
+      if (!st.load_is_count && !f.routing_.load_reduced) comm_.all_reduce_sum(f.routing_.load.data(), n);
+      st.tokens_per_expert = f.tokens_per_expert_;
+    }
     std::vector<Index> unrouted;
     enqueue_to_host<B>(ctx, ConstMatrixView<Index>(check_.view()), unrouted);
     enqueue_to_host<B>(ctx, ConstMatrixView<Scalar>(f.importance_.view()), st.importance);
@@ -551,21 +864,24 @@ class Layer {
     B::synchronize(ctx);
     for (const Index flag : unrouted) st.dropped_tokens += flag;
     if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    // MATH.md 6: summed over the global batch before CV^2. Backward differentiates the Forward's
-    // backend copies: with more than one rank they are replaced by the global sums.
-    comm_.all_reduce_sum(st.importance.data(), n);
-    comm_.all_reduce_sum(st.load.data(), n);
-    if (comm_.size() > 1) {
-      from_host<B>(ctx, st.importance, f.importance_);
-      if (!st.load_is_count) from_host<B>(ctx, st.load, f.routing_.load);
+    st.loss_aux = f.routing_.loss_aux;
+    st.loss_z = f.routing_.loss_z;
+    if (sharded()) {
+      // The gate's own losses: the token-weighted mean of the ranks' (the global mean for a
+      // z-loss; per rank's batch for a Switch loss, as with GShard's groups).
+      std::vector<Index> dropped{st.dropped_tokens};
+      reduce_host(dropped.data(), 1);
+      st.dropped_tokens = dropped[0];
+      std::vector<Scalar> own{f.own_loss_share_ * st.loss_aux, f.own_loss_share_ * st.loss_z};
+      reduce_host(own.data(), 2);
+      st.loss_aux = own[0];
+      st.loss_z = own[1];
     }
     const BalanceWeights w = gate_.balance_weights();
     st.cv2_importance = cv_squared(st.importance);
     st.cv2_load = cv_squared(st.load);
     st.loss_importance = static_cast<Scalar>(w.w_importance) * st.cv2_importance;
     st.loss_load = static_cast<Scalar>(w.w_load) * st.cv2_load;
-    st.loss_aux = f.routing_.loss_aux;
-    st.loss_z = f.routing_.loss_z;
     st.loss = st.loss_importance + st.loss_load + st.loss_aux + st.loss_z;
     st.levels = f.routing_.levels;
     return st;
@@ -573,6 +889,7 @@ class Layer {
 
   Config config_;
   Comm comm_;
+  ExpertPlacement placement_;
   GatePolicy gate_;
   ExpertGroup experts_;
   std::optional<ExpertGroup> shared_;
@@ -580,6 +897,11 @@ class Layer {
   Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
   Buffer<Scalar> dimportance_, dload_;  // gradients of the balancing losses
   Buffer<Index> check_;                              // flags of the input and routing checks
+  // Sharded: the experts' gradient rows, the replicated gradients set aside and summed, and the
+  // communicator's staging buffers.
+  Buffer<Scalar> dye_, dxe_, grad_stash_, grad_sum_, comm_scalar_;
+  Buffer<Index> comm_send_, comm_recv_;
+  std::uint64_t forward_calls_ = 0;  // forward calls so far: every rank's must match
 };
 
 }  // namespace moe

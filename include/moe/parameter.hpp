@@ -33,15 +33,16 @@ inline std::uint32_t name_id(const std::string& name) {
 }
 
 // Fills a contiguous view with values uniform in (-bound, bound], a pure function of
-// (seed, name, element).
+// (seed, name, element). first_element: the index of v's first element in the whole tensor, so
+// that a shard of a stacked tensor (a rank's experts) holds the values the whole tensor would.
 template <class B, class S>
 void init_uniform(typename B::Context& ctx, MatrixView<S> v, std::uint64_t seed, const std::string& name,
-                  double bound) {
+                  double bound, Index first_element = 0) {
   const CounterRandom stream{seed};
   const std::uint32_t id = name_id(name);
   S* data = v.data;
   B::for_each(ctx, v.rows * v.cols, [=] MOE_HD(Index i) {
-    data[i] = static_cast<S>(bound * stream.symmetric_uniform(static_cast<std::uint64_t>(i), id, 0x1417u));
+    data[i] = static_cast<S>(bound * stream.symmetric_uniform(static_cast<std::uint64_t>(first_element + i), id, 0x1417u));
   });
 }
 

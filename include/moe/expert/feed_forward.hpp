@@ -36,7 +36,8 @@ class FeedForward::Group {
     Buffer<S> act;  // [rows x h] relu(pre)
   };
 
-  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
+  // shard: which experts of a sharded layer this group holds (default: all of them).
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, ExpertShard shard = {})
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::FeedForward: precision = ",
                     to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
@@ -55,8 +56,9 @@ class FeedForward::Group {
     gb2_.resize(n_, d_, S(0));
     // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
     typename B::Context ctx;
-    detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", 1.0 / std::sqrt(static_cast<double>(d_)));
-    detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)));
+    const Index first = detail::shard_first(shard, n_, "expert::FeedForward");
+    detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", 1.0 / std::sqrt(static_cast<double>(d_)), first * d_ * h);
+    detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)), first * h * d_);
   }
 
   [[nodiscard]] Index n_experts() const { return n_; }

@@ -42,7 +42,8 @@ class SwiGLU::Group {
     Buffer<S> act;  // [rows x h] silu(h1) * h3, the input of W2
   };
 
-  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
+  // shard: which experts of a sharded layer this group holds (default: all of them).
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, ExpertShard shard = {})
       : config_(config), d_(d_model), n_(n_experts) {
     detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::SwiGLU: precision = ",
                     to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
@@ -61,9 +62,10 @@ class SwiGLU::Group {
     // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
     typename B::Context ctx;
     const double bound_in = 1.0 / std::sqrt(static_cast<double>(d_));
-    detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", bound_in);
-    detail::init_uniform<B>(ctx, w3_.view(), seed, "experts.w3", bound_in);
-    detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)));
+    const Index first = detail::shard_first(shard, n_, "expert::SwiGLU");
+    detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", bound_in, first * d_ * h);
+    detail::init_uniform<B>(ctx, w3_.view(), seed, "experts.w3", bound_in, first * d_ * h);
+    detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)), first * h * d_);
   }
 
   [[nodiscard]] Index n_experts() const { return n_; }

@@ -139,6 +139,15 @@ class Hierarchy<Gate, Depth>::Policy {
   [[nodiscard]] const Config& config() const { return config_; }
   [[nodiscard]] LevelPolicy& level(int l) { return gates_.at(static_cast<std::size_t>(l)); }
 
+  // In a layer sharded across processes: every level's counts, Importance and own load are
+  // summed over the ranks before Load_H is formed (Load_H is not a sum of per-rank values), and
+  // the levels' gates get the reduction too.
+  void set_reduction(GateReduction<S> reduction) {
+    for (auto& g : gates_)
+      if constexpr (requires { g.set_reduction(reduction); }) g.set_reduction(reduction);
+    reduction_ = std::move(reduction);
+  }
+
   void forward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* /*offsets*/, Mode mode,
                const GateNoise<S>& noise, GateRouting<B>& routing, Saved& saved) {
     const Index t_count = x.rows, d = d_;
@@ -227,6 +236,11 @@ class Hierarchy<Gate, Depth>::Policy {
             importance[static_cast<std::size_t>(node[p])] += pg[p];
           }
       }
+      if (reduction_) {
+        reduction_.sum_index(lv.count.data(), nodes);
+        reduction_.sum(importance.data(), nodes);
+        if (lv.smooth) reduction_.sum(lv.own_load.data(), nodes);
+      }
       if (!lv.smooth) lv.own_load.assign(lv.count.begin(), lv.count.end());
       lv.load.resize(static_cast<std::size_t>(nodes));
       // While no level so far is smooth, Load_H is the count itself (not count * count / count).
@@ -257,6 +271,7 @@ class Hierarchy<Gate, Depth>::Policy {
     B::copy(ctx, ConstMatrixView<S>(last.path_gate.view()), routing.gate.view());
     // Where no level has a smooth estimator, Load_H is the leaves' hard count (MATH.md 3).
     routing.load_is_count = !any_smooth;
+    routing.load_reduced = static_cast<bool>(reduction_);
     if (any_smooth)
       from_host<B>(ctx, last.load, routing.load);
     else
@@ -384,6 +399,7 @@ class Hierarchy<Gate, Depth>::Policy {
   Buffer<S> dpath_, dprev_, dlevel_, dxrows_, down_dev_;
   Buffer<Index> check_;  // routing check flags
   std::vector<S> down_own_;
+  GateReduction<S> reduction_;  // sums over the ranks of a sharded layer, or empty
 };
 
 }  // namespace moe::gate

@@ -213,21 +213,35 @@ class SigmoidBias::Policy {
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
+  // In a layer sharded across processes: the bias moves by the counts of the global batch, so it
+  // stays the same on every rank.
+  void set_reduction(GateReduction<S> reduction) { reduction_ = std::move(reduction); }
+
   // Per gate group: b_i += bias_rate * sign(rows * k / n - count_i), compared exactly in integers. A step of
   // forward, public only because a CUDA device lambda cannot live in a private member function.
   void update_bias(typename B::Context& ctx, Index rows, const Index* offsets, const Index* top) {
     const Index n = n_, k = config_.k;
-    count_.resize(groups_, n);
+    count_.resize(groups_, n + 1);  // per group: the count of each expert, then the group's slots
     Index* count = count_.data();
     S* b = bias_.data();
     const S rate = static_cast<S>(config_.bias_rate);
     B::for_each(ctx, groups_, [=] MOE_HD(Index g) {
       const Index begin = offsets != nullptr ? offsets[g] : 0, end = offsets != nullptr ? offsets[g + 1] : rows;
-      Index* c = count + g * n;
+      Index* c = count + g * (n + 1);
       for (Index i = 0; i < n; ++i) c[i] = 0;
       for (Index r = begin; r < end; ++r)
         for (Index j = 0; j < k; ++j) ++c[top[r * k + j]];
-      const Index total = (end - begin) * k;
+      c[n] = (end - begin) * k;
+    });
+    if (reduction_) {
+      std::vector<Index> host = to_host<B>(ctx, ConstMatrixView<Index>(count_.view()));
+      reduction_.sum_index(host.data(), static_cast<Index>(host.size()));
+      from_host<B>(ctx, host, count_);
+      count = count_.data();
+    }
+    B::for_each(ctx, groups_, [=] MOE_HD(Index g) {
+      const Index* c = count + g * (n + 1);
+      const Index total = c[n];
       for (Index i = 0; i < n; ++i) {
         const Index diff = total - c[i] * n;  // n * (mean count - count_i)
         b[g * n + i] += diff > 0 ? rate : (diff < 0 ? -rate : S(0));
@@ -243,6 +257,7 @@ class SigmoidBias::Policy {
   Buffer<S> bias_;                                     // [groups x n] selection bias
   Buffer<S> logits_, biased_, group_score_, dlogits_;  // workspaces, reused across calls
   Buffer<Index> kept_, count_;
+  GateReduction<S> reduction_;  // sums over the ranks of a sharded layer, or empty
 };
 
 }  // namespace moe::gate

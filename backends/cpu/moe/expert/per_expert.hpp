@@ -79,10 +79,12 @@ class PerExpert<E>::Group {
  public:
   struct Saved {};
 
-  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed)
+  // shard: which experts of a sharded layer this group holds (default: all of them).
+  Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, ExpertShard shard = {})
       : config_(config), d_(d_model), n_(n_experts), specs_(E::parameters(config, d_model)) {
     detail::require(n_experts >= 1, "expert::PerExpert: n_experts = ", n_experts, ", expected at least 1");
     typename B::Context ctx;
+    const Index first = detail::shard_first(shard, n_, "expert::PerExpert");
     for (const auto& s : specs_) {
       detail::require(s.rows >= 1 && s.cols >= 1, "expert::PerExpert: parameter ", s.name, " is ", s.rows, " x ",
                       s.cols, ", expected both extents >= 1");
@@ -90,7 +92,7 @@ class PerExpert<E>::Group {
       grads_.emplace_back(n_ * s.rows, s.cols, S(0));
       if (s.init == ParamSpec::Init::fan_in)
         detail::init_uniform<B>(ctx, values_.back().view(), seed, "experts." + s.name,
-                                1.0 / std::sqrt(static_cast<double>(s.rows)));
+                                1.0 / std::sqrt(static_cast<double>(s.rows)), first * s.rows * s.cols);
     }
   }
 

@@ -1,0 +1,389 @@
+// The layer sharded across processes (comm::Mpi), under mpirun on 1, 2 and 4 ranks
+// (tests/mpirun.py): every rank's output, the statistics, the losses and every gradient equal
+// those of one process (comm::Local) holding the same weights and the concatenated batch, in
+// training (noise drawn) and inference, flat and hierarchical; uneven and empty batches; all
+// tokens routed to one rank's experts; the same bits run after run; replicated parameters the
+// same bits on every rank after an optimizer step; and the failures every rank must see.
+
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "moe/comm/mpi.hpp"
+#include "support.hpp"
+
+using namespace moe;
+using moe::test::Matrix;
+using moe::test::contains;
+using moe::test::error_of;
+
+namespace {
+
+template <class S>
+using Cpu = backend::Cpu<S>;
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int world_size() {
+  int p = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  return p;
+}
+
+// Each rank's batch size: rank r brings sizes(r) tokens (some ranks may bring none).
+using Sizes = std::vector<Index>;
+Sizes uneven_sizes(int p) {
+  Sizes s(static_cast<std::size_t>(p));
+  for (int r = 0; r < p; ++r) s[static_cast<std::size_t>(r)] = 7 + 5 * r + (r % 2 == 1 ? 4 : 0);
+  return s;
+}
+
+// max |a - b| / (1 + max |b|) over two equally shaped matrices.
+template <class S>
+double rel_diff(ConstMatrixView<S> a, ConstMatrixView<S> b) {
+  REQUIRE(a.rows == b.rows);
+  REQUIRE(a.cols == b.cols);
+  double diff = 0, scale = 0;
+  for (Index i = 0; i < a.rows; ++i)
+    for (Index j = 0; j < a.cols; ++j) {
+      diff = std::max(diff, std::abs(static_cast<double>(a(i, j)) - static_cast<double>(b(i, j))));
+      scale = std::max(scale, std::abs(static_cast<double>(b(i, j))));
+    }
+  return diff / (1 + scale);
+}
+template <class T>
+double rel_diff(const std::vector<T>& a, const std::vector<T>& b) {
+  REQUIRE(a.size() == b.size());
+  return rel_diff(ConstMatrixView<T>{a.data(), static_cast<Index>(a.size()), 1},
+                  ConstMatrixView<T>{b.data(), static_cast<Index>(b.size()), 1});
+}
+template <class S>
+double rel_diff(S a, S b) {
+  return std::abs(static_cast<double>(a) - static_cast<double>(b)) / (1 + std::abs(static_cast<double>(b)));
+}
+
+template <class S>
+ConstMatrixView<S> rows_of(ConstMatrixView<S> m, Index first, Index count) {
+  return {m.data + first * m.stride, count, m.cols, m.stride};
+}
+
+template <class S>
+std::vector<S> values_of(const MatrixView<S>& m) {
+  std::vector<S> out;
+  for (Index i = 0; i < m.rows; ++i)
+    for (Index j = 0; j < m.cols; ++j) out.push_back(m(i, j));
+  return out;
+}
+
+// Copies between two host views of the same shape (the CPU backend's copy).
+template <class S>
+void copy_view(ConstMatrixView<S> from, MatrixView<S> to) {
+  REQUIRE(from.rows == to.rows);
+  REQUIRE(from.cols == to.cols);
+  for (Index i = 0; i < from.rows; ++i)
+    for (Index j = 0; j < from.cols; ++j) to(i, j) = from(i, j);
+}
+
+enum class Setup { random, one_rank_experts };
+
+// Sets the same weights on both layers (every rank the same): random, or a gate that sends every
+// token to experts 0 and 1 (held by rank 0) when the inputs are positive.
+template <class L, class R>
+void set_weights(L& sharded, R& reference, Setup setup) {
+  test::randomize_parameters(reference, 99, 0.5);
+  if (setup == Setup::one_rank_experts) {
+    for (auto& p : reference.parameters())
+      if (p.name == "gate.w_gate")
+        for (Index i = 0; i < p.value.rows; ++i)
+          for (Index j = 0; j < p.value.cols; ++j) p.value(i, j) = j == 0 ? 3 : (j == 1 ? 2 : -3);
+  }
+  const ExpertShard shard = sharded.expert_shard();
+  auto mine = sharded.parameters();
+  for (auto& p : reference.parameters()) {
+    const auto* q = test::find_parameter<L>(mine, p.name);
+    REQUIRE(q != nullptr);
+    if (p.name.rfind("experts.", 0) == 0) {
+      const Index per = p.value.rows / reference.config().n_experts;
+      copy_view(rows_of(ConstMatrixView<typename L::Scalar>(p.value), shard.first * per, q->value.rows), q->value);
+    } else {
+      copy_view(ConstMatrixView<typename L::Scalar>(p.value), q->value);
+    }
+  }
+  sharded.verify_replicas();
+}
+
+// Compares one training (or inference) step of the sharded layer with the reference on the
+// concatenated batch; returns the sharded output and gradients for bit comparisons.
+struct StepResult {
+  std::vector<double> y, dx, grads;
+};
+
+template <class L, class R>
+StepResult compare_step(const typename L::Config& config, const Sizes& sizes, Mode mode, double tol,
+                        Setup setup = Setup::random, int steps = 1) {
+  using S = typename L::Scalar;
+  const int me = world_rank();
+  L sharded(config, comm::Mpi(MPI_COMM_WORLD, {.timeout_seconds = 60}));
+  R reference(config);
+  set_weights(sharded, reference, setup);
+  Index total = 0, offset = 0;
+  for (int r = 0; r < static_cast<int>(sizes.size()); ++r) {
+    if (r < me) offset += sizes[static_cast<std::size_t>(r)];
+    total += sizes[static_cast<std::size_t>(r)];
+  }
+  const Index mine = sizes[static_cast<std::size_t>(me)], d = config.d_model;
+  StepResult out;
+  for (int step = 0; step < steps; ++step) {
+    const double lo = setup == Setup::one_rank_experts ? 0.1 : -1.0;
+    Matrix<S> x = test::random_matrix<S>(total, d, 1000 + static_cast<std::uint64_t>(step), lo, 1.0);
+    Matrix<S> dy = test::random_matrix<S>(total, d, 2000 + static_cast<std::uint64_t>(step));
+    Rng rng_sharded(7), rng_reference(7);
+    const auto x_mine = rows_of(ConstMatrixView<S>(x.view()), offset, mine);
+    auto f = sharded.forward(x_mine, mode, Noise<S>(rng_sharded));
+    auto g = reference.forward(x.view(), mode, Noise<S>(rng_reference));
+    // Output, routing and statistics.
+    CHECK(rel_diff(f.y(), rows_of(g.y(), offset, mine)) <= tol);
+    CHECK(rel_diff(f.gates(), rows_of(g.gates(), offset, mine)) <= tol);
+    const auto ex = f.expert_index(), ex_ref = rows_of(g.expert_index(), offset, mine);
+    Index routing_differs = 0;
+    for (Index t = 0; t < mine; ++t)
+      for (Index j = 0; j < ex.cols; ++j) routing_differs += ex(t, j) != ex_ref(t, j) ? 1 : 0;
+    CHECK(routing_differs == 0);
+    const auto& st = f.stats();
+    const auto& sr = g.stats();
+    CHECK(st.tokens_per_expert == sr.tokens_per_expert);
+    CHECK(st.dropped_tokens == sr.dropped_tokens);
+    CHECK(rel_diff(st.importance, sr.importance) <= tol);
+    CHECK(rel_diff(st.load, sr.load) <= tol);
+    CHECK(rel_diff(st.cv2_importance, sr.cv2_importance) <= tol);
+    CHECK(rel_diff(st.cv2_load, sr.cv2_load) <= tol);
+    CHECK(rel_diff(st.loss_z, sr.loss_z) <= tol);
+    CHECK(rel_diff(st.loss, sr.loss) <= tol);
+    REQUIRE(st.levels.size() == sr.levels.size());
+    for (std::size_t l = 0; l < st.levels.size(); ++l) {
+      CHECK(st.levels[l].count == sr.levels[l].count);
+      CHECK(rel_diff(st.levels[l].importance, sr.levels[l].importance) <= tol);
+      CHECK(rel_diff(st.levels[l].load, sr.levels[l].load) <= tol);
+    }
+    // Gradients: the input's rows, the replicated parameters whole, the rank's experts' slice.
+    sharded.zero_grad();
+    reference.zero_grad();
+    const S aux_scale = S(1.5);
+    auto b = sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), offset, mine), aux_scale);
+    auto c = reference.backward(g, dy.view(), aux_scale);
+    CHECK(rel_diff(ConstMatrixView<S>(b.dx.view()), rows_of(ConstMatrixView<S>(c.dx.view()), offset, mine)) <= tol);
+    const ExpertShard shard = sharded.expert_shard();
+    auto params = sharded.parameters();
+    for (auto& p : reference.parameters()) {
+      const auto* q = test::find_parameter<L>(params, p.name);
+      REQUIRE(q != nullptr);
+      ConstMatrixView<S> expected = p.grad;
+      if (p.name.rfind("experts.", 0) == 0) {
+        const Index per = p.grad.rows / config.n_experts;
+        expected = rows_of(expected, shard.first * per, q->grad.rows);
+      }
+      INFO(p.name);
+      CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
+      for (const S v : values_of(q->grad)) out.grads.push_back(static_cast<double>(v));
+    }
+    for (const S v : values_of(MatrixView<S>(const_cast<S*>(f.y().data), f.y().rows, f.y().cols, f.y().stride)))
+      out.y.push_back(static_cast<double>(v));
+    for (const S v : values_of(b.dx.view())) out.dx.push_back(static_cast<double>(v));
+    // The same optimizer step on both: the next step compares layers that trained together.
+    optim::Adam<Cpu<S>> adam_s({.lr = 1e-2}), adam_r({.lr = 1e-2});
+    adam_s.step(sharded.parameters());
+    adam_r.step(reference.parameters());
+    if (steps > 1) sharded.verify_replicas();
+  }
+  return out;
+}
+
+using FF = expert::FeedForward;
+
+template <class S, int Depth = 1, class Gate = gate::NoisyTopK>
+using Sharded = Layer<FF, Gate, Cpu<S>, Depth, comm::Mpi>;
+template <class S, int Depth = 1, class Gate = gate::NoisyTopK>
+using Reference = Layer<FF, Gate, Cpu<S>, Depth>;
+
+template <class S>
+typename Sharded<S>::Config flat_config() {
+  typename Sharded<S>::Config c;
+  c.d_model = 6;
+  c.n_experts = 8;
+  c.expert.hidden = 5;
+  c.gate.k = 2;
+  c.gate.w_z = 1e-2;
+  c.seed = 3;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("flat, training with drawn noise: every rank equals one process on the concatenated batch") {
+  compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), uneven_sizes(world_size()), Mode::train,
+                                                   1e-12, Setup::random, 3);
+}
+
+TEST_CASE("flat, inference; and in float") {
+  compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), uneven_sizes(world_size()), Mode::inference,
+                                                   1e-12);
+  compare_step<Sharded<float>, Reference<float>>(flat_config<float>(), uneven_sizes(world_size()), Mode::train, 1e-5);
+}
+
+TEST_CASE("a rank with an empty batch; every token routed to the experts of rank 0") {
+  Sizes sizes = uneven_sizes(world_size());
+  sizes.back() = 0;
+  if (world_size() == 1) sizes.back() = 3;
+  compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), sizes, Mode::train, 1e-12);
+  auto config = flat_config<double>();
+  config.gate.noisy = false;
+  const auto r = compare_step<Sharded<double>, Reference<double>>(config, uneven_sizes(world_size()), Mode::inference,
+                                                                  1e-12, Setup::one_rank_experts);
+  CHECK(!r.y.empty());
+}
+
+TEST_CASE("SwiGLU experts, a noiseless top-k gate and a shared expert") {
+  using S = Layer<expert::SwiGLU, gate::TopK, Cpu<double>, 1, comm::Mpi>;
+  using R = Layer<expert::SwiGLU, gate::TopK, Cpu<double>, 1>;
+  S::Config c;
+  c.d_model = 5;
+  c.n_experts = 6;
+  c.expert.hidden = 4;
+  c.gate.k = 2;
+  c.shared_experts = 1;
+  c.seed = 11;
+  compare_step<S, R>(c, uneven_sizes(world_size()), Mode::train, 1e-12);
+}
+
+TEST_CASE("hierarchical (depth 2): groups are the unit of sharding, loads are global") {
+  typename Sharded<double, 2>::Config c;
+  c.d_model = 6;
+  c.n_experts = 8;
+  c.expert.hidden = 4;
+  c.gate.levels[0].branching = 4;
+  c.gate.levels[0].gate.k = 2;
+  c.gate.levels[1].branching = 2;
+  c.gate.levels[1].gate.k = 1;
+  c.seed = 5;
+  compare_step<Sharded<double, 2>, Reference<double, 2>>(c, uneven_sizes(world_size()), Mode::train, 1e-12,
+                                                         Setup::random, 2);
+  if (world_size() > 1) {
+    Sharded<double, 2> layer(c, comm::Mpi());
+    // Whole groups of 2 experts per rank.
+    CHECK(layer.expert_shard().first % 2 == 0);
+    CHECK(layer.experts().n_experts() % 2 == 0);
+  }
+}
+
+TEST_CASE("a selection bias moved by the global batch's counts stays the same on every rank") {
+  using S = Layer<FF, gate::SigmoidBias, Cpu<double>, 1, comm::Mpi>;
+  using R = Layer<FF, gate::SigmoidBias, Cpu<double>, 1>;
+  S::Config c;
+  c.d_model = 6;
+  c.n_experts = 8;
+  c.expert.hidden = 3;
+  c.gate.k = 2;
+  c.gate.bias_rate = 0.05;
+  c.seed = 9;
+  compare_step<S, R>(c, uneven_sizes(world_size()), Mode::train, 1e-12, Setup::random, 3);
+}
+
+TEST_CASE("the same bits run after run, and replicated weights the same bits on every rank after a step") {
+  const auto a = compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), uneven_sizes(world_size()),
+                                                                  Mode::train, 1e-12, Setup::random, 2);
+  const auto b = compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), uneven_sizes(world_size()),
+                                                                  Mode::train, 1e-12, Setup::random, 2);
+  CHECK(a.y == b.y);
+  CHECK(a.dx == b.dx);
+  CHECK(a.grads == b.grads);
+  // After training steps, rank 0's replicated weights, broadcast, equal every rank's bit for bit.
+  Sharded<double> layer(flat_config<double>(), comm::Mpi());
+  Matrix<double> x = test::random_matrix<double>(9, 6, 4);
+  Rng rng(1);
+  auto f = layer.forward(x.view(), Mode::train, rng);
+  layer.zero_grad();
+  Matrix<double> dy = test::random_matrix<double>(9, 6, 5 + static_cast<std::uint64_t>(world_rank()));
+  layer.backward(f, dy.view());
+  optim::Adam<Cpu<double>> adam({.lr = 1e-2});
+  adam.step(layer.parameters());
+  for (auto& p : layer.replicated_parameters()) {
+    std::vector<double> mine = values_of(p.value), root = mine;
+    MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    INFO(p.name);
+    CHECK(std::equal(mine.begin(), mine.end(), root.begin(),
+                     [](double u, double v) { return std::memcmp(&u, &v, sizeof u) == 0; }));
+  }
+}
+
+TEST_CASE("every rank fails with a moe::Error: a different configuration, a refused input, too few experts") {
+  const int p = world_size(), me = world_rank();
+  if (p == 1) return;
+  auto c = flat_config<double>();
+  c.seed = me == 1 ? 4 : 3;  // rank 1's gate weights differ
+  const auto differ = error_of([&] { Sharded<double> layer(c, comm::Mpi()); });
+  INFO(differ);
+  CHECK(contains(differ, "rank 1's configuration or replicated weights differ from rank 0's"));
+
+  c = flat_config<double>();
+  c.expert.hidden = me == p - 1 ? 6 : 5;  // a different expert shape on the last rank
+  CHECK(contains(error_of([&] { Sharded<double> layer(c, comm::Mpi()); }), "configuration or replicated weights differ"));
+
+  c = flat_config<double>();
+  Sharded<double> layer(c, comm::Mpi());
+  Matrix<double> x(4, me == 1 ? 5 : 6);  // rank 1 brings the wrong width
+  test::fill_uniform(x.view(), 3, -1, 1);
+  const auto refused = error_of([&] { layer.forward(x.view(), Mode::inference); });
+  if (me == 1)
+    CHECK(contains(refused, "input has 5 columns, expected d_model = 6"));
+  else
+    CHECK(contains(refused, "rank 1 refused its arguments"));
+  // The layer is still usable after a refusal that every rank saw.
+  Matrix<double> good(3, 6);
+  test::fill_uniform(good.view(), 4, -1, 1);
+  CHECK(layer.forward(good.view(), Mode::inference).y().rows == 3);
+
+  // Modes that differ between ranks are refused on every rank.
+  Rng rng(1);
+  const auto modes = error_of([&] { layer.forward(good.view(), me == 0 ? Mode::train : Mode::inference, rng); });
+  CHECK(contains(modes, "makes a different call"));
+
+  c.n_experts = p - 1;
+  CHECK(contains(error_of([&] { Sharded<double> few(c, comm::Mpi()); }),
+                 "n_experts = " + std::to_string(p - 1) + " cannot be sharded over " + std::to_string(p) + " ranks"));
+}
+
+TEST_CASE("a rank that stops calling ends the others' forward with a moe::Error within the timeout") {
+  const int p = world_size(), me = world_rank();
+  if (p == 1) return;
+  Sharded<double> layer(flat_config<double>(), comm::Mpi(MPI_COMM_WORLD, {.timeout_seconds = 1}));
+  Matrix<double> x = test::random_matrix<double>(5, 6, 8);
+  if (me != p - 1) {  // the last rank failed before its call (it never makes it)
+    const double start = MPI_Wtime();
+    const auto error = error_of([&] { layer.forward(x.view(), Mode::inference); });
+    CHECK(contains(error, "no answer from the other ranks after 1 s"));
+    CHECK(MPI_Wtime() - start < 30);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  doctest::Context context(argc, argv);
+  if (world_rank() != 0) context.setOption("minimal", true);
+  const int failed = context.run();
+  int any = failed != 0 ? 1 : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (failed != 0) std::fprintf(stderr, "layer_mpi: rank %d of %d failed\n", world_rank(), world_size());
+  MPI_Finalize();
+  return any;
+}
