@@ -12,10 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "moe/comm/mpi.hpp"
+#include "moe/io/checkpoint.hpp"
 #include "support.hpp"
 
 using namespace moe;
@@ -195,6 +198,18 @@ StepResult compare_step(const typename L::Config& config, const Sizes& sizes, Mo
       CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
       for (const S v : values_of(q->grad)) out.grads.push_back(static_cast<double>(v));
     }
+    // A second backward adds to the gradients (no zero_grad between), as in one process.
+    sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), offset, mine), aux_scale);
+    reference.backward(g, dy.view(), aux_scale);
+    params = sharded.parameters();
+    for (auto& p : reference.parameters()) {
+      const auto* q = test::find_parameter<L>(params, p.name);
+      ConstMatrixView<S> expected = p.grad;
+      if (p.name.rfind("experts.", 0) == 0)
+        expected = rows_of(expected, shard.first * (p.grad.rows / config.n_experts), q->grad.rows);
+      INFO("accumulated " << p.name);
+      CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
+    }
     for (const S v : values_of(MatrixView<S>(const_cast<S*>(f.y().data), f.y().rows, f.y().cols, f.y().stride)))
       out.y.push_back(static_cast<double>(v));
     for (const S v : values_of(b.dx.view())) out.dx.push_back(static_cast<double>(v));
@@ -297,6 +312,95 @@ TEST_CASE("a selection bias moved by the global batch's counts stays the same on
   compare_step<S, R>(c, uneven_sizes(world_size()), Mode::train, 1e-12, Setup::random, 3);
 }
 
+// Gates whose routing depends on the batch route each rank's batch on its own (capacity per
+// rank's batch, as GShard's and Switch's groups); their own losses are the token-weighted mean
+// of the ranks'. The reference: one process running each rank's batch in turn on the same
+// weights, each backward weighting the gate's own losses by the rank's share of the tokens.
+template <class L, class R>
+void compare_per_rank_batches(const typename L::Config& config, double tol) {
+  using S = typename L::Scalar;
+  const int p = world_size(), me = world_rank();
+  L sharded(config, comm::Mpi());
+  R reference(config);
+  set_weights(sharded, reference, Setup::random);
+  const Sizes sizes = uneven_sizes(p);
+  Index total = 0;
+  for (const Index t : sizes) total += t;
+  const S aux_scale = S(2);
+  Matrix<S> x = test::random_matrix<S>(total, config.d_model, 31);
+  Matrix<S> dy = test::random_matrix<S>(total, config.d_model, 32);
+  reference.zero_grad();
+  sharded.zero_grad();
+  std::vector<Index> counts(static_cast<std::size_t>(config.n_experts), 0);
+  Index dropped = 0;
+  S loss_aux = 0, loss_z = 0;
+  Index offset = 0;
+  Matrix<S> y_mine, dx_mine;
+  for (int r = 0; r < p; ++r) {
+    const Index t = sizes[static_cast<std::size_t>(r)];
+    const S share = static_cast<S>(t) / static_cast<S>(total);
+    Rng rng(3);
+    auto g = reference.forward(rows_of(ConstMatrixView<S>(x.view()), offset, t), Mode::train, rng);
+    auto c = reference.backward(g, rows_of(ConstMatrixView<S>(dy.view()), offset, t), aux_scale * share);
+    for (std::size_t e = 0; e < counts.size(); ++e) counts[e] += g.stats().tokens_per_expert[e];
+    dropped += g.stats().dropped_tokens;
+    loss_aux += share * g.stats().loss_aux;
+    loss_z += share * g.stats().loss_z;
+    if (r == me) {
+      y_mine = Matrix<S>(t, config.d_model);
+      copy_view(g.y(), y_mine.view());
+      dx_mine = Matrix<S>(t, config.d_model);
+      copy_view(ConstMatrixView<S>(c.dx.view()), dx_mine.view());
+    }
+    offset += t;
+  }
+  Index first = 0;
+  for (int r = 0; r < me; ++r) first += sizes[static_cast<std::size_t>(r)];
+  Rng rng(3);
+  const Index mine = sizes[static_cast<std::size_t>(me)];
+  auto f = sharded.forward(rows_of(ConstMatrixView<S>(x.view()), first, mine), Mode::train, rng);
+  CHECK(rel_diff(f.y(), ConstMatrixView<S>(y_mine.view())) <= tol);
+  CHECK(f.stats().tokens_per_expert == counts);
+  CHECK(f.stats().dropped_tokens == dropped);
+  CHECK(rel_diff(f.stats().loss_aux, loss_aux) <= tol);
+  CHECK(rel_diff(f.stats().loss_z, loss_z) <= tol);
+  auto b = sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), first, mine), aux_scale);
+  CHECK(rel_diff(ConstMatrixView<S>(b.dx.view()), ConstMatrixView<S>(dx_mine.view())) <= tol);
+  const ExpertShard shard = sharded.expert_shard();
+  auto params = sharded.parameters();
+  for (auto& q : reference.parameters()) {
+    const auto* got = test::find_parameter<L>(params, q.name);
+    REQUIRE(got != nullptr);
+    ConstMatrixView<S> expected = q.grad;
+    if (q.name.rfind("experts.", 0) == 0)
+      expected = rows_of(expected, shard.first * (q.grad.rows / config.n_experts), got->grad.rows);
+    INFO(q.name);
+    CHECK(rel_diff(ConstMatrixView<S>(got->grad), expected) <= tol);
+  }
+}
+
+TEST_CASE("Switch (capacity per rank's batch) and expert choice: each rank routes its own batch") {
+  using SwitchS = Layer<FF, gate::Switch, Cpu<double>, 1, comm::Mpi>;
+  using SwitchR = Layer<FF, gate::Switch, Cpu<double>, 1>;
+  SwitchS::Config c;
+  c.d_model = 6;
+  c.n_experts = 8;
+  c.expert.hidden = 4;
+  c.gate.capacity_factor = 1.0;  // some tokens over capacity
+  c.gate.w_z = 1e-2;
+  c.seed = 13;
+  compare_per_rank_batches<SwitchS, SwitchR>(c, 1e-12);
+  using ChoiceS = Layer<FF, gate::ExpertChoice, Cpu<double>, 1, comm::Mpi>;
+  using ChoiceR = Layer<FF, gate::ExpertChoice, Cpu<double>, 1>;
+  ChoiceS::Config e;
+  e.d_model = 6;
+  e.n_experts = 8;
+  e.expert.hidden = 4;
+  e.gate.w_z = 1e-2;
+  e.seed = 14;
+  compare_per_rank_batches<ChoiceS, ChoiceR>(e, 1e-12);
+}
+
 TEST_CASE("the same bits run after run, and replicated weights the same bits on every rank after a step") {
   const auto a = compare_step<Sharded<double>, Reference<double>>(flat_config<double>(), uneven_sizes(world_size()),
                                                                   Mode::train, 1e-12, Setup::random, 2);
@@ -322,6 +426,74 @@ TEST_CASE("the same bits run after run, and replicated weights the same bits on 
     CHECK(std::equal(mine.begin(), mine.end(), root.begin(),
                      [](double u, double v) { return std::memcmp(&u, &v, sizeof u) == 0; }));
   }
+}
+
+// A directory every rank names the same (made by rank 0).
+std::filesystem::path shared_directory() {
+  char path[256] = "/tmp/moe-layer-mpi-XXXXXX";
+  if (world_rank() == 0) REQUIRE(mkdtemp(path) != nullptr);
+  MPI_Bcast(path, sizeof path, MPI_CHAR, 0, MPI_COMM_WORLD);
+  return path;
+}
+
+TEST_CASE("a checkpoint written by every rank loads into one process and into 2 ranks with the same outputs") {
+  const int p = world_size(), me = world_rank();
+  const auto dir = shared_directory();
+  const auto config = flat_config<double>();
+  Sharded<double> writer(config, comm::Mpi());
+  Reference<double> scratch(config);
+  set_weights(writer, scratch, Setup::random);
+  io::save_sharded(writer, dir);
+  // One file per rank and the index.
+  CHECK(std::filesystem::exists(dir / io::shard_file_name(me, p)));
+  CHECK(std::filesystem::exists(dir / io::shard_index_name));
+
+  // The sharded layer's output on each rank's rows, and one process's on the whole batch.
+  const Sizes sizes = uneven_sizes(p);
+  Index total = 0, offset = 0;
+  for (int r = 0; r < p; ++r) {
+    if (r < me) offset += sizes[static_cast<std::size_t>(r)];
+    total += sizes[static_cast<std::size_t>(r)];
+  }
+  Matrix<double> x = test::random_matrix<double>(total, config.d_model, 77);
+  const auto mine = rows_of(ConstMatrixView<double>(x.view()), offset, sizes[static_cast<std::size_t>(me)]);
+  const auto y_written = writer.forward(mine, Mode::inference);
+
+  Reference<double> one(config);
+  test::randomize_parameters(one, 5);  // overwritten by the load
+  io::load_sharded(one, dir);
+  const auto y_one = one.forward(x.view(), Mode::inference);
+  CHECK(rel_diff(y_written.y(), rows_of(y_one.y(), offset, mine.rows)) <= 1e-15);
+
+  // Pairs of ranks, each pair a layer sharded over 2 ranks, on the same batch as the pair's first rank.
+  if (p % 2 == 0) {
+    MPI_Comm pair = MPI_COMM_NULL;
+    MPI_Comm_split(MPI_COMM_WORLD, me / 2, me, &pair);
+    Sharded<double> two(config, comm::Mpi(pair));
+    io::load_sharded(two, dir / io::shard_index_name);
+    const auto y_two = two.forward(mine, Mode::inference);
+    CHECK(rel_diff(y_two.y(), y_written.y()) <= 1e-15);
+    MPI_Comm_free(&pair);
+  }
+
+  // One file of a one-process save loads into the sharded layer (its other experts are not unexpected).
+  if (me == 0) io::save(one, dir / "one.safetensors");
+  MPI_Barrier(MPI_COMM_WORLD);
+  Sharded<double> from_one(config, comm::Mpi());
+  io::load(from_one, dir / "one.safetensors");
+  CHECK(rel_diff(from_one.forward(mine, Mode::inference).y(), y_written.y()) <= 1e-15);
+  if (p > 1)
+    CHECK(contains(error_of([&] { io::save(from_one, dir / "x.safetensors"); }), "use moe::io::save_sharded"));
+  // A missing file fails on the rank that needs it, naming it.
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (me == 0) std::filesystem::remove(dir / io::shard_file_name(p - 1, p));
+  MPI_Barrier(MPI_COMM_WORLD);
+  Sharded<double> reader(config, comm::Mpi());
+  const auto missing = error_of([&] { io::load_sharded(reader, dir); });
+  if (reader.expert_shard().first + reader.experts().n_experts() > scratch.config().n_experts - 1 || p == 1)
+    CHECK(contains(missing, io::shard_file_name(p - 1, p)));
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (me == 0) std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("every rank fails with a moe::Error: a different configuration, a refused input, too few experts") {

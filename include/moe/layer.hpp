@@ -556,6 +556,13 @@ class Layer {
     return out;
   }
 
+  // The sum of v over the ranks (v itself with one rank): a collective call, for callers that
+  // must agree across ranks (e.g. whether every rank's checkpoint file was written).
+  [[nodiscard]] Index sum_over_ranks(Index v) {
+    if (sharded()) reduce_host(&v, 1);
+    return v;
+  }
+
   // Sharded: checks that every rank built the layer with the same configuration and holds the
   // same replicated weights (a hash of both, compared over the ranks; a collective call). The
   // constructor calls it; call it again after loading weights.

@@ -13,9 +13,19 @@
 //   moe::io::save(layer, "layer.safetensors");             // atomic: temp file, fsync, rename
 //   moe::io::load(layer, "layer.safetensors");             // every tensor checked, see LoadOptions
 //   auto layer2 = moe::io::load_layer<Moe>("layer.safetensors");  // built from the metadata
+//
+// A layer sharded across processes saves one file per rank, as Hugging Face's sharded
+// checkpoints do: save_sharded(layer, dir) writes dir/model-0000r-of-0000P.safetensors (rank
+// r - 1's experts; the first file also the replicated tensors) and dir/model.safetensors.index.json
+// (the metadata, and which file holds each tensor). load_sharded(layer, dir) reads the tensors
+// a rank holds from whichever files hold them, whatever rank count wrote them; load(layer, file)
+// reads a sharded layer's tensors from one file.
 
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -24,6 +34,7 @@
 
 #include "moe/backend.hpp"
 #include "moe/error.hpp"
+#include "moe/io/atomic_file.hpp"
 #include "moe/io/config.hpp"
 #include "moe/io/safetensors.hpp"
 #include "moe/parameter.hpp"
@@ -53,8 +64,9 @@ struct Slot {
   Index count = 0;
 };
 
+// first_expert: the global index of the layer's first routed expert (a rank's shard).
 template <class S>
-void add_parameter_slots(std::vector<Slot<S>>& slots, Parameter<S>& p) {
+void add_parameter_slots(std::vector<Slot<S>>& slots, Parameter<S>& p, Index first_expert = 0) {
   const bool stacked = p.name.rfind("experts.", 0) == 0 || p.name.rfind("shared_experts.", 0) == 0;
   if (!stacked) {
     slots.push_back({p.name, {p.shape.begin(), p.shape.end()}, p.value.data, p.size()});
@@ -65,8 +77,9 @@ void add_parameter_slots(std::vector<Slot<S>>& slots, Parameter<S>& p) {
   const std::string group = p.name.substr(0, dot + 1), weight = p.name.substr(dot + 1);
   const Index n = p.shape.at(0);
   const Index per = n > 0 ? p.size() / n : 0;
+  const Index first = group == "experts." ? first_expert : 0;
   for (Index i = 0; i < n; ++i)
-    slots.push_back({group + std::to_string(i) + "." + weight, {p.shape.begin() + 1, p.shape.end()},
+    slots.push_back({group + std::to_string(first + i) + "." + weight, {p.shape.begin() + 1, p.shape.end()},
                      p.value.data + i * per, per});
 }
 
@@ -74,8 +87,67 @@ void add_parameter_slots(std::vector<Slot<S>>& slots, Parameter<S>& p) {
 template <class L>
 std::vector<Slot<typename L::Scalar>> parameter_slots(L& layer) {
   std::vector<Slot<typename L::Scalar>> slots;
-  for (auto& p : layer.parameters()) add_parameter_slots(slots, p);
+  const Index first = layer.expert_shard().first;
+  for (auto& p : layer.parameters()) add_parameter_slots(slots, p, first);
   return slots;
+}
+
+// Whether `name` is a routed expert's tensor ("experts.<i>.<weight>") of an expert in [0, n):
+// in a sharded layer, the tensors of the other ranks' experts.
+inline bool is_routed_expert_tensor(const std::string& name, Index n) {
+  if (name.rfind("experts.", 0) != 0) return false;
+  const std::size_t begin = 8, dot = name.find('.', begin);
+  if (dot == std::string::npos || dot == begin || dot - begin > 18) return false;
+  Index i = 0;
+  for (std::size_t c = begin; c < dot; ++c) {
+    if (name[c] < '0' || name[c] > '9') return false;
+    i = i * 10 + (name[c] - '0');
+  }
+  return i < n && std::to_string(i) == name.substr(begin, dot - begin);
+}
+
+// The checks of load's metadata: the file's configuration must be this layer's.
+template <class L>
+void check_layer_metadata(L& layer, const Metadata& metadata, const std::string& origin, const LoadOptions& options) {
+  const auto format = metadata.find("format");
+  // Files of other writers may have a "format" key of their own (Hugging Face: "pt").
+  if (!options.check_config || format == metadata.end() || format->second != layer_format) return;
+  // Compared as values: the file's configuration read and written again in canonical form.
+  const Metadata theirs = describe<L>(layer_config<L>(metadata, origin));
+  for (const auto& [key, value] : describe(layer)) {
+    // The seed only chose the initial values; check_finite is a run-time choice.
+    if (key.rfind("config.", 0) != 0 || key == "config.seed" || key == "config.check_finite") continue;
+    const std::string& other = theirs.at(key);
+    moe::detail::require(other == value, origin, ": metadata '", key, "' = ", other, ", but the layer has ", value);
+  }
+}
+
+// Reads every tensor of the layer (source(name) is the file that holds it), all checked on the
+// host before any is copied into the layer.
+template <class L, class Source>
+void read_tensors(L& layer, Source&& source, const LoadOptions& options) {
+  using S = typename L::Scalar;
+  using B = typename L::Backend;
+  const auto slots = parameter_slots(layer);
+  std::vector<std::vector<S>> values;
+  for (const auto& s : slots) values.push_back(source(s.name).template read<S>(s.name, Expect{s.shape, options.check_finite}));
+  std::vector<std::vector<S>> biases;
+  for_each_bias(layer, [&](const std::string& name, auto& policy) {
+    const ConstMatrixView<S> b = policy.bias();
+    // Always finite: set_bias refuses anything else, and it runs after the weights are copied.
+    biases.push_back(source(name).template read<S>(name, Expect{std::vector<std::int64_t>{b.rows, b.cols}, true}));
+  });
+  typename B::Context ctx;
+  for (std::size_t i = 0; i < slots.size(); ++i)
+    B::copy(ctx, ConstMatrixView<S>{values[i].data(), 1, slots[i].count}, MatrixView<S>{slots[i].data, 1, slots[i].count});
+  B::synchronize(ctx);
+  std::size_t next = 0;
+  for_each_bias(layer, [&](const std::string&, auto& policy) {
+    const ConstMatrixView<S> shape = policy.bias();
+    typename B::template Buffer<S> staged;
+    from_host<B>(ctx, biases[next++], staged);
+    policy.set_bias(ConstMatrixView<S>{staged.view().data, shape.rows, shape.cols});
+  });
 }
 
 template <class P>
@@ -112,9 +184,10 @@ std::vector<std::pair<std::string, std::vector<std::int64_t>>> checkpoint_tensor
   return out;
 }
 
-// The layer as a safetensors writer: every tensor and the metadata; add more before writing.
+namespace detail {
+// The writer of the layer's tensors; with_replicated false: its routed experts' only.
 template <class L>
-SafeTensorsWriter checkpoint(L& layer, const SaveOptions& options = {}) {
+SafeTensorsWriter checkpoint_part(L& layer, const SaveOptions& options, bool with_replicated) {
   using S = typename L::Scalar;
   using B = typename L::Backend;
   const Dtype dtype = options.dtype.value_or(dtype_of<S>);
@@ -131,9 +204,11 @@ SafeTensorsWriter checkpoint(L& layer, const SaveOptions& options = {}) {
   typename B::Context ctx;
   const auto slots = detail::parameter_slots(layer);
   for (auto& s : slots) {
+    if (!with_replicated && !detail::is_routed_expert_tensor(s.name, layer.config().n_experts)) continue;
     const std::vector<S> host = to_host<B>(ctx, ConstMatrixView<S>{s.data, 1, s.count});
     writer.add(s.name, s.shape, std::span<const S>(host), dtype);
   }
+  if (!with_replicated) return writer;
   detail::for_each_bias(layer, [&](const std::string& name, auto& policy) {
     const ConstMatrixView<S> b = policy.bias();
     const std::vector<S> host = to_host<B>(ctx, b);
@@ -141,10 +216,21 @@ SafeTensorsWriter checkpoint(L& layer, const SaveOptions& options = {}) {
   });
   return writer;
 }
+}  // namespace detail
+
+// The layer as a safetensors writer: every tensor and the metadata; add more before writing. (A
+// sharded layer's: the tensors this rank holds.)
+template <class L>
+SafeTensorsWriter checkpoint(L& layer, const SaveOptions& options = {}) {
+  return detail::checkpoint_part(layer, options, true);
+}
+
 
 // Writes the layer's checkpoint to path atomically (temp file, fsync, rename).
 template <class L>
 void save(L& layer, const std::filesystem::path& path, const SaveOptions& options = {}) {
+  moe::detail::require(!layer.sharded(), "moe::io::save: ", path.string(), ": the layer is sharded over ",
+                       layer.communicator().size(), " ranks and holds only its own experts; use moe::io::save_sharded");
   checkpoint(layer, options).write(path);
 }
 
@@ -154,21 +240,8 @@ void save(L& layer, const std::filesystem::path& path, const SaveOptions& option
 // Nothing of the layer changes unless every tensor is read successfully.
 template <class L>
 void load(L& layer, const SafeTensors& file, const LoadOptions& options = {}) {
-  using S = typename L::Scalar;
-  using B = typename L::Backend;
   const std::string& origin = file.origin();
-  // Files of other writers may have a "format" key of their own (Hugging Face: "pt").
-  const auto format = file.metadata().find("format");
-  if (options.check_config && format != file.metadata().end() && format->second == layer_format) {
-    // Compared as values: the file's configuration read and written again in canonical form.
-    const Metadata theirs = describe<L>(layer_config<L>(file.metadata(), origin));
-    for (const auto& [key, value] : describe(layer)) {
-      // The seed only chose the initial values; check_finite is a run-time choice.
-      if (key.rfind("config.", 0) != 0 || key == "config.seed" || key == "config.check_finite") continue;
-      const std::string& other = theirs.at(key);
-      moe::detail::require(other == value, origin, ": metadata '", key, "' = ", other, ", but the layer has ", value);
-    }
-  }
+  detail::check_layer_metadata(layer, file.metadata(), origin, options);
   const auto slots = detail::parameter_slots(layer);
   std::set<std::string> expected;
   for (const auto& s : slots) expected.insert(s.name);
@@ -176,32 +249,16 @@ void load(L& layer, const SafeTensors& file, const LoadOptions& options = {}) {
   for (const auto& name : expected)
     moe::detail::require(file.contains(name), origin, ": no tensor '", name, "', expected every tensor of the layer (",
                          expected.size(), ")");
+  // A sharded layer reads its own experts; the others' belong to the other ranks.
+  const bool sharded = layer.sharded();
   if (!options.allow_unexpected)
     for (const auto& t : file.tensors())
-      moe::detail::require(expected.contains(t.name), origin, ": tensor '", t.name,
+      moe::detail::require(expected.contains(t.name) ||
+                               (sharded && detail::is_routed_expert_tensor(t.name, layer.config().n_experts)),
+                           origin, ": tensor '", t.name,
                            "' is not one of the layer's (LoadOptions::allow_unexpected ignores it)");
-
   // Read and check everything on the host first, so a bad file leaves the layer as it was.
-  std::vector<std::vector<S>> values;
-  for (const auto& s : slots) values.push_back(file.read<S>(s.name, Expect{s.shape, options.check_finite}));
-  std::vector<std::vector<S>> biases;
-  detail::for_each_bias(layer, [&](const std::string& name, auto& policy) {
-    const ConstMatrixView<S> b = policy.bias();
-    // Always finite: set_bias refuses anything else, and it runs after the weights are copied.
-    biases.push_back(file.read<S>(name, Expect{std::vector<std::int64_t>{b.rows, b.cols}, true}));
-  });
-
-  typename B::Context ctx;
-  for (std::size_t i = 0; i < slots.size(); ++i)
-    B::copy(ctx, ConstMatrixView<S>{values[i].data(), 1, slots[i].count}, MatrixView<S>{slots[i].data, 1, slots[i].count});
-  B::synchronize(ctx);
-  std::size_t next = 0;
-  detail::for_each_bias(layer, [&](const std::string&, auto& policy) {
-    const ConstMatrixView<S> shape = policy.bias();
-    typename B::template Buffer<S> staged;
-    from_host<B>(ctx, biases[next++], staged);
-    policy.set_bias(ConstMatrixView<S>{staged.view().data, shape.rows, shape.cols});
-  });
+  detail::read_tensors(layer, [&](const std::string&) -> const SafeTensors& { return file; }, options);
 }
 
 template <class L>
@@ -230,6 +287,130 @@ L load_layer(const std::filesystem::path& path, const LoadOptions& options = {},
   L layer(config);
   load(layer, file, options);
   return layer;
+}
+
+// The file names of a checkpoint written by `ranks` ranks (Hugging Face's): rank r writes
+// model-<r + 1>-of-<ranks>.safetensors, each number on 5 digits; the index names every tensor's file.
+inline std::string shard_file_name(int rank, int ranks) {
+  char name[64];
+  std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", rank + 1, ranks);
+  return name;
+}
+inline constexpr const char* shard_index_name = "model.safetensors.index.json";
+
+// Writes a checkpoint of a (sharded) layer into the directory `dir` (created if missing), a
+// collective call: every rank writes its experts' file, rank 0 the replicated tensors (in its own
+// file) and, once every file is written, the index; each file atomically. Fails on every rank
+// if any rank fails to write.
+template <class L>
+void save_sharded(L& layer, const std::filesystem::path& dir, const SaveOptions& options = {}) {
+  const int ranks = layer.communicator().size(), rank = layer.communicator().rank();
+  const auto collectively = [&](const char* what, auto&& step) {
+    std::string error;
+    try {
+      step();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    const Index failed = layer.sum_over_ranks(error.empty() ? 0 : 1);
+    if (!error.empty()) throw Error(error);
+    moe::detail::require(failed == 0, "moe::io::save_sharded: ", dir.string(), ": ", failed, " rank(s) failed to write ",
+                         what, " (their errors say why)");
+  };
+  collectively("their file", [&] {
+    std::filesystem::create_directories(dir);
+    detail::checkpoint_part(layer, options, rank == 0).write(dir / shard_file_name(rank, ranks));
+  });
+  collectively("the index", [&] {
+    if (rank != 0) return;
+    // Every tensor's file: the replicated tensors rank 0's, expert i's the file of its rank.
+    const Index n = layer.config().n_experts;
+    const std::size_t value_bytes = dtype_size(options.dtype.value_or(dtype_of<typename L::Scalar>));
+    nlohmann::json map = nlohmann::json::object();
+    std::int64_t total = 0;
+    const auto& bounds = layer.placement().bounds;
+    for (const auto& [name, shape] : checkpoint_tensors(layer)) {
+      std::int64_t numel = 1;
+      for (const auto e : shape) numel *= e;
+      if (!detail::is_routed_expert_tensor(name, n)) {
+        map[name] = shard_file_name(0, ranks);
+        total += numel * static_cast<std::int64_t>(value_bytes);
+        continue;
+      }
+      // Rank 0 holds experts [0, bounds[1]); every expert's weights have the same shapes.
+      const std::size_t dot = name.find('.', 8);
+      if (std::stoll(name.substr(8, dot - 8)) != 0) continue;
+      for (int r = 0; r < ranks; ++r)
+        for (Index i = bounds[static_cast<std::size_t>(r)]; i < bounds[static_cast<std::size_t>(r) + 1]; ++i) {
+          map["experts." + std::to_string(i) + name.substr(dot)] = shard_file_name(r, ranks);
+          total += numel * static_cast<std::int64_t>(value_bytes);
+        }
+    }
+    nlohmann::json meta = nlohmann::json::object();
+    for (const auto& [key, value] : describe(layer)) meta[key] = value;
+    for (const auto& [key, value] : options.metadata) meta[key] = value;
+    meta["total_size"] = total;
+    const std::string text = nlohmann::json{{"metadata", meta}, {"weight_map", map}}.dump(2) + "\n";
+    write_file_atomically(dir / shard_index_name,
+                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()));
+  });
+}
+
+// Loads the tensors this rank's layer holds from a sharded checkpoint: `where` is the directory
+// or its index file. The files may have been written by any number of ranks (or be one file of
+// a one-process save listed by an index). Checks as load does; every file a tensor is read from
+// is validated as a whole when opened.
+template <class L>
+void load_sharded(L& layer, const std::filesystem::path& where, const LoadOptions& options = {}) {
+  namespace fs = std::filesystem;
+  const fs::path index_path = fs::is_directory(where) ? where / shard_index_name : where;
+  const std::string origin = index_path.string();
+  std::string text;
+  {
+    std::FILE* f = std::fopen(index_path.c_str(), "rb");
+    moe::detail::require(f != nullptr, "moe::io::load_sharded: ", origin, ": cannot open: ",
+                         detail::errno_text(errno));
+    char buffer[65536];
+    std::size_t got = 0;
+    while ((got = std::fread(buffer, 1, sizeof buffer, f)) > 0) text.append(buffer, got);
+    std::fclose(f);
+  }
+  nlohmann::json index;
+  try {
+    index = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    moe::detail::fail("moe::io::load_sharded: ", origin, ": not valid JSON: ", e.what());
+  }
+  moe::detail::require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(), origin,
+                       ": expected a JSON object with a \"weight_map\" object (a sharded checkpoint's index)");
+  Metadata metadata;
+  if (index.contains("metadata") && index["metadata"].is_object())
+    for (const auto& [key, value] : index["metadata"].items())
+      if (value.is_string()) metadata[key] = value.template get<std::string>();
+  detail::check_layer_metadata(layer, metadata, origin, options);
+  std::map<std::string, std::string> file_of;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    moe::detail::require(file.is_string(), origin, ": weight_map[\"", name, "\"] is not a file name");
+    const std::string f = file.template get<std::string>();
+    // A file next to the index: no directories, so an index cannot point outside its checkpoint.
+    moe::detail::require(!f.empty() && f.find('/') == std::string::npos && f.find('\\') == std::string::npos &&
+                             f != "." && f != "..",
+                         origin, ": weight_map[\"", name, "\"] = \"", f, "\", expected a file name in the index's directory");
+    file_of[name] = f;
+  }
+  std::map<std::string, SafeTensors> open;
+  const auto source = [&](const std::string& name) -> const SafeTensors& {
+    const auto it = file_of.find(name);
+    moe::detail::require(it != file_of.end(), origin, ": no tensor '", name,
+                         "' in the weight map, expected every tensor of the layer");
+    auto found = open.find(it->second);
+    if (found == open.end())
+      found = open.emplace(it->second, SafeTensors::open(index_path.parent_path() / it->second)).first;
+    moe::detail::require(found->second.contains(name), found->second.origin(), ": no tensor '", name,
+                         "', which the index ", origin, " places there");
+    return found->second;
+  };
+  detail::read_tensors(layer, source, options);
 }
 
 }  // namespace moe::io
