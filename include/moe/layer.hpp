@@ -74,6 +74,15 @@ void balance_gradients(typename B::Context& ctx, const typename B::Scalar* impor
   });
 }
 
+// g = a + b, with a and b packed row-major (g may have a row stride).
+template <Backend B>
+void set_sum(typename B::Context& ctx, MatrixView<typename B::Scalar> g, const typename B::Scalar* a,
+             const typename B::Scalar* b) {
+  const Index cols = g.cols, stride = g.stride;
+  typename B::Scalar* out = g.data;
+  B::for_each(ctx, g.rows * g.cols, [=] MOE_HD(Index i) { out[(i / cols) * stride + i % cols] = a[i] + b[i]; });
+}
+
 // The shared experts' pass: row r of s_count * t_count reads token r % t_count; expert e owns
 // rows [e t_count, (e + 1) t_count).
 template <Backend B>
@@ -746,14 +755,8 @@ class Layer {
     comm_.all_reduce_sum(grad_sum_.data(), grad_sum_.rows());
     Index at = 0;
     for (auto& p : params) {
-      const Scalar* sum = grad_sum_.data() + at;
-      const Scalar* before = grad_stash_.data() + at;
-      const MatrixView<Scalar> g = p.grad;
-      const Index cols = g.cols;
-      B::for_each(ctx, g.rows * g.cols, [=] MOE_HD(Index i) {
-        g.data[(i / cols) * g.stride + i % cols] = before[i] + sum[i];
-      });
-      at += g.rows * g.cols;
+      detail::set_sum<B>(ctx, p.grad, grad_stash_.data() + at, grad_sum_.data() + at);
+      at += p.grad.rows * p.grad.cols;
     }
   }
   static Index packed_size(const std::vector<Parameter<Scalar>>& params) {
