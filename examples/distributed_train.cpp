@@ -45,19 +45,6 @@ double sum_over_ranks(double v) {
   return v;
 }
 
-// Squared error of a slice, and dy: the gradient of the global batch's mean squared error.
-double squared_error(moe::ConstMatrixView<S> prediction, moe::ConstMatrixView<S> target, double global_count,
-                     Matrix* dy) {
-  double sum = 0;
-  for (Index t = 0; t < target.rows; ++t)
-    for (Index j = 0; j < target.cols; ++j) {
-      const double e = prediction(t, j) - target(t, j);
-      sum += e * e;
-      if (dy != nullptr) (*dy)(t, j) = static_cast<S>(2.0 * e / global_count);
-    }
-  return sum;
-}
-
 int run(int argc, char** argv) {
   bool quick = false;
   std::string save;
@@ -98,7 +85,7 @@ int run(int argc, char** argv) {
     const auto f = layer.forward(data.x.view(), moe::Mode::train, rng);
     dy.resize(mine.count, d);
     const double global_count = static_cast<double>(batch * d);
-    const double mse = sum_over_ranks(squared_error(f.y(), data.y.view(), global_count, &dy)) / global_count;
+    const double mse = sum_over_ranks(mixture::mse(f.y(), data.y.view(), &dy, global_count));
     layer.zero_grad();
     layer.backward(f, dy.view());  // the replicated gradients come back summed over the ranks
     adam.step(layer.parameters());  // each rank steps its experts and its copy of the gate
@@ -113,8 +100,8 @@ int run(int argc, char** argv) {
   const auto f = layer.forward(eval.x.view(), moe::Mode::inference);
   const double count = static_cast<double>(eval_tokens * d);
   Matrix zero(mine.count, d, S(0));
-  const double mse = sum_over_ranks(squared_error(f.y(), eval.y.view(), count, nullptr)) / count;
-  const double baseline = sum_over_ranks(squared_error(zero.view(), eval.y.view(), count, nullptr)) / count;
+  const double mse = sum_over_ranks(mixture::mse(f.y(), eval.y.view(), nullptr, count));
+  const double baseline = sum_over_ranks(mixture::mse(zero.view(), eval.y.view(), nullptr, count));
   layer.verify_replicas();  // throws on every rank if a replicated weight differs anywhere
   if (!save.empty()) moe::io::save_sharded(layer, save);
   if (rank == 0) {

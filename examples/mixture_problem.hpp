@@ -66,8 +66,11 @@ class Problem {
 };
 
 // MSE over every token and component; dy = its gradient with respect to the prediction.
-inline double mse(moe::ConstMatrixView<S> prediction, moe::ConstMatrixView<S> target, Matrix* dy = nullptr) {
-  const double count = static_cast<double>(target.rows * target.cols);
+// count: the number of values the mean divides by (0: this batch's), e.g. the global batch's when
+// each process holds a slice of it.
+inline double mse(moe::ConstMatrixView<S> prediction, moe::ConstMatrixView<S> target, Matrix* dy = nullptr,
+                  double count = 0) {
+  if (count == 0) count = static_cast<double>(target.rows * target.cols);
   double sum = 0;
   for (Index t = 0; t < target.rows; ++t)
     for (Index j = 0; j < target.cols; ++j) {

@@ -124,6 +124,26 @@ void set_weights(L& sharded, R& reference, Setup setup) {
   sharded.verify_replicas();
 }
 
+// Every gradient of the sharded layer against the reference's: the replicated parameters whole,
+// the rank's experts' slice of the stacked ones. Appends the sharded values to `values`.
+template <class L, class R>
+void check_gradients(L& sharded, R& reference, double tol, const char* when, std::vector<double>* values = nullptr) {
+  using S = typename L::Scalar;
+  const ExpertShard shard = sharded.expert_shard();
+  const Index n = reference.config().n_experts;
+  auto params = sharded.parameters();
+  for (auto& p : reference.parameters()) {
+    const auto* q = test::find_parameter<L>(params, p.name);
+    REQUIRE(q != nullptr);
+    ConstMatrixView<S> expected = p.grad;
+    if (p.name.rfind("experts.", 0) == 0) expected = rows_of(expected, shard.first * (p.grad.rows / n), q->grad.rows);
+    INFO(when << " " << p.name);
+    CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
+    if (values != nullptr)
+      for (const S v : values_of(q->grad)) values->push_back(static_cast<double>(v));
+  }
+}
+
 // Compares one training (or inference) step of the sharded layer with the reference on the
 // concatenated batch; returns the sharded output and gradients for bit comparisons.
 struct StepResult {
@@ -184,32 +204,11 @@ StepResult compare_step(const typename L::Config& config, const Sizes& sizes, Mo
     auto b = sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), offset, mine), aux_scale);
     auto c = reference.backward(g, dy.view(), aux_scale);
     CHECK(rel_diff(ConstMatrixView<S>(b.dx.view()), rows_of(ConstMatrixView<S>(c.dx.view()), offset, mine)) <= tol);
-    const ExpertShard shard = sharded.expert_shard();
-    auto params = sharded.parameters();
-    for (auto& p : reference.parameters()) {
-      const auto* q = test::find_parameter<L>(params, p.name);
-      REQUIRE(q != nullptr);
-      ConstMatrixView<S> expected = p.grad;
-      if (p.name.rfind("experts.", 0) == 0) {
-        const Index per = p.grad.rows / config.n_experts;
-        expected = rows_of(expected, shard.first * per, q->grad.rows);
-      }
-      INFO(p.name);
-      CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
-      for (const S v : values_of(q->grad)) out.grads.push_back(static_cast<double>(v));
-    }
+    check_gradients(sharded, reference, tol, "after one backward:", &out.grads);
     // A second backward adds to the gradients (no zero_grad between), as in one process.
     sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), offset, mine), aux_scale);
     reference.backward(g, dy.view(), aux_scale);
-    params = sharded.parameters();
-    for (auto& p : reference.parameters()) {
-      const auto* q = test::find_parameter<L>(params, p.name);
-      ConstMatrixView<S> expected = p.grad;
-      if (p.name.rfind("experts.", 0) == 0)
-        expected = rows_of(expected, shard.first * (p.grad.rows / config.n_experts), q->grad.rows);
-      INFO("accumulated " << p.name);
-      CHECK(rel_diff(ConstMatrixView<S>(q->grad), expected) <= tol);
-    }
+    check_gradients(sharded, reference, tol, "accumulated over two:");
     for (const S v : values_of(MatrixView<S>(const_cast<S*>(f.y().data), f.y().rows, f.y().cols, f.y().stride)))
       out.y.push_back(static_cast<double>(v));
     for (const S v : values_of(b.dx.view())) out.dx.push_back(static_cast<double>(v));
@@ -366,17 +365,7 @@ void compare_per_rank_batches(const typename L::Config& config, double tol) {
   CHECK(rel_diff(f.stats().loss_z, loss_z) <= tol);
   auto b = sharded.backward(f, rows_of(ConstMatrixView<S>(dy.view()), first, mine), aux_scale);
   CHECK(rel_diff(ConstMatrixView<S>(b.dx.view()), ConstMatrixView<S>(dx_mine.view())) <= tol);
-  const ExpertShard shard = sharded.expert_shard();
-  auto params = sharded.parameters();
-  for (auto& q : reference.parameters()) {
-    const auto* got = test::find_parameter<L>(params, q.name);
-    REQUIRE(got != nullptr);
-    ConstMatrixView<S> expected = q.grad;
-    if (q.name.rfind("experts.", 0) == 0)
-      expected = rows_of(expected, shard.first * (q.grad.rows / config.n_experts), got->grad.rows);
-    INFO(q.name);
-    CHECK(rel_diff(ConstMatrixView<S>(got->grad), expected) <= tol);
-  }
+  check_gradients(sharded, reference, tol, "per-rank batches:");
 }
 
 TEST_CASE("Switch (capacity per rank's batch) and expert choice: each rank routes its own batch") {
