@@ -333,8 +333,9 @@ class Layer {
 
     f.owner_ = 0;  // invalid until complete
     f.call_ = call;
-    f.own_loss_share_ =
-        global_tokens > 0 ? static_cast<Scalar>(t_count) / static_cast<Scalar>(global_tokens) : Scalar(0);
+    f.own_loss_share_ = !sharded()          ? Scalar(1)
+                        : global_tokens > 0 ? static_cast<Scalar>(t_count) / static_cast<Scalar>(global_tokens)
+                                            : Scalar(0);
     f.mode_ = mode;
     f.x_.resize(t_count, d);
     B::copy(ctx, x, f.x_.view());

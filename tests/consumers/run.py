@@ -108,8 +108,12 @@ def check_pkgconfig(args, tmp):
         "cuda": "#include <thrust/version.h>\n#include <cublas_v2.h>\n#include <cuda_runtime.h>\n"
                 "int main() { int v = 0; cudaRuntimeGetVersion(&v); cublasGetProperty(MAJOR_VERSION, &v);\n"
                 "  return THRUST_VERSION > 0 ? 0 : 1; }\n",
-        "mpi": "#include <mpi.h>\nint main() { int up = 0; MPI_Initialized(&up); return up; }\n",
-        "nccl": "#include <nccl.h>\nint main() { int v = 0; ncclGetVersion(&v); return v > 0 ? 0 : 1; }\n",
+        # The communicators' headers, with calls that need every library they link (not run).
+        "mpi": "#include <moe/comm/mpi.hpp>\nint main(int argc, char**) {\n"
+               "  if (argc > 9) { moe::comm::Mpi c; c.barrier(); }\n  return 0; }\n",
+        "nccl": "#include <moe/comm/nccl.hpp>\nint main(int argc, char**) {\n"
+                "  if (argc > 9) { moe::comm::Nccl c(moe::comm::nccl_unique_id(), 0, 1); c.barrier(); }\n"
+                "  return 0; }\n",
     }
     for component in sorted(expected):
         source = tmp / f"probe_{component}.cpp"
