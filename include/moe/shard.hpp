@@ -71,15 +71,15 @@ class ExpertExchange {
     for (const Index r : recv_rows_) received_ += r;
     // Received rows arrive source-major: (source, expert, slot). The experts read them
     // expert-major: (expert, source, slot). expert_to_source[i] = the received row of expert-major row i.
-    std::vector<Index> source_base(static_cast<std::size_t>(p), 0), expert_to_source(static_cast<std::size_t>(received_));
-    for (int s = 1; s < p; ++s) source_base[static_cast<std::size_t>(s)] = source_base[static_cast<std::size_t>(s) - 1] + recv_rows_[static_cast<std::size_t>(s) - 1];
+    // next[s]: the received row where source s's rows for the current expert begin.
+    std::vector<Index> next(static_cast<std::size_t>(p), 0), expert_to_source(static_cast<std::size_t>(received_));
+    for (int s = 1; s < p; ++s) next[static_cast<std::size_t>(s)] = next[static_cast<std::size_t>(s) - 1] + recv_rows_[static_cast<std::size_t>(s) - 1];
     std::vector<Index> offsets(static_cast<std::size_t>(local) + 1, 0);
     Index i = 0;
     for (Index e = first; e < first + local; ++e) {
       for (int s = 0; s < p; ++s) {
-        Index src = source_base[static_cast<std::size_t>(s)];
-        for (Index e2 = first; e2 < e; ++e2) src += at(s, e2);
-        for (Index j = 0; j < at(s, e); ++j) expert_to_source[static_cast<std::size_t>(i++)] = src + j;
+        Index& src = next[static_cast<std::size_t>(s)];
+        for (Index j = 0; j < at(s, e); ++j) expert_to_source[static_cast<std::size_t>(i++)] = src++;
       }
       offsets[static_cast<std::size_t>(e - first) + 1] = i;
     }
@@ -89,12 +89,10 @@ class ExpertExchange {
     from_host<B>(ctx, expert_to_source, expert_to_source_);
     from_host<B>(ctx, source_to_expert, source_to_expert_);
     from_host<B>(ctx, offsets, local_offsets_);
-    host_offsets_ = std::move(offsets);
   }
 
   [[nodiscard]] Index received() const { return received_; }  // rows this rank's experts compute
   [[nodiscard]] const Index* local_offsets() const { return local_offsets_.data(); }  // backend, [local + 1]
-  [[nodiscard]] const std::vector<Index>& host_offsets() const { return host_offsets_; }
 
   // rows: [sent x d] in this rank's plan order -> out: [received x d] in the experts' order.
   template <Communicator C>
@@ -128,7 +126,7 @@ class ExpertExchange {
                       reinterpret_cast<std::byte*>(recv.data), recv_bytes_.data());
   }
 
-  std::vector<Index> send_rows_, recv_rows_, host_offsets_;
+  std::vector<Index> send_rows_, recv_rows_;
   Index received_ = 0;
   Buffer<Index> expert_to_source_, source_to_expert_, local_offsets_;
   // Scratch of each exchange (backward reuses the forward's plan through a const Forward).

@@ -92,19 +92,20 @@ std::vector<Slot<typename L::Scalar>> parameter_slots(L& layer) {
   return slots;
 }
 
-// Whether `name` is a routed expert's tensor ("experts.<i>.<weight>") of an expert in [0, n):
-// in a sharded layer, the tensors of the other ranks' experts.
-inline bool is_routed_expert_tensor(const std::string& name, Index n) {
-  if (name.rfind("experts.", 0) != 0) return false;
+// i if `name` is a routed expert's tensor ("experts.<i>.<weight>") of an expert i in [0, n),
+// else -1: in a sharded layer, the tensors of the other ranks' experts.
+inline Index routed_expert_index(const std::string& name, Index n) {
+  if (name.rfind("experts.", 0) != 0) return -1;
   const std::size_t begin = 8, dot = name.find('.', begin);
-  if (dot == std::string::npos || dot == begin || dot - begin > 18) return false;
+  if (dot == std::string::npos || dot == begin || dot - begin > 18) return -1;
   Index i = 0;
   for (std::size_t c = begin; c < dot; ++c) {
-    if (name[c] < '0' || name[c] > '9') return false;
+    if (name[c] < '0' || name[c] > '9') return -1;
     i = i * 10 + (name[c] - '0');
   }
-  return i < n && std::to_string(i) == name.substr(begin, dot - begin);
+  return i < n && std::to_string(i) == name.substr(begin, dot - begin) ? i : -1;
 }
+inline bool is_routed_expert_tensor(const std::string& name, Index n) { return routed_expert_index(name, n) >= 0; }
 
 // The checks of load's metadata: the file's configuration must be this layer's.
 template <class L>
@@ -332,14 +333,15 @@ void save_sharded(L& layer, const std::filesystem::path& dir, const SaveOptions&
     for (const auto& [name, shape] : checkpoint_tensors(layer)) {
       std::int64_t numel = 1;
       for (const auto e : shape) numel *= e;
-      if (!detail::is_routed_expert_tensor(name, n)) {
+      const Index expert = detail::routed_expert_index(name, n);
+      if (expert < 0) {
         map[name] = shard_file_name(0, ranks);
         total += numel * static_cast<std::int64_t>(value_bytes);
         continue;
       }
       // Rank 0 holds experts [0, bounds[1]); every expert's weights have the same shapes.
+      if (expert != 0) continue;
       const std::size_t dot = name.find('.', 8);
-      if (std::stoll(name.substr(8, dot - 8)) != 0) continue;
       for (int r = 0; r < ranks; ++r)
         for (Index i = bounds[static_cast<std::size_t>(r)]; i < bounds[static_cast<std::size_t>(r) + 1]; ++i) {
           map["experts." + std::to_string(i) + name.substr(dot)] = shard_file_name(r, ranks);
