@@ -1,6 +1,6 @@
-// Precision::bf16: the rounding to bfloat16, the grouped GEMMs that round their operands, and
-// the experts that use them (MATH.md is unchanged: bf16 changes how the products are computed,
-// not what is computed).
+// Precision::bf16 and Precision::tf32: the rounding to bfloat16 and to TF32, the grouped GEMMs
+// that round their operands, and the experts that use them (MATH.md is unchanged: a precision
+// changes how the products are computed, not what is computed).
 
 #include <cmath>
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "moe/io/config.hpp"
 #include "support.hpp"
 
 namespace {
@@ -15,6 +16,7 @@ namespace {
 using moe::Index;
 using moe::Precision;
 using moe::round_to_bf16;
+using moe::round_to_tf32;
 
 std::uint32_t bits_of(float x) {
   std::uint32_t b;
@@ -88,6 +90,182 @@ TEST_CASE("bf16 grouped GEMMs equal fp32 GEMMs on operands rounded to bfloat16")
   Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, a.view(), b.view(), 1.0f, g16.view(), Precision::bf16);
   Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, ar.view(), br.view(), 1.0f, g32.view(), Precision::fp32);
   CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(g16.view()), moe::ConstMatrixView<float>(g32.view())));
+}
+
+TEST_CASE("round_to_tf32 rounds to the nearest TF32 value (10 explicit mantissa bits), ties to even") {
+  CHECK(round_to_tf32(1.0f) == 1.0f);
+  CHECK(round_to_tf32(-2.5f) == -2.5f);
+  CHECK(round_to_tf32(1.0f + 0x1p-10f) == 1.0f + 0x1p-10f);  // the TF32 after 1: kept
+  // 1 + 2^-11 is halfway between 1 and 1 + 2^-10: ties to even (1); the same below zero.
+  CHECK(round_to_tf32(1.0f + 0x1p-11f) == 1.0f);
+  CHECK(round_to_tf32(-(1.0f + 0x1p-11f)) == -1.0f);
+  // 1 + 3 * 2^-11 is halfway between 1 + 2^-10 and 1 + 2^-9: ties to even (1 + 2^-9).
+  CHECK(round_to_tf32(1.0f + 3 * 0x1p-11f) == 1.0f + 0x1p-9f);
+  // Just above and just below halfway.
+  CHECK(round_to_tf32(from_bits(0x3F801001u)) == 1.0f + 0x1p-10f);
+  CHECK(round_to_tf32(from_bits(0x3F800FFFu)) == 1.0f);
+  // A carry through the whole mantissa into the exponent: 2 - 2^-23 rounds to 2.
+  CHECK(round_to_tf32(from_bits(0x3FFFFFFFu)) == 2.0f);
+  CHECK(round_to_tf32(0.1f) == from_bits(0x3DCCC000u));  // 0.1 = 0x3DCCCCCD: low bits 0xCCD, down
+  CHECK(round_to_tf32(1.0f / 3.0f) == from_bits(0x3EAAA000u));  // 0x3EAAAAAB: low bits 0xAAB, down
+  CHECK(round_to_tf32(from_bits(0x3F8FF000u)) == from_bits(0x3F8FE000u) + 0x1p-10f);  // a tie, odd: up
+  // Every result has 11 significant bits: its low 13 bits are 0, within half a unit.
+  for (std::uint32_t i = 0; i < 1000; ++i) {
+    const float x = from_bits(0x3F000000u + i * 7919u);
+    CHECK((bits_of(round_to_tf32(x)) & 0x1FFFu) == 0u);
+    CHECK(std::abs(round_to_tf32(x) - x) <= std::abs(x) * 0x1p-11f);
+    // A TF32 value is a bfloat16 value's superset: rounding to bf16 first changes nothing after.
+    CHECK(round_to_tf32(round_to_bf16(x)) == round_to_bf16(x));
+  }
+  // Subnormals round like any other value: half of the smallest TF32 subnormal ties to 0 (even),
+  // three halves tie up to two (even).
+  CHECK(bits_of(round_to_tf32(from_bits(0x00001000u))) == 0u);
+  CHECK(bits_of(round_to_tf32(from_bits(0x00003000u))) == 0x00004000u);
+  CHECK(bits_of(round_to_tf32(from_bits(0x80001001u))) == 0x80002000u);
+  // Signs, zeros, infinities, NaN, overflow.
+  CHECK(bits_of(round_to_tf32(-0.0f)) == bits_of(-0.0f));
+  CHECK(round_to_tf32(std::numeric_limits<float>::infinity()) == std::numeric_limits<float>::infinity());
+  CHECK(round_to_tf32(-std::numeric_limits<float>::infinity()) == -std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(round_to_tf32(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(std::isnan(round_to_tf32(from_bits(0x7F800001u))));  // a NaN whose payload sits in the dropped bits
+  CHECK(std::isnan(round_to_tf32(from_bits(0xFF801FFFu))));
+  CHECK(round_to_tf32(from_bits(0x7F7FE000u)) == from_bits(0x7F7FE000u));  // the largest TF32 value
+  CHECK(round_to_tf32(from_bits(0x7F7FEFFFu)) == from_bits(0x7F7FE000u));  // below halfway: kept
+  CHECK(std::isinf(round_to_tf32(from_bits(0x7F7FF000u))));                // halfway, odd: overflows
+  CHECK(std::isinf(round_to_tf32(std::numeric_limits<float>::max())));
+  CHECK(round_to_tf32(-std::numeric_limits<float>::max()) == -std::numeric_limits<float>::infinity());
+  // round_operand picks the rounding of each precision.
+  CHECK(moe::round_operand(0.1f, Precision::fp32) == 0.1f);
+  CHECK(moe::round_operand(0.1f, Precision::bf16) == round_to_bf16(0.1f));
+  CHECK(moe::round_operand(0.1f, Precision::tf32) == round_to_tf32(0.1f));
+  CHECK(std::string(moe::to_string(Precision::tf32)) == "tf32");
+}
+
+TEST_CASE("tf32 grouped GEMMs equal fp32 GEMMs on operands rounded to TF32, and loops in double") {
+  using Cpu = moe::backend::Cpu<float>;
+  Cpu::Context ctx{};
+  const Index d = 9, h = 6, groups = 4;
+  const std::vector<Index> offsets{0, 5, 5, 6, 17};  // an empty group, a group of one row
+  const Index rows = offsets.back();
+  const auto a = moe::test::random_matrix<float>(rows, d, 11);
+  const auto w = moe::test::random_matrix<float>(groups * d, h, 12);
+  const auto wt = moe::test::random_matrix<float>(groups * h, d, 13);  // for op(w_g) = w_g^T
+  auto rounded = [](const moe::test::Matrix<float>& m) {
+    moe::test::Matrix<float> r(m.rows(), m.cols());
+    for (Index i = 0; i < m.size(); ++i) r[i] = round_to_tf32(m[i]);
+    return r;
+  };
+  const auto ar = rounded(a), wr = rounded(w), wtr = rounded(wt);
+  for (moe::Op tw : {moe::Op::none, moe::Op::transpose}) {
+    CAPTURE(int(tw));
+    const auto& wv = tw == moe::Op::none ? w : wt;
+    const auto& wrv = tw == moe::Op::none ? wr : wtr;
+    moe::test::Matrix<float> c32(rows, h), cref(rows, h), exact(rows, h);
+    Cpu::grouped_gemm(ctx, offsets.data(), groups, tw, a.view(), wv.view(), c32.view(), Precision::tf32);
+    Cpu::grouped_gemm(ctx, offsets.data(), groups, tw, ar.view(), wrv.view(), cref.view(), Precision::fp32);
+    CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(c32.view()), moe::ConstMatrixView<float>(cref.view())));
+    Cpu::grouped_gemm(ctx, offsets.data(), groups, tw, a.view(), wv.view(), exact.view());
+    // Against the products in double over the rounded operands: fp32 accumulation only, within
+    // d * 2^-23 of the sum of the terms' magnitudes.
+    double worst = 0, diff = 0, norm = 0;
+    for (Index g = 0; g < groups; ++g)
+      for (Index r = offsets[static_cast<std::size_t>(g)]; r < offsets[static_cast<std::size_t>(g) + 1]; ++r)
+        for (Index j = 0; j < h; ++j) {
+          double sum = 0, scale = 0;
+          for (Index p = 0; p < d; ++p) {
+            const double x = ar(r, p), y = tw == moe::Op::none ? wr(g * d + p, j) : wtr(g * h + j, p);
+            CHECK(x == double(round_to_tf32(a(r, p))));
+            sum += x * y;
+            scale += std::abs(x * y);
+          }
+          worst = std::max(worst, std::abs(c32(r, j) - sum) / (d * 0x1p-23 * scale + 1e-30));
+          diff += (c32(r, j) - exact(r, j)) * (c32(r, j) - exact(r, j));
+          norm += exact(r, j) * exact(r, j);
+        }
+    CHECK(worst <= 1.0);
+    // ... and differ from the fp32 product of the unrounded operands, by about TF32's precision.
+    CHECK(std::sqrt(diff / norm) > 1e-6);
+    CHECK(std::sqrt(diff / norm) < 2e-3);
+  }
+
+  // Weight gradient: w_g = beta w_g + a_g^T b_g with both operands rounded, accumulated in float.
+  const auto b = moe::test::random_matrix<float>(rows, h, 14);
+  const auto br = rounded(b);
+  for (float beta : {0.0f, 1.0f}) {
+    CAPTURE(beta);
+    moe::test::Matrix<float> g32(groups * d, h, std::numeric_limits<float>::quiet_NaN());
+    moe::test::Matrix<float> gref(groups * d, h, std::numeric_limits<float>::quiet_NaN());
+    if (beta != 0.0f)
+      for (Index i = 0; i < g32.size(); ++i) g32[i] = gref[i] = 0.25f * static_cast<float>(i % 7) - 0.5f;
+    const moe::test::Matrix<float> before = g32;
+    Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, a.view(), b.view(), beta, g32.view(), Precision::tf32);
+    Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, ar.view(), br.view(), beta, gref.view(), Precision::fp32);
+    CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(g32.view()), moe::ConstMatrixView<float>(gref.view())));
+    double worst = 0;
+    for (Index g = 0; g < groups; ++g)
+      for (Index i = 0; i < d; ++i)
+        for (Index j = 0; j < h; ++j) {
+          double sum = 0, scale = 0;
+          const Index r0 = offsets[static_cast<std::size_t>(g)], r1 = offsets[static_cast<std::size_t>(g) + 1];
+          for (Index r = r0; r < r1; ++r) {
+            sum += double(ar(r, i)) * br(r, j);
+            scale += std::abs(double(ar(r, i)) * br(r, j));
+          }
+          const double old = beta == 0.0f ? 0.0 : double(before(g * d + i, j));
+          const double k = static_cast<double>(std::max<Index>(1, r1 - r0));
+          worst = std::max(worst, std::abs(g32(g * d + i, j) - (old + sum)) /
+                                      (k * 0x1p-23 * (scale + std::abs(old)) + 1e-30));
+        }
+    CHECK(worst <= 1.0);
+  }
+
+  // tf32 needs float data, as bf16 does; the message names the precision.
+  using CpuD = moe::backend::Cpu<double>;
+  CpuD::Context dctx{};
+  const auto ad = moe::test::random_matrix<double>(rows, d, 1);
+  const auto wd = moe::test::random_matrix<double>(groups * d, h, 2);
+  moe::test::Matrix<double> cd(rows, h);
+  const auto message = moe::test::error_of([&] {
+    CpuD::grouped_gemm(dctx, offsets.data(), groups, moe::Op::none, ad.view(), wd.view(), cd.view(), Precision::tf32);
+  });
+  CHECK(moe::test::contains(message, "grouped_gemm: Precision::tf32 needs float data, got 64-bit floating point"));
+}
+
+TEST_CASE("tf32 experts: accepted on float, refused on double, and named in a configuration's metadata") {
+  using Layer = moe::Layer<moe::expert::SwiGLU, moe::gate::TopK, moe::backend::Cpu<float>>;
+  Layer::Config c{.d_model = 8, .n_experts = 4, .expert = {.hidden = 6, .precision = Precision::tf32}, .seed = 2};
+  Layer tf32(c);
+  c.expert.precision = Precision::fp32;
+  Layer fp32(c);
+  const auto x = moe::test::random_matrix<float>(20, 8, 4);
+  const auto ftf = tf32.forward(x.view(), moe::Mode::inference);
+  const auto f32 = fp32.forward(x.view(), moe::Mode::inference);
+  CHECK(moe::test::same_bits(ftf.expert_index(), f32.expert_index()));  // gating stays fp32
+  double diff = 0, norm = 0;
+  for (Index t = 0; t < 20; ++t)
+    for (Index j = 0; j < 8; ++j) {
+      const double e = ftf.y()(t, j) - f32.y()(t, j);
+      diff += e * e;
+      norm += f32.y()(t, j) * f32.y()(t, j);
+    }
+  CHECK(std::sqrt(diff / norm) > 1e-7);  // it does compute in tf32
+  CHECK(std::sqrt(diff / norm) < 3e-3);
+
+  using DoubleLayer = moe::Layer<moe::expert::FeedForward, moe::gate::TopK, moe::backend::Cpu<double>>;
+  const auto message = moe::test::error_of([] {
+    DoubleLayer layer({.d_model = 4, .n_experts = 2, .expert = {.hidden = 3, .precision = Precision::tf32}});
+  });
+  CHECK(moe::test::contains(message, "expert::FeedForward: precision = tf32 needs a float backend"));
+
+  // The metadata's text: written as "tf32", read back; a bad value is named with what was expected.
+  CHECK(moe::io::detail::format_value(Precision::tf32) == "tf32");
+  Precision p = Precision::fp32;
+  moe::io::detail::parse_value("config.expert.precision", "tf32", p);
+  CHECK(p == Precision::tf32);
+  moe::io::detail::parse_value("config.expert.precision", "bf16", p);
+  CHECK(p == Precision::bf16);
+  const auto bad = moe::test::error_of([&] { moe::io::detail::parse_value("config.expert.precision", "fp16", p); });
+  CHECK(moe::test::contains(bad, "moe::io: metadata 'config.expert.precision' = 'fp16', expected fp32, bf16 or tf32"));
 }
 
 TEST_CASE("bf16 ReLU experts round the operands of every GEMM, forward and backward, and accumulate in float") {

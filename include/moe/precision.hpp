@@ -1,10 +1,13 @@
 #pragma once
-// The compute precision of the experts' GEMMs. Precision::bf16: every operand of a grouped GEMM
-// (activations, weights, output gradients) is rounded to bfloat16 (8 significant bits, round
-// to nearest even) before it is multiplied, and products are accumulated in fp32: the numerics
-// of a bf16 GEMM on tensor cores with fp32 accumulation. Parameters, their gradients and the
-// layer's activations stay stored in the backend's Scalar (fp32 master weights); gating is
-// always computed in fp32.
+// The compute precision of the experts' GEMMs. Every reduced precision rounds each operand of a
+// grouped GEMM (activations, weights, output gradients) before it is multiplied and accumulates
+// the products in fp32: the numerics of a tensor-core GEMM with fp32 accumulation.
+//   Precision::fp32: no rounding (fp32 or fp64 data, as stored).
+//   Precision::bf16: operands rounded to bfloat16 (8 significant bits, round to nearest even).
+//   Precision::tf32: operands rounded to TF32 (fp32's exponent, 10 explicit mantissa bits:
+//     11 significant bits, round to nearest even); an opt-in for fp32 users.
+// Parameters, their gradients and the layer's activations stay stored in the backend's Scalar
+// (fp32 master weights); gating is always computed in fp32. bf16 and tf32 need float data.
 
 #include <cstdint>
 #include <cstring>
@@ -13,13 +16,29 @@
 
 namespace moe {
 
-enum class Precision { fp32, bf16 };
+enum class Precision { fp32, bf16, tf32 };
 
-inline const char* to_string(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
+inline const char* to_string(Precision p) {
+  switch (p) {
+    case Precision::bf16:
+      return "bf16";
+    case Precision::tf32:
+      return "tf32";
+    case Precision::fp32:
+      break;
+  }
+  return "fp32";
+}
 
-// x rounded to the nearest bfloat16 (ties to even), returned as a float; NaN stays NaN,
-// infinities and zeros keep their sign, values past the largest bfloat16 become infinite.
-MOE_HD inline float round_to_bf16(float x) {
+namespace detail {
+// x with its low `dropped` mantissa bits rounded away: to nearest, ties to even; a NaN stays a
+// (quiet) NaN, infinities and zeros keep their sign, values past the largest representable
+// number become infinite (the carry runs into the exponent).
+template <int dropped>
+MOE_HD inline float round_mantissa(float x) {
+  static_assert(dropped > 0 && dropped < 23);
+  constexpr std::uint32_t half = (std::uint32_t{1} << (dropped - 1)) - 1u;
+  constexpr std::uint32_t keep = ~((std::uint32_t{1} << dropped) - 1u);
   std::uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(x);
@@ -29,9 +48,9 @@ MOE_HD inline float round_to_bf16(float x) {
   if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu) != 0) {
     bits |= 0x00400000u;  // a quiet NaN with the payload's top bits, as the hardware conversion
   } else {
-    bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+    bits += half + ((bits >> dropped) & 1u);  // round to nearest, ties to even
   }
-  bits &= 0xFFFF0000u;
+  bits &= keep;
   float out;
 #if defined(__CUDA_ARCH__)
   out = __uint_as_float(bits);
@@ -39,6 +58,23 @@ MOE_HD inline float round_to_bf16(float x) {
   std::memcpy(&out, &bits, sizeof out);
 #endif
   return out;
+}
+}  // namespace detail
+
+// x rounded to the nearest bfloat16 (ties to even), returned as a float; NaN stays NaN,
+// infinities and zeros keep their sign, values past the largest bfloat16 become infinite.
+MOE_HD inline float round_to_bf16(float x) { return detail::round_mantissa<16>(x); }
+
+// x rounded to the nearest TF32 value (ties to even), returned as a float whose low 13 bits are
+// 0; NaN stays NaN, infinities and zeros keep their sign, values past the largest TF32 number
+// (0x1.ffcp127) become infinite. Subnormals round like any other value. (The hardware's
+// cvt.rna.tf32.f32 rounds ties away from zero instead: the library rounds every operand
+// itself, with this function, on host and device alike.)
+MOE_HD inline float round_to_tf32(float x) { return detail::round_mantissa<13>(x); }
+
+// x rounded as Precision p rounds an operand (fp32: unchanged).
+MOE_HD inline float round_operand(float x, Precision p) {
+  return p == Precision::bf16 ? round_to_bf16(x) : p == Precision::tf32 ? round_to_tf32(x) : x;
 }
 
 }  // namespace moe

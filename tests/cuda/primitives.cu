@@ -1,11 +1,15 @@
 // The CUDA backend's device-only primitives: every template instantiated, the host-side errors
 // checked, and with a device gemm / grouped_gemm / grouped_gemm_wgrad compared with host loops
-// (odd sizes, empty groups, transposes, strides), DeviceMatrix, the Thrust policy and the error
-// messages. Exits 77 (Meson: SKIP), naming itself, when no CUDA device answers.
+// (odd sizes, empty groups, transposes, strides), in fp32, fp64, bf16 and tf32 (the tensor-core
+// kernels, also against the exact kernels that round the same operands), DeviceMatrix, the
+// Thrust policy and the error messages. Exits 77 (Meson: SKIP), naming itself, when no CUDA
+// device answers.
 #include <cuda_bf16.h>
 #include <thrust/reduce.h>
 #include <thrust/sort.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -44,10 +48,19 @@ template void mc::grouped_gemm_wgrad<float>(const mc::Context&, const Index*, In
 template void mc::grouped_gemm_wgrad<double>(const mc::Context&, const Index*, Index, ConstMatrixView<double>,
                                              ConstMatrixView<double>, double, MatrixView<double>, moe::Precision);
 
-// An operand as the kernels see it for the given precision.
+// An operand as the kernels see it for the given precision (bf16 and tf32: float data only).
 template <class S>
 double operand(S v, moe::Precision precision) {
-  return precision == moe::Precision::bf16 ? double(moe::round_to_bf16(float(v))) : double(v);
+  return precision == moe::Precision::fp32 ? double(v) : double(moe::round_operand(float(v), precision));
+}
+
+// The architecture of the device code that runs (__CUDA_ARCH__, e.g. 900), written to *out.
+__global__ void arch_probe(int* out) {
+#if defined(__CUDA_ARCH__)
+  *out = __CUDA_ARCH__;
+#else
+  *out = 0;
+#endif
 }
 
 namespace {
@@ -100,21 +113,40 @@ struct Buffer {
   ConstMatrixView<S> cview() const { return {dev, rows, cols, stride}; }
 };
 
-// |got - want| / (sum of |terms| + tiny), accumulated as a maximum.
+// max_rel: the largest |got - want| / scale, scale = the sum of the terms' magnitudes (+ tiny);
+// worst: the largest |got - want| / (tol * scale), at most 1 when every element is within its
+// bound; bad: a NaN on one side only.
 struct ErrorMeter {
   double max_rel = 0;
+  double worst = 0;
   bool bad = false;
-  void add(double got, double want, double scale) {
+  void add(double got, double want, double scale, double tol) {
     if (std::isnan(got) != std::isnan(want)) bad = true;
     if (std::isnan(want)) return;
     max_rel = std::max(max_rel, std::abs(got - want) / (scale + 1e-300));
+    worst = std::max(worst, std::abs(got - want) / (tol * scale + 1e-300));
   }
+  [[nodiscard]] bool ok() const { return !bad && worst <= 1.0; }
 };
 
 template <class S>
 double tolerance() {
   return std::is_same_v<S, float> ? 2e-6 : 1e-14;
 }
+
+// The bound of a bf16 / tf32 grouped GEMM element reduced over k terms, relative to the sum of
+// the terms' magnitudes. Both sides multiply the same rounded operands, and the product of two
+// bf16 (8-bit) or two TF32 (11-bit) significands is exact in fp32, so the only error is the fp32
+// accumulation: at most (k - 1) u of that sum for sums rounded to nearest (u = 2^-24). Tensor
+// cores may add several products at once and truncate instead of rounding: the bound takes
+// u = 2^-23 per term and a margin of 16, 16 * 2^-23 * k (k = 37: 7e-5), still far below the
+// operands' own rounding (bf16: up to 2^-8, tf32: up to 2^-11 of each operand), so a wrongly rounded or
+// unrounded operand, or a missing or doubled term, fails it.
+double reduced_tolerance(Index k) { return 16.0 * 0x1p-23 * static_cast<double>(std::max<Index>(1, k)); }
+
+// A row stride of at least cols: cols + pad, or with aligned the next multiple of 4 elements
+// above cols (16-byte rows: the tensor-core kernels' vectorized loads and stores).
+Index stride_for(Index cols, Index pad, bool aligned) { return aligned ? (cols / 4 + 1) * 4 : cols + pad; }
 
 template <class S>
 void test_gemm(std::mt19937& rng, Op ta, Op tb, Index m, Index n, Index k, S alpha, S beta, bool nan_c) {
@@ -139,14 +171,14 @@ void test_gemm(std::mt19937& rng, Op ta, Op tb, Index m, Index n, Index k, S alp
       const double old = c.at(i, j);
       const double want = beta == S(0) ? alpha * sum : alpha * sum + beta * old;
       meter.add(got[static_cast<std::size_t>(i * c.stride + j)], want,
-                std::abs(alpha) * scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
+                std::abs(alpha) * scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30, tolerance<S>());
     }
   char what[160];
   std::snprintf(what, sizeof what, "gemm<%s> ta=%d tb=%d m=%ld n=%ld k=%ld beta=%g nan_c=%d: max rel err %.3g",
                 sizeof(S) == 4 ? "float" : "double", int(ta), int(tb), long(m), long(n), long(k), double(beta),
                 int(nan_c), meter.max_rel);
   std::printf("%s\n", what);
-  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+  expect(meter.ok(), what);
 }
 
 // The row offsets [groups + 1] of groups of the given sizes.
@@ -158,14 +190,14 @@ std::vector<Index> offsets_of(const std::vector<Index>& sizes) {
 
 template <class S>
 void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Index k, Index n,
-                  moe::Precision precision = moe::Precision::fp32) {
+                  moe::Precision precision = moe::Precision::fp32, bool aligned = false) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
   const std::vector<Index> offsets = offsets_of(sizes);
   const Index rows = offsets.back();
   const Index wr = tw == Op::none ? k : n, wc = tw == Op::none ? n : k;
-  Buffer<S> a(rows, k, k + 2, rng), w(groups * wr, wc, wc + 5, rng);
-  Buffer<S> c(rows, n, n + 1, rng, std::numeric_limits<S>::quiet_NaN(), false);
+  Buffer<S> a(rows, k, stride_for(k, 2, aligned), rng), w(groups * wr, wc, stride_for(wc, 5, aligned), rng);
+  Buffer<S> c(rows, n, stride_for(n, 1, aligned), rng, std::numeric_limits<S>::quiet_NaN(), false);
   Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
   off.host = offsets;
   off.upload();
@@ -177,7 +209,16 @@ void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Ind
   ctx.synchronize();
   const auto again = c.download();
   expect(std::memcmp(got.data(), again.data(), got.size() * sizeof(S)) == 0, "grouped_gemm is not deterministic");
-  ErrorMeter meter;
+  // bf16 / tf32: the exact kernel on the same rounded operands (the path without tensor cores).
+  const bool reduced = precision != moe::Precision::fp32;
+  std::vector<S> exact_kernel;
+  if (reduced) {
+    mc::detail::grouped_gemm_exact<S>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), precision);
+    ctx.synchronize();
+    exact_kernel = c.download();
+  }
+  const double tol = reduced ? reduced_tolerance(k) : tolerance<S>();
+  ErrorMeter meter, versus_exact;
   for (Index g = 0; g < groups; ++g)
     for (Index i = offsets[g]; i < offsets[g + 1]; ++i)
       for (Index j = 0; j < n; ++j) {
@@ -188,38 +229,65 @@ void test_grouped(std::mt19937& rng, const std::vector<Index>& sizes, Op tw, Ind
           sum += x * y;
           scale += std::abs(x * y);
         }
-        meter.add(got[static_cast<std::size_t>(i * c.stride + j)], sum, scale + 1e-30);
+        const auto at = static_cast<std::size_t>(i * c.stride + j);
+        meter.add(got[at], sum, scale + 1e-30, tol);
+        // Both within tol of the sum in double: within 2 tol of each other.
+        if (reduced) versus_exact.add(got[at], exact_kernel[at], scale + 1e-30, 2 * tol);
       }
   // The row padding (columns n .. stride - 1, NaN before the call) is never written.
   bool padding_kept = true;
   for (Index i = 0; i < rows; ++i)
     for (Index j = n; j < c.stride; ++j) padding_kept = padding_kept && std::isnan(got[static_cast<std::size_t>(i * c.stride + j)]);
   expect(padding_kept, "grouped_gemm wrote into the output's row padding");
-  char what[160];
-  std::snprintf(what, sizeof what, "grouped_gemm<%s, %s> groups=%ld rows=%ld tw=%d k=%ld n=%ld: max rel err %.3g",
+  char what[200];
+  std::snprintf(what, sizeof what,
+                "grouped_gemm<%s, %s> groups=%ld rows=%ld tw=%d k=%ld n=%ld%s: max rel err %.3g (%.3g of the bound)",
                 sizeof(S) == 4 ? "float" : "double", moe::to_string(precision), long(groups), long(rows), int(tw),
-                long(k), long(n), meter.max_rel);
+                long(k), long(n), aligned ? " aligned" : "", meter.max_rel, meter.worst);
   std::printf("%s\n", what);
-  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+  expect(meter.ok(), what);
+  if (reduced)
+    expect(versus_exact.ok(), std::string(what) + ": against the exact kernel, " +
+                                  std::to_string(versus_exact.worst) + " of the bound");
 }
 
 template <class S>
 void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Index n, S beta,
-                moe::Precision precision = moe::Precision::fp32) {
+                moe::Precision precision = moe::Precision::fp32, bool aligned = false) {
   const mc::Context ctx;
   const Index groups = static_cast<Index>(sizes.size());
   const std::vector<Index> offsets = offsets_of(sizes);
   const Index rows = offsets.back();
-  Buffer<S> a(rows, d, d + 1, rng), b(rows, n, n + 3, rng);
-  Buffer<S> w(groups * d, n, n + 2, rng, std::numeric_limits<S>::quiet_NaN(), beta != S(0));
+  Buffer<S> a(rows, d, stride_for(d, 1, aligned), rng), b(rows, n, stride_for(n, 3, aligned), rng);
+  Buffer<S> w(groups * d, n, stride_for(n, 2, aligned), rng, std::numeric_limits<S>::quiet_NaN(), beta != S(0));
   Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
   off.host = offsets;
   off.upload();
   mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view(), precision);
   ctx.synchronize();
   const auto got = w.download();
-  ErrorMeter meter;
-  for (Index g = 0; g < groups; ++g)
+  // Determinism: with beta 0, a second run from the same w gives the same bits.
+  if (beta == S(0)) {
+    w.upload();
+    mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view(), precision);
+    ctx.synchronize();
+    const auto again = w.download();
+    expect(std::memcmp(got.data(), again.data(), got.size() * sizeof(S)) == 0,
+           "grouped_gemm_wgrad is not deterministic");
+  }
+  // bf16 / tf32: the exact kernel on the same rounded operands (the path without tensor cores),
+  // from the same starting w.
+  const bool reduced = precision != moe::Precision::fp32;
+  std::vector<S> exact_kernel;
+  if (reduced) {
+    w.upload();
+    mc::detail::grouped_gemm_wgrad_exact<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view(), precision);
+    ctx.synchronize();
+    exact_kernel = w.download();
+  }
+  ErrorMeter meter, versus_exact;
+  for (Index g = 0; g < groups; ++g) {
+    const double tol = reduced ? reduced_tolerance(offsets[g + 1] - offsets[g]) : tolerance<S>();
     for (Index i = 0; i < d; ++i)
       for (Index j = 0; j < n; ++j) {
         double sum = 0, scale = 0;
@@ -230,9 +298,12 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
         }
         const double old = w.at(g * d + i, j);
         const double want = beta == S(0) ? sum : beta * old + sum;
-        meter.add(got[static_cast<std::size_t>((g * d + i) * w.stride + j)], want,
-                  scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30);
+        const double bound_scale = scale + (beta == S(0) ? 0.0 : std::abs(beta * old)) + 1e-30;
+        const auto at = static_cast<std::size_t>((g * d + i) * w.stride + j);
+        meter.add(got[at], want, bound_scale, tol);
+        if (reduced) versus_exact.add(got[at], exact_kernel[at], bound_scale, 2 * tol);
       }
+  }
   // The row padding (columns n .. stride - 1) keeps its bits.
   bool padding_kept = true;
   for (Index i = 0; i < groups * d; ++i)
@@ -241,13 +312,17 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
       padding_kept = padding_kept && std::memcmp(&got[at], &w.host[at], sizeof(S)) == 0;
     }
   expect(padding_kept, "grouped_gemm_wgrad wrote into the gradient's row padding");
-  char what[160];
+  char what[200];
   std::snprintf(what, sizeof what,
-                "grouped_gemm_wgrad<%s, %s> groups=%ld rows=%ld d=%ld n=%ld beta=%g: max rel err %.3g",
+                "grouped_gemm_wgrad<%s, %s> groups=%ld rows=%ld d=%ld n=%ld beta=%g%s: max rel err %.3g (%.3g of the "
+                "bound)",
                 sizeof(S) == 4 ? "float" : "double", moe::to_string(precision), long(groups), long(rows), long(d),
-                long(n), double(beta), meter.max_rel);
+                long(n), double(beta), aligned ? " aligned" : "", meter.max_rel, meter.worst);
   std::printf("%s\n", what);
-  expect(!meter.bad && meter.max_rel <= tolerance<S>(), what);
+  expect(meter.ok(), what);
+  if (reduced)
+    expect(versus_exact.ok(), std::string(what) + ": against the exact kernel, " +
+                                  std::to_string(versus_exact.worst) + " of the bound");
 }
 
 template <class S>
@@ -279,6 +354,116 @@ void test_all(std::mt19937& rng) {
       test_wgrad<S>(rng, sizes, 1, 1, beta);
       test_wgrad<S>(rng, sizes, 70, 129, beta);
     }
+}
+
+// Precision::bf16 and Precision::tf32 (float data): on an sm_80+ device the tensor-core kernels,
+// against loops in double over the same rounded operands and against the exact kernels. Odd
+// sizes and strides (scalar loads), strides of whole 16-byte rows (vectorized loads), empty
+// groups, one-row groups, groups across several 128-row tiles, partial column tiles, and one
+// case of a few thousand rows.
+void test_reduced(std::mt19937& rng) {
+  const std::vector<std::vector<Index>> cases = {
+      {0, 1, 17, 130, 300}, {0, 0, 0}, {64, 64, 1, 0, 127, 200}, {3, 0, 5, 2, 1, 0, 9, 4, 6, 1}};
+  const std::vector<Index> large = {1500, 0, 2100, 37, 1};
+  for (moe::Precision precision : {moe::Precision::bf16, moe::Precision::tf32}) {
+    for (Op tw : {Op::none, Op::transpose}) {
+      for (const auto& sizes : cases) {
+        test_grouped<float>(rng, sizes, tw, 37, 70, precision);
+        test_grouped<float>(rng, sizes, tw, 37, 70, precision, true);
+        test_grouped<float>(rng, sizes, tw, 1, 1, precision);  // k = 1, n = 1
+        test_grouped<float>(rng, sizes, tw, 0, 5, precision);  // k = 0: zeros
+      }
+      test_grouped<float>(rng, {300}, tw, 128, 256, precision, true);  // whole tiles and slices
+      test_grouped<float>(rng, {130, 0, 255}, tw, 95, 129, precision, true);
+      test_grouped<float>(rng, large, tw, 256, 192, precision, true);
+      test_grouped<float>(rng, large, tw, 67, 45, precision);
+    }
+    for (float beta : {0.0f, 1.0f}) {
+      for (const auto& sizes : cases) {
+        test_wgrad<float>(rng, sizes, 37, 70, beta, precision);
+        test_wgrad<float>(rng, sizes, 37, 70, beta, precision, true);
+        test_wgrad<float>(rng, sizes, 1, 1, beta, precision);
+      }
+      test_wgrad<float>(rng, {300, 64}, 128, 256, beta, precision, true);
+      test_wgrad<float>(rng, {130, 0, 255}, 129, 95, beta, precision, true);
+      test_wgrad<float>(rng, large, 160, 136, beta, precision, true);
+      test_wgrad<float>(rng, large, 45, 67, beta, precision);
+    }
+  }
+  std::vector<Index> many(300, 0);  // more groups than one scan round
+  for (std::size_t g = 0; g < many.size(); ++g) many[g] = static_cast<Index>((g * 7) % 5);
+  test_grouped<float>(rng, many, Op::none, 9, 11, moe::Precision::bf16);
+  test_wgrad<float>(rng, many, 9, 11, 1.0f, moe::Precision::tf32);
+}
+
+// Informational (no bound): the time of one grouped GEMM shape on each path, printed in TFLOP/s,
+// and the tensor-core results against the exact kernels' in norm.
+void report_throughput(std::mt19937& rng) {
+  const mc::Context ctx;
+  const Index groups = 8, per_group = 1024, k = 1024, n = 1024, rows = groups * per_group;
+  Buffer<float> a(rows, k, k, rng), w(groups * k, n, n, rng), b(rows, n, n, rng);
+  Buffer<float> c(rows, n, n, rng, 0.0f, false), grad(groups * k, n, n, rng, 0.0f, false);
+  Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
+  off.host = offsets_of(std::vector<Index>(static_cast<std::size_t>(groups), per_group));
+  off.upload();
+  cudaEvent_t start = nullptr, stop = nullptr;
+  MOE_CUDA_CHECK(cudaEventCreate(&start));
+  MOE_CUDA_CHECK(cudaEventCreate(&stop));
+  const double flop = 2.0 * double(rows) * double(k) * double(n);
+  auto time = [&](const char* what, auto&& run) {
+    run();  // warm up (and the one-time kernel setup)
+    constexpr int kReps = 3;
+    MOE_CUDA_CHECK(cudaEventRecord(start, ctx.stream()));
+    for (int r = 0; r < kReps; ++r) run();
+    MOE_CUDA_CHECK(cudaEventRecord(stop, ctx.stream()));
+    MOE_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    std::printf("throughput: %-44s %8.3f ms  %7.1f TFLOP/s\n", what, double(ms) / kReps,
+                flop * kReps / (double(ms) * 1e-3) / 1e12);
+  };
+  auto relative = [](const std::vector<float>& x, const std::vector<float>& y) {
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      diff += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+      norm += double(y[i]) * y[i];
+    }
+    return std::sqrt(diff / (norm + 1e-300));
+  };
+  char shape[120];
+  std::snprintf(shape, sizeof shape, "%ld groups x %ld rows, k = %ld, n = %ld", long(groups), long(per_group), long(k),
+                long(n));
+  std::printf("throughput: %s\n", shape);
+  for (moe::Precision precision : {moe::Precision::fp32, moe::Precision::bf16, moe::Precision::tf32}) {
+    const std::string name = moe::to_string(precision);
+    for (Op tw : {Op::none, Op::transpose}) {
+      time((std::string("grouped_gemm ") + name + (tw == Op::none ? "" : " (w transposed)")).c_str(),
+           [&] { mc::grouped_gemm<float>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), precision); });
+      if (precision == moe::Precision::fp32) continue;
+      const auto fast = c.download();
+      time((std::string("grouped_gemm ") + name + " exact kernel" + (tw == Op::none ? "" : " (w transposed)")).c_str(),
+           [&] {
+             mc::detail::grouped_gemm_exact<float>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), precision);
+           });
+      const double rel = relative(fast, c.download());
+      std::printf("throughput: %s grouped_gemm against the exact kernel: %.3g relative\n", name.c_str(), rel);
+      expect(rel < 1e-4, name + " grouped_gemm differs from the exact kernel by " + std::to_string(rel));
+    }
+    time((std::string("grouped_gemm_wgrad ") + name).c_str(), [&] {
+      mc::grouped_gemm_wgrad<float>(ctx, off.dev, groups, a.cview(), b.cview(), 0.0f, grad.view(), precision);
+    });
+    if (precision == moe::Precision::fp32) continue;
+    const auto fast = grad.download();
+    time((std::string("grouped_gemm_wgrad ") + name + " exact kernel").c_str(), [&] {
+      mc::detail::grouped_gemm_wgrad_exact<float>(ctx, off.dev, groups, a.cview(), b.cview(), 0.0f, grad.view(),
+                                                  precision);
+    });
+    const double rel = relative(fast, grad.download());
+    std::printf("throughput: %s grouped_gemm_wgrad against the exact kernel: %.3g relative\n", name.c_str(), rel);
+    expect(rel < 1e-4, name + " grouped_gemm_wgrad differs from the exact kernel by " + std::to_string(rel));
+  }
+  MOE_CUDA_CHECK(cudaEventDestroy(start));
+  MOE_CUDA_CHECK(cudaEventDestroy(stop));
 }
 
 void test_device_matrix() {
@@ -360,6 +545,18 @@ void test_host_errors() {
                                  moe::Precision::bf16);
       },
       "grouped_gemm: Precision::bf16 needs float data, got 64-bit floating point");
+  expect_error(
+      [&] {
+        mc::grouped_gemm<double>(ctx, nullptr, 1, Op::none, {nullptr, 2, 3}, {nullptr, 3, 4}, {nullptr, 2, 4},
+                                 moe::Precision::tf32);
+      },
+      "grouped_gemm: Precision::tf32 needs float data, got 64-bit floating point");
+  expect_error(
+      [&] {
+        mc::grouped_gemm_wgrad<double>(ctx, nullptr, 2, {nullptr, 4, 2}, {nullptr, 4, 3}, 0.0, {nullptr, 4, 3},
+                                       moe::Precision::tf32);
+      },
+      "grouped_gemm_wgrad: Precision::tf32 needs float data, got 64-bit floating point");
 }
 
 }  // namespace
@@ -377,13 +574,25 @@ int main() {
     test_thrust();
     test_all<float>(rng);
     test_all<double>(rng);
-    // Precision::bf16: operands rounded to bfloat16, fp32 accumulation.
-    for (Op tw : {Op::none, Op::transpose}) {
-      test_grouped<float>(rng, {0, 1, 70, 0, 133}, tw, 37, 29, moe::Precision::bf16);
-      test_grouped<float>(rng, {300}, tw, 1, 1, moe::Precision::bf16);
+    // Precision::bf16 / tf32: operands rounded to bfloat16 / TF32, fp32 accumulation; on tensor
+    // cores wherever the device and the build's architectures have them.
+    int major = 0, device = 0, arch = 0;
+    MOE_CUDA_CHECK(cudaGetDevice(&device));
+    MOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    {
+      int* probe = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&probe, sizeof(int)));
+      arch_probe<<<1, 1>>>(probe);
+      MOE_CUDA_CHECK_LAUNCH();
+      MOE_CUDA_CHECK(cudaMemcpy(&arch, probe, sizeof(int), cudaMemcpyDeviceToHost));
+      MOE_CUDA_CHECK(cudaFree(probe));
     }
-    test_wgrad<float>(rng, {0, 1, 70, 0, 133}, 37, 29, 1.0f, moe::Precision::bf16);
-    test_wgrad<float>(rng, {64, 64, 1, 0, 127, 200}, 5, 3, 0.0f, moe::Precision::bf16);
+    const bool tensor_cores = mc::tensor_core_gemm_available();
+    std::printf("compute capability %d.x, device code for sm_%d: bf16 / tf32 grouped GEMMs on %s\n", major, arch / 10,
+                tensor_cores ? "tensor cores" : "CUDA cores (the exact kernels, operands rounded)");
+    expect(tensor_cores == (arch >= 800), "tensor_core_gemm_available() disagrees with the code the device runs");
+    test_reduced(rng);
+    report_throughput(rng);
 
     expect_error(
         [] {

@@ -153,7 +153,8 @@ void parse_value(const std::string& key, const std::string& text, T& out) {
   } else if constexpr (std::is_same_v<T, Precision>) {
     if (text == "fp32") out = Precision::fp32;
     else if (text == "bf16") out = Precision::bf16;
-    else bad("fp32 or bf16");
+    else if (text == "tf32") out = Precision::tf32;
+    else bad("fp32, bf16 or tf32");
   } else if constexpr (std::is_same_v<T, double>) {
     // std::from_chars for double is in libstdc++ 11+; strtod would follow the C locale.
     double v = 0;

@@ -70,25 +70,28 @@ void gemm(int threads, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixV
   });
 }
 
-// A contiguous copy of m with every element rounded to bfloat16 (Precision::bf16's operands).
+// A contiguous copy of m with every element rounded as Precision p rounds an operand (bf16 or
+// tf32: moe::round_operand); these precisions need float data.
 template <class S>
-HostMatrix<S> rounded_to_bf16(ConstMatrixView<S> m, const char* who) {
-  detail::require(std::is_same_v<S, float>, who, ": Precision::bf16 needs float data, got ", sizeof(S) * 8,
-                  "-bit floating point");
+HostMatrix<S> rounded_operand(ConstMatrixView<S> m, Precision p, const char* who) {
+  detail::require(std::is_same_v<S, float>, who, ": Precision::", to_string(p), " needs float data, got ",
+                  sizeof(S) * 8, "-bit floating point");
   HostMatrix<S> out(m.rows, m.cols);
   for (Index r = 0; r < m.rows; ++r)
-    for (Index c = 0; c < m.cols; ++c) out(r, c) = static_cast<S>(round_to_bf16(static_cast<float>(m(r, c))));
+    for (Index c = 0; c < m.cols; ++c) out(r, c) = static_cast<S>(round_operand(static_cast<float>(m(r, c)), p));
   return out;
 }
 
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
-// With Precision::bf16, a and w are rounded to bfloat16 first (into temporary copies).
+// With Precision::bf16 or Precision::tf32, a and w are rounded to bfloat16 or TF32 first (into
+// temporary copies): an emulation of the tensor-core GEMM's numerics, for reference and tests.
 template <class S>
 void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a, ConstMatrixView<S> w,
                   MatrixView<S> c, Precision precision = Precision::fp32) {
-  if (precision == Precision::bf16) {
-    const HostMatrix<S> ar = rounded_to_bf16(a, "grouped_gemm"), wr = rounded_to_bf16(w, "grouped_gemm");
+  if (precision != Precision::fp32) {
+    const HostMatrix<S> ar = rounded_operand(a, precision, "grouped_gemm"),
+                        wr = rounded_operand(w, precision, "grouped_gemm");
     grouped_gemm(threads, offsets, groups, tw, ar.view(), wr.view(), c, Precision::fp32);
     return;
   }
@@ -123,12 +126,14 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
 // are (group, block of kGemmRowBlock columns of w): each item's reduction over the group's rows
 // is done by one thread in full, so the summation order is fixed, and a single busy expert
 // still spreads over the threads.
-// With Precision::bf16, a and b are rounded to bfloat16 first; w accumulates in S.
+// With Precision::bf16 or Precision::tf32, a and b are rounded to bfloat16 or TF32 first; w
+// accumulates in S.
 template <class S>
 void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMatrixView<S> a, ConstMatrixView<S> b,
                         S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
-  if (precision == Precision::bf16) {
-    const HostMatrix<S> ar = rounded_to_bf16(a, "grouped_gemm_wgrad"), br = rounded_to_bf16(b, "grouped_gemm_wgrad");
+  if (precision != Precision::fp32) {
+    const HostMatrix<S> ar = rounded_operand(a, precision, "grouped_gemm_wgrad"),
+                        br = rounded_operand(b, precision, "grouped_gemm_wgrad");
     grouped_gemm_wgrad(threads, offsets, groups, ar.view(), br.view(), beta, w, Precision::fp32);
     return;
   }

@@ -1,7 +1,10 @@
 #pragma once
 // GEMM and grouped GEMM on the device, with the semantics, shape checks and messages of
 // moe/backend/cpu/gemm.hpp. gemm calls cuBLAS; the grouped kernels are one launch each of a
-// shared-memory tiled GEMM with a fixed summation order (deterministic, no atomics).
+// shared-memory tiled GEMM with a fixed summation order (deterministic, no atomics): for fp32
+// (and fp64) the exact kernels below, on CUDA cores; for Precision::bf16 and Precision::tf32 the
+// tensor-core kernels of moe/backend/cuda/tensor_core_gemm.hpp where the device and the build
+// allow them (sm_80 and newer), else the exact kernels with the operands rounded as they load.
 
 #if !defined(__CUDACC__)
 #error "moe/backend/cuda/gemm.hpp is CUDA code: compile this translation unit with nvcc (a .cu file)"
@@ -13,11 +16,11 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cub/block/block_scan.cuh>
 #include <type_traits>
 
 #include "moe/backend/cuda/check.hpp"
 #include "moe/backend/cuda/context.hpp"
+#include "moe/backend/cuda/tensor_core_gemm.hpp"
 #include "moe/error.hpp"
 #include "moe/op.hpp"
 #include "moe/precision.hpp"
@@ -142,58 +145,14 @@ __device__ __forceinline__ void multiply_tile(const Acc (&as)[kDepth][kTile + 1]
   }
 }
 
-// Rows [begin, end) of group g, clamped into [0, limit): malformed offsets can make results
-// wrong but never make a kernel touch memory outside the views.
-__device__ __forceinline__ void group_rows(const Index* __restrict__ offsets, Index g, Index limit, Index& begin,
-                                           Index& end) {
-  begin = min(max(offsets[g], Index{0}), limit);
-  end = min(max(offsets[g + 1], begin), limit);
-}
-
-// Row tiles are numbered group by group, ceil(rows_g / kTile) of them per group. Finds the group
-// of row tile `tile` and that tile's rows [row_begin, row_end), reading offsets on the device
-// (a block-wide scan over the groups, kThreads at a time). False when tile is past the last one.
-// Must be called by all threads of the block; the result is the same in every thread.
-__device__ inline bool locate_row_tile(const Index* __restrict__ offsets, Index groups, Index limit, Index tile,
-                                       Index& row_begin, Index& row_end, Index& group) {
-  using Scan = cub::BlockScan<Index, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ Index found[3];  // group, first row of the tile, end of the group's rows
-  const int tid = static_cast<int>(threadIdx.x);
-  if (tid == 0) found[0] = -1;
-  __syncthreads();
-  Index before = 0;  // tiles of the groups already scanned
-  for (Index g0 = 0; g0 < groups; g0 += kThreads) {
-    const Index g = g0 + tid;
-    Index begin = 0;
-    Index end = 0;
-    if (g < groups) group_rows(offsets, g, limit, begin, end);
-    const Index tiles = (end - begin + kTile - 1) / kTile;
-    Index prefix = 0;
-    Index total = 0;
-    Scan(scan_storage).ExclusiveSum(tiles, prefix, total);
-    const Index first = before + prefix;
-    if (tile >= first && tile < first + tiles) {
-      found[0] = g;
-      found[1] = begin + (tile - first) * kTile;
-      found[2] = end;
-    }
-    before += total;
-    __syncthreads();  // publishes found[] and frees scan_storage for the next round
-    if (found[0] >= 0) break;
-  }
-  group = found[0];
-  row_begin = found[1];
-  row_end = found[2];
-  return group >= 0;
-}
-
-// An operand as the tile multiply sees it: rounded to bfloat16 for Precision::bf16 (float data
-// only), as is otherwise.
-template <bool Round, class Acc, class T>
+// An operand as the tile multiply sees it: rounded to bfloat16 or TF32 for Precision::bf16 or
+// Precision::tf32 (float data only), as is for Precision::fp32.
+template <Precision P, class Acc, class T>
 __device__ __forceinline__ Acc operand(T v) {
-  if constexpr (Round)
+  if constexpr (P == Precision::bf16)
     return static_cast<Acc>(::moe::round_to_bf16(static_cast<float>(v)));
+  else if constexpr (P == Precision::tf32)
+    return static_cast<Acc>(::moe::round_to_tf32(static_cast<float>(v)));
   else
     return static_cast<Acc>(v);
 }
@@ -201,7 +160,7 @@ __device__ __forceinline__ Acc operand(T v) {
 // c rows of group g = a rows of group g * op(w_g). grid.x: row tiles (an upper bound on their
 // number; blocks past the last exit), grid.y: column tiles, strided when there are more than
 // grid.y of them.
-template <class T, class Acc, bool Round>
+template <class T, class Acc, Precision P>
 __global__ void __launch_bounds__(kThreads)
     grouped_gemm_kernel(const Index* __restrict__ offsets, Index groups, bool transpose_w, ConstMatrixView<T> a,
                         ConstMatrixView<T> w, Index wr, MatrixView<T> c, Index k, Index n) {
@@ -210,7 +169,9 @@ __global__ void __launch_bounds__(kThreads)
   Index row0 = 0;
   Index row_end = 0;
   Index group = 0;
-  if (!locate_row_tile(offsets, groups, a.rows, static_cast<Index>(blockIdx.x), row0, row_end, group)) return;
+  if (!locate_row_tile<kThreads, kTile>(offsets, groups, a.rows, static_cast<Index>(blockIdx.x), row0, row_end,
+                                        group))
+    return;
   const int m = static_cast<int>(min(Index{kTile}, row_end - row0));
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % kSide;
@@ -230,19 +191,19 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < kTile * kDepth; e += kThreads) {
         const int i = e / kDepth;
         const int kk = e % kDepth;
-        as[kk][i] = i < m && kk < depth ? operand<Round, Acc>(a.data[(row0 + i) * a.stride + k0 + kk]) : Acc(0);
+        as[kk][i] = i < m && kk < depth ? operand<P, Acc>(a.data[(row0 + i) * a.stride + k0 + kk]) : Acc(0);
       }
       if (!transpose_w) {  // op(w_g)(kk, j) = w_g(kk, j): consecutive threads walk j
         for (int e = tid; e < kTile * kDepth; e += kThreads) {
           const int kk = e / kTile;
           const int j = e % kTile;
-          bs[kk][j] = kk < depth && j < nt ? operand<Round, Acc>(wg[(k0 + kk) * w.stride + col0 + j]) : Acc(0);
+          bs[kk][j] = kk < depth && j < nt ? operand<P, Acc>(wg[(k0 + kk) * w.stride + col0 + j]) : Acc(0);
         }
       } else {  // op(w_g)(kk, j) = w_g(j, kk): consecutive threads walk kk
         for (int e = tid; e < kTile * kDepth; e += kThreads) {
           const int j = e / kDepth;
           const int kk = e % kDepth;
-          bs[kk][j] = kk < depth && j < nt ? operand<Round, Acc>(wg[(col0 + j) * w.stride + k0 + kk]) : Acc(0);
+          bs[kk][j] = kk < depth && j < nt ? operand<P, Acc>(wg[(col0 + j) * w.stride + k0 + kk]) : Acc(0);
         }
       }
       __syncthreads();
@@ -265,7 +226,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // w_g = beta * w_g + a_g^T b_g. A 1-D grid strides over the (group, row tile of w_g, column
 // tile of w_g) triples; each block reduces over its group's rows in order, kDepth at a time.
-template <class T, class Acc, bool Round>
+template <class T, class Acc, Precision P>
 __global__ void __launch_bounds__(kThreads)
     grouped_wgrad_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<T> a, ConstMatrixView<T> b,
                          Acc beta, MatrixView<T> w, Index row_tiles, Index col_tiles) {
@@ -295,8 +256,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < kTile * kDepth; e += kThreads) {
         const int kk = e / kTile;
         const int i = e % kTile;
-        as[kk][i] = kk < depth && i < mi ? operand<Round, Acc>(a.data[(r0 + kk) * a.stride + i0 + i]) : Acc(0);
-        bs[kk][i] = kk < depth && i < nj ? operand<Round, Acc>(b.data[(r0 + kk) * b.stride + j0 + i]) : Acc(0);
+        as[kk][i] = kk < depth && i < mi ? operand<P, Acc>(a.data[(r0 + kk) * a.stride + i0 + i]) : Acc(0);
+        bs[kk][i] = kk < depth && i < nj ? operand<P, Acc>(b.data[(r0 + kk) * b.stride + j0 + i]) : Acc(0);
       }
       __syncthreads();
       multiply_tile(as, bs, depth, tx, ty, acc);
@@ -352,14 +313,84 @@ void gemm(const Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, Const
 }
 
 namespace detail {
-// Whether the kernels round their operands to bfloat16; Precision::bf16 needs float data.
+
+// precision, refused unless it is Precision::fp32 or the data is float.
 template <class S>
-bool rounds_to_bf16(Precision precision, const char* who) {
-  if (precision != Precision::bf16) return false;
-  ::moe::detail::require(std::is_same_v<S, float>, who, ": Precision::bf16 needs float data, got ", sizeof(S) * 8,
-                         "-bit floating point");
-  return true;
+void check_precision(Precision precision, const char* who) {
+  ::moe::detail::require(precision == Precision::fp32 || std::is_same_v<S, float>, who, ": Precision::",
+                         to_string(precision), " needs float data, got ", sizeof(S) * 8, "-bit floating point");
 }
+
+// The exact kernels (CUDA cores), their operands rounded as `precision` rounds them: the fp32 and
+// fp64 path, the bf16 / tf32 path where tensor cores are not available, and the reference the
+// tensor-core kernels are tested against. Arguments as grouped_gemm's, already checked; wr, k, n
+// as it derives them.
+template <class S>
+void grouped_gemm_exact(const Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
+                        ConstMatrixView<S> w, MatrixView<S> c, Precision precision) {
+  const Index wr = w.rows / groups;
+  const Index k = tw == Op::none ? wr : w.cols;
+  const Index n = tw == Op::none ? w.cols : wr;
+  if (c.rows == 0 || n == 0) return;
+  // sum over g of ceil(rows_g / kTile) <= ceil(a.rows / kTile) + groups.
+  const Index row_blocks = (a.rows + kTile - 1) / kTile + groups;
+  ::moe::detail::require(row_blocks <= INT_MAX, "grouped_gemm: ", a.rows, " rows in ", groups,
+                         " groups need more thread blocks than one launch allows");
+  const Index col_tiles = (n + kTile - 1) / kTile;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(std::min(col_tiles, kMaxGridY)));
+  using Acc = typename Accumulator<S>::type;
+  const bool tw_t = tw == Op::transpose;
+  if constexpr (std::is_same_v<S, float>) {
+    if (precision == Precision::bf16) {
+      grouped_gemm_kernel<S, Acc, Precision::bf16>
+          <<<grid, kThreads, 0, ctx.stream()>>>(offsets, groups, tw_t, a, w, wr, c, k, n);
+      MOE_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    if (precision == Precision::tf32) {
+      grouped_gemm_kernel<S, Acc, Precision::tf32>
+          <<<grid, kThreads, 0, ctx.stream()>>>(offsets, groups, tw_t, a, w, wr, c, k, n);
+      MOE_CUDA_CHECK_LAUNCH();
+      return;
+    }
+  }
+  check_precision<S>(precision, "grouped_gemm");
+  grouped_gemm_kernel<S, Acc, Precision::fp32>
+      <<<grid, kThreads, 0, ctx.stream()>>>(offsets, groups, tw_t, a, w, wr, c, k, n);
+  MOE_CUDA_CHECK_LAUNCH();
+}
+
+// The exact weight-gradient kernel, as grouped_gemm_exact. Arguments as grouped_gemm_wgrad's,
+// already checked.
+template <class S>
+void grouped_gemm_wgrad_exact(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
+                              ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision) {
+  if (w.rows == 0 || w.cols == 0) return;
+  const Index row_tiles = (a.cols + kTile - 1) / kTile;
+  const Index col_tiles = (b.cols + kTile - 1) / kTile;
+  const Index tiles = groups * row_tiles * col_tiles;
+  const auto blocks = static_cast<unsigned>(std::min<Index>(tiles, INT_MAX));
+  using Acc = typename Accumulator<S>::type;
+  if constexpr (std::is_same_v<S, float>) {
+    if (precision == Precision::bf16) {
+      grouped_wgrad_kernel<S, Acc, Precision::bf16><<<blocks, kThreads, 0, ctx.stream()>>>(
+          offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+      MOE_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    if (precision == Precision::tf32) {
+      grouped_wgrad_kernel<S, Acc, Precision::tf32><<<blocks, kThreads, 0, ctx.stream()>>>(
+          offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+      MOE_CUDA_CHECK_LAUNCH();
+      return;
+    }
+  }
+  check_precision<S>(precision, "grouped_gemm_wgrad");
+  grouped_wgrad_kernel<S, Acc, Precision::fp32><<<blocks, kThreads, 0, ctx.stream()>>>(
+      offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
+  MOE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace detail
 
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
@@ -367,6 +398,10 @@ bool rounds_to_bf16(Precision precision, const char* who) {
 // offsets (groups + 1 entries) lives in device memory and is read only by the kernel: the host
 // never waits. So, unlike cpu::grouped_gemm, offsets[groups] == a.rows is not checked (the kernel
 // clamps every group's rows into [0, a.rows)); the other shape checks are the CPU's. One launch.
+// Precision::fp32: the exact kernel (fp32 or fp64 fused multiply-adds in a fixed order).
+// Precision::bf16 / Precision::tf32 (float data only): the operands rounded to bfloat16 / TF32,
+// products accumulated in fp32, on tensor cores where tensor_core_gemm_available(); the result
+// differs from the CPU backend's emulation only in the order and rounding of the fp32 sums.
 template <class S>
 void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
                   ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
@@ -378,28 +413,30 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
   const Index n = tw == Op::none ? w.cols : wr;
   ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
                          a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  detail::check_precision<S>(precision, "grouped_gemm");
   if (c.rows == 0 || n == 0) return;
-  // sum over g of ceil(rows_g / kTile) <= ceil(a.rows / kTile) + groups.
-  const Index row_blocks = (a.rows + detail::kTile - 1) / detail::kTile + groups;
-  ::moe::detail::require(row_blocks <= INT_MAX, "grouped_gemm: ", a.rows, " rows in ", groups,
-                         " groups need more thread blocks than one launch allows");
-  const Index col_tiles = (n + detail::kTile - 1) / detail::kTile;
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(std::min(col_tiles, detail::kMaxGridY)));
-  using Acc = typename detail::Accumulator<S>::type;
-  if (detail::rounds_to_bf16<S>(precision, "grouped_gemm"))
-    detail::grouped_gemm_kernel<S, Acc, true>
-        <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
-  else
-    detail::grouped_gemm_kernel<S, Acc, false>
-        <<<grid, detail::kThreads, 0, ctx.stream()>>>(offsets, groups, tw == Op::transpose, a, w, wr, c, k, n);
-  MOE_CUDA_CHECK_LAUNCH();
+  if constexpr (std::is_same_v<S, float>) {
+    if (precision != Precision::fp32 && tensor_core_gemm_available()) {
+      const bool bf16 = precision == Precision::bf16;
+      if (tw == Op::none) {
+        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, false>
+              : detail::tc_launch_grouped_gemm<Precision::tf32, false>)(ctx, offsets, groups, a, w, wr, c, k, n);
+      } else {
+        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, true>
+              : detail::tc_launch_grouped_gemm<Precision::tf32, true>)(ctx, offsets, groups, a, w, wr, c, k, n);
+      }
+      return;
+    }
+  }
+  detail::grouped_gemm_exact(ctx, offsets, groups, tw, a, w, c, precision);
 }
 
 // For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b (w is
 // groups * a.cols x b.cols). beta 0 overwrites (NaN included), beta 1 adds; an empty group gets
 // beta * w_g. offsets is device memory, read only by the kernel: offsets[groups] == a.rows is not
 // checked (rows are clamped into [0, a.rows)); the other checks are cpu::grouped_gemm_wgrad's.
-// One launch; each output element is reduced over its group's rows in order by one thread.
+// One launch; each output element is reduced over its group's rows in order by one thread (one
+// warp on tensor cores). Precisions as grouped_gemm's.
 template <class S>
 void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
                         ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
@@ -407,19 +444,17 @@ void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, 
   ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
                          "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
                          " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  detail::check_precision<S>(precision, "grouped_gemm_wgrad");
   if (w.rows == 0 || w.cols == 0) return;
-  const Index row_tiles = (a.cols + detail::kTile - 1) / detail::kTile;
-  const Index col_tiles = (b.cols + detail::kTile - 1) / detail::kTile;
-  const Index tiles = groups * row_tiles * col_tiles;
-  const auto blocks = static_cast<unsigned>(std::min<Index>(tiles, INT_MAX));
-  using Acc = typename detail::Accumulator<S>::type;
-  if (detail::rounds_to_bf16<S>(precision, "grouped_gemm_wgrad"))
-    detail::grouped_wgrad_kernel<S, Acc, true><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
-        offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
-  else
-    detail::grouped_wgrad_kernel<S, Acc, false><<<blocks, detail::kThreads, 0, ctx.stream()>>>(
-        offsets, groups, a, b, static_cast<Acc>(beta), w, row_tiles, col_tiles);
-  MOE_CUDA_CHECK_LAUNCH();
+  if constexpr (std::is_same_v<S, float>) {
+    if (precision != Precision::fp32 && tensor_core_gemm_available()) {
+      (precision == Precision::bf16 ? detail::tc_launch_grouped_wgrad<Precision::bf16>
+                                    : detail::tc_launch_grouped_wgrad<Precision::tf32>)(ctx, offsets, groups, a, b,
+                                                                                         beta, w);
+      return;
+    }
+  }
+  detail::grouped_gemm_wgrad_exact(ctx, offsets, groups, a, b, beta, w, precision);
 }
 
 }  // namespace moe::backend::cuda
