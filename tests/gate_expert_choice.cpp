@@ -32,6 +32,7 @@ Run forward(const Policy& gate, ConstMatrixView<double> x, const Index* offsets 
   Run r;
   B::Context ctx;
   gate.forward(ctx, x, offsets, Mode::train, GateNoise<double>{}, r.routing, r.saved);
+  moe::resolve_deferred_losses<B>(ctx, r.routing);
   return r;
 }
 

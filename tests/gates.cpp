@@ -24,6 +24,7 @@ GateRouting<B> route(Policy& gate, ConstMatrixView<double> x) {
   GateRouting<B> r;
   typename Policy::Saved saved;
   gate.forward(ctx, x, nullptr, Mode::train, GateNoise<double>{}, r, saved);
+  moe::resolve_deferred_losses<B>(ctx, r);
   return r;
 }
 

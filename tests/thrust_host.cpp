@@ -76,3 +76,45 @@ TEST_CASE("ThrustHost's routing primitives equal the CPU backend's, output memor
     }
   }
 }
+
+#if MOE_COMPARE_DEPTH == 1
+// The host waits of a layer call on the CUDA backend, counted on the host system, which runs the
+// same code and counts each synchronize (docs/cuda.md lists them): a flat forward makes at most
+// two with check_finite off (the routing plan's one read, the statistics' one read), with every
+// gate, its z-loss and balancing terms on; a flat backward makes none. check_finite adds one per
+// checked matrix. The counts do not grow with the number of experts.
+TEST_CASE_TEMPLATE("Host waits of a flat layer on the CUDA backend's code", Gate, moe::gate::NoisyTopK,
+                   moe::gate::TopK, moe::gate::Softmax, moe::gate::Switch, moe::gate::ExpertChoice,
+                   moe::gate::SigmoidBias) {
+  using Host = moe::backend::ThrustHost<float>;
+  using Layer = moe::Layer<moe::expert::SwiGLU, Gate, Host>;
+  for (const Index n : {4, 64}) {
+    for (const bool check : {false, true}) {
+      CAPTURE(n);
+      CAPTURE(check);
+      typename Layer::Config c{};
+      c.d_model = 8;
+      c.n_experts = n;
+      c.expert = {.hidden = 16};
+      c.gate = compare::gate_config<Gate>(n);
+      c.check_finite = check;
+      Layer layer(c);
+      const Index t_count = 33;
+      Host::Buffer<float> x(t_count, c.d_model, 0.5f), dy(t_count, c.d_model, 0.25f);
+      moe::Rng rng(1);
+      for (const moe::Mode mode : {moe::Mode::train, moe::Mode::inference}) {
+        const auto before = moe::backend::ThrustHostSystem::host_waits();
+        const auto f = layer.forward(x.view(), mode, rng);
+        const auto forward_waits = moe::backend::ThrustHostSystem::host_waits() - before;
+        const auto b = layer.backward(f, dy.view());
+        const auto backward_waits = moe::backend::ThrustHostSystem::host_waits() - before - forward_waits;
+        MESSAGE(compare::type_name<Gate>(), " n = ", n, " check_finite = ", check, ": forward ", forward_waits,
+                ", backward ", backward_waits);
+        CHECK(forward_waits == 2 + (check ? 1 : 0));
+        CHECK(backward_waits == (check ? 1 : 0));
+        CHECK(b.dx.rows() == t_count);
+      }
+    }
+  }
+}
+#endif

@@ -5,6 +5,8 @@
 // are written once against this set.
 
 #include <concepts>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "moe/error.hpp"
@@ -73,25 +75,90 @@ concept Backend =
     };
 // clang-format on
 
-// Host copies of backend memory, for the few small reads the layer makes on the host (routed row
-// counts, balance statistics, loss sums, error checks). B::copy moves data in either direction
-// between backend and host memory; the synchronize makes the copy complete before it is read.
+// A backend's page-locked staging pool for reads to the host (B::Staging), or void.
+template <class B>
+struct StagingOf {
+  using type = void;
+};
+template <class B>
+  requires requires { typename B::Staging; }
+struct StagingOf<B> {
+  using type = typename B::Staging;
+};
+
+// Reads of backend memory into host vectors, for the few small reads the layer makes on the host
+// (routed row counts, balance statistics, loss sums, error checks), queued and completed by one
+// synchronization:
+//   HostReads<B> reads(ctx);
+//   reads.add(importance, st.importance);  // resizes the vector, queues the copy
+//   reads.add(load, st.load);
+//   reads.wait();                          // one B::synchronize; the vectors hold the values
+// A backend whose copies into pageable memory would each wait on their own (CUDA) names a
+// page-locked staging pool, B::Staging: the copies go there, asynchronously, and wait() copies
+// them out. A vector is written only by wait(): reads abandoned by an exception write nothing.
+template <Backend B>
+class HostReads {
+  using Staging = typename StagingOf<B>::type;
+  static constexpr bool kStaged = !std::is_void_v<Staging>;
+
+ public:
+  explicit HostReads(typename B::Context& ctx) : ctx_(ctx) {
+    if constexpr (kStaged) mark_ = Staging::of_this_thread().mark();
+  }
+  HostReads(const HostReads&) = delete;
+  HostReads& operator=(const HostReads&) = delete;
+  ~HostReads() {
+    if constexpr (kStaged) Staging::of_this_thread().release(mark_);
+  }
+
+  template <class T>
+  void add(ConstMatrixView<T> v, std::vector<T>& out) {
+    out.resize(static_cast<std::size_t>(v.rows * v.cols));
+    if (out.empty()) return;
+    queued_ = true;
+    if constexpr (kStaged) {
+      const std::size_t bytes = out.size() * sizeof(T);
+      T* stage = reinterpret_cast<T*>(Staging::of_this_thread().take(bytes));
+      B::copy(ctx_, v, MatrixView<T>{stage, v.rows, v.cols});
+      pending_.push_back({stage, out.data(), bytes});
+    } else {
+      B::copy(ctx_, v, MatrixView<T>{out.data(), v.rows, v.cols});
+    }
+  }
+
+  // One synchronization when anything was queued; then every vector holds its values.
+  void wait() {
+    if (!queued_) return;
+    B::synchronize(ctx_);
+    for (const Pending& p : pending_) std::memcpy(p.to, p.from, p.bytes);
+    pending_.clear();
+    queued_ = false;
+  }
+
+ private:
+  struct Pending {
+    const void* from;
+    void* to;
+    std::size_t bytes;
+  };
+  struct NoStaging {
+    struct Mark {};
+  };
+  using Pool = std::conditional_t<kStaged, Staging, NoStaging>;
+  typename B::Context& ctx_;
+  typename Pool::Mark mark_{};
+  std::vector<Pending> pending_;
+  bool queued_ = false;
+};
+
+// One read of backend memory to the host: a HostReads of one vector.
 template <Backend B, class T>
 std::vector<T> to_host(typename B::Context& ctx, ConstMatrixView<T> v) {
-  std::vector<T> out(static_cast<std::size_t>(v.rows * v.cols));
-  if (!out.empty()) {
-    B::copy(ctx, v, MatrixView<T>{out.data(), v.rows, v.cols});
-    B::synchronize(ctx);
-  }
+  std::vector<T> out;
+  HostReads<B> reads(ctx);
+  reads.add(v, out);
+  reads.wait();
   return out;
-}
-
-// The same, for several reads behind one synchronization: queues the copy of v into out (resized
-// to v's size); out may be read after the next B::synchronize(ctx).
-template <Backend B, class T>
-void enqueue_to_host(typename B::Context& ctx, ConstMatrixView<T> v, std::vector<T>& out) {
-  out.resize(static_cast<std::size_t>(v.rows * v.cols));
-  if (!out.empty()) B::copy(ctx, v, MatrixView<T>{out.data(), v.rows, v.cols});
 }
 
 // dst (resized to [values x 1]) = the host values.
@@ -111,6 +178,15 @@ MOE_HD inline bool is_finite(S v) {
 }
 
 namespace detail {
+// Throws moe::Error unless the backend can read the memory at p with its kernels, naming `what`.
+// A backend whose kernels run on the host reads any host memory and checks nothing; a device
+// backend offers B::require_readable(p, what) (the CUDA backend refuses pageable host memory,
+// which a kernel would fault on, reported later at an unrelated call).
+template <Backend B>
+void require_readable(const void* p, const char* what) {
+  if constexpr (requires { B::require_readable(p, what); }) B::require_readable(p, what);
+}
+
 // Throws moe::Error naming the first non-finite element of m (backend memory), if any. The scan
 // runs on the backend, one flag per row in `scratch`; only the flags come to the host.
 template <Backend B, class S>

@@ -61,6 +61,25 @@ struct GateReduction {
 // expert's capacity, an expert-choice slot no expert took): gate 0, no compute, no output.
 inline constexpr Index kNotRouted = -1;
 
+// A loss term a gate computed on the backend, per row or per group, for the layer to sum on the
+// host after the one read of its statistics (no host wait of its own):
+//   loss_z (z) or loss_aux (!z) += weight * (sum over i, in order, of v_i, or v_i^2 if squared) / divisor.
+template <class S>
+struct DeferredLoss {
+  ConstMatrixView<S> values;  // backend memory that stays valid until the layer's statistics are read
+  bool squared = false;
+  S weight = S(1);
+  S divisor = S(1);
+  bool z = true;
+
+  // The term, from the values read to the host.
+  [[nodiscard]] S resolve(const std::vector<S>& host) const {
+    S sum = 0;  // in order
+    for (const S v : host) sum += squared ? v * v : v;
+    return weight * sum / divisor;
+  }
+};
+
 // What a gate's forward produces.
 template <class B>
 struct GateRouting {
@@ -72,8 +91,28 @@ struct GateRouting {
   bool load_reduced = false;                  // load already summed over the ranks (through a GateReduction)
   S loss_aux = 0;                     // the gate's own weighted balancing loss (e.g. Switch's n sum f_i P_i), 0 if none
   S loss_z = 0;                       // the weighted router z-loss, 0 if off
+  // Terms of loss_aux and loss_z still on the backend, added to them by the layer when it reads
+  // its statistics (cleared by the layer, or a hierarchy, before each gate forward).
+  std::vector<DeferredLoss<S>> deferred;
   std::vector<LevelStats<S>> levels;  // filled by a hierarchical gate only
 };
+
+// Adds a gate's deferred loss terms into routing.loss_aux and routing.loss_z, behind one
+// synchronization, and clears them: for code that runs a gate policy on its own (the layer folds
+// them into its statistics' read instead). Call it while the gate's Saved is alive.
+template <Backend B>
+void resolve_deferred_losses(typename B::Context& ctx, GateRouting<B>& routing) {
+  using S = typename B::Scalar;
+  std::vector<std::vector<S>> host(routing.deferred.size());
+  HostReads<B> reads(ctx);
+  for (std::size_t i = 0; i < host.size(); ++i) reads.add(routing.deferred[i].values, host[i]);
+  reads.wait();
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    const DeferredLoss<S>& term = routing.deferred[i];
+    (term.z ? routing.loss_z : routing.loss_aux) += term.resolve(host[i]);
+  }
+  routing.deferred.clear();
+}
 
 // A gate policy G for backend B, built as G(config, d_model, n_experts, seed, groups), provides:
 //   G::Saved                     what its backward needs from its forward

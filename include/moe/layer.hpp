@@ -341,6 +341,7 @@ class Layer {
     B::copy(ctx, x, f.x_.view());
     const ConstMatrixView<Scalar> xc = f.x_.view();
 
+    f.routing_.deferred.clear();
     gate_.forward(ctx, xc, nullptr, mode, gate_noise, f.routing_, f.gate_saved_);
     const Index k = gate_.k();
     detail::require(f.routing_.expert.rows() == t_count && f.routing_.expert.cols() == k &&
@@ -380,18 +381,16 @@ class Layer {
       const Scalar* ysh = shared_ ? f.shared_.ys.data() : nullptr;
       const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* y = f.y_.data();
-      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
-        for (Index c = 0; c < d; ++c) y[t * d + c] = Scalar(0);
+      // One item per element of y: consecutive items read consecutive columns of a slot's row.
+      B::for_each(ctx, t_count * d, [=] MOE_HD(Index i) {
+        const Index t = i / d, c = i % d;
+        Scalar acc = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
-          const Scalar gj = g[t * k + j];
-          const Scalar* row = ys + pos[t * k + j] * d;
-          for (Index c = 0; c < d; ++c) y[t * d + c] += gj * row[c];
+          acc += g[t * k + j] * ys[pos[t * k + j] * d + c];
         }
-        for (Index e = 0; e < s_count; ++e) {
-          const Scalar* row = ysh + (e * t_count + t) * d;
-          for (Index c = 0; c < d; ++c) y[t * d + c] += row[c];
-        }
+        for (Index e = 0; e < s_count; ++e) acc += ysh[(e * t_count + t) * d + c];
+        y[i] = acc;
       });
     }
     f.stats_ = balance(ctx, f);
@@ -460,25 +459,23 @@ class Layer {
       const Scalar* dimp = dimportance_.data();
       Scalar* dys = dys_.data();
       Scalar* dg = dgate_.data();
-      // Combine backward: each routed sorted row gets gate * dy of its token.
-      B::for_each(ctx, routed, [=] MOE_HD(Index p) {
-        const Scalar gs = g[ord[p]];
-        const Scalar* src = dyp + tok[p] * dy_stride;
-        for (Index c = 0; c < d; ++c) dys[p * d + c] = gs * src[c];
+      // Combine backward: each routed sorted row gets gate * dy of its token, one item per element.
+      B::for_each(ctx, routed * d, [=] MOE_HD(Index i) {
+        const Index p = i / d, c = i % d;
+        dys[i] = g[ord[p]] * dyp[tok[p] * dy_stride + c];
       });
       // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i);
-      // 0 for a slot routed nowhere (its gate is the constant 0).
-      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
-        for (Index j = 0; j < k; ++j) {
-          if (ex[t * k + j] == kNotRouted) {
-            dg[t * k + j] = Scalar(0);
-            continue;
-          }
-          const Scalar* row = ys + pos[t * k + j] * d;
-          Scalar acc = 0;
-          for (Index c = 0; c < d; ++c) acc += dyp[t * dy_stride + c] * row[c];
-          dg[t * k + j] = acc + dimp[ex[t * k + j]];
+      // 0 for a slot routed nowhere (its gate is the constant 0). One item per slot.
+      B::for_each(ctx, t_count * k, [=] MOE_HD(Index s) {
+        if (ex[s] == kNotRouted) {
+          dg[s] = Scalar(0);
+          return;
         }
+        const Scalar* row = ys + pos[s] * d;
+        const Scalar* dyt = dyp + (s / k) * dy_stride;
+        Scalar acc = 0;
+        for (Index c = 0; c < d; ++c) acc += dyt[c] * row[c];
+        dg[s] = acc + dimp[ex[s]];
       });
     }
     if (sharded()) {
@@ -501,17 +498,15 @@ class Layer {
       Scalar* dx = out.dx.data();
       // Dispatch backward: each token sums its routed slots' input gradients in slot order, then
       // the shared experts' in order.
-      B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
-        for (Index c = 0; c < d; ++c) dx[t * d + c] = Scalar(0);
+      B::for_each(ctx, t_count * d, [=] MOE_HD(Index i) {
+        const Index t = i / d, c = i % d;
+        Scalar acc = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
-          const Scalar* row = dxs + pos[t * k + j] * d;
-          for (Index c = 0; c < d; ++c) dx[t * d + c] += row[c];
+          acc += dxs[pos[t * k + j] * d + c];
         }
-        for (Index e = 0; e < s_count; ++e) {
-          const Scalar* row = dxsh + (e * t_count + t) * d;
-          for (Index c = 0; c < d; ++c) dx[t * d + c] += row[c];
-        }
+        for (Index e = 0; e < s_count; ++e) acc += dxsh[(e * t_count + t) * d + c];
+        dx[i] = acc;
       });
     }
     // The gate's own losses (a Switch loss, a z-loss) of a sharded layer are the token-weighted
@@ -838,6 +833,7 @@ class Layer {
                     " with null data");
     detail::require(m.rows <= 1 || m.stride >= m.cols, what, " has the row stride ", m.stride,
                     ", expected at least its ", m.cols, " columns");
+    if (m.rows > 0 && m.cols > 0) detail::require_readable<B>(m.data, what);
   }
 
   // MATH.md 3: Importance, Load, CV^2 and the weighted losses.
@@ -869,12 +865,22 @@ class Layer {
       st.tokens_per_expert = f.tokens_per_expert_;
     }
     std::vector<Index> unrouted;
-    enqueue_to_host<B>(ctx, ConstMatrixView<Index>(check_.view()), unrouted);
-    enqueue_to_host<B>(ctx, ConstMatrixView<Scalar>(f.importance_.view()), st.importance);
-    if (!st.load_is_count) enqueue_to_host<B>(ctx, ConstMatrixView<Scalar>(f.routing_.load.view()), st.load);
-    B::synchronize(ctx);
+    std::vector<std::vector<Scalar>> deferred(f.routing_.deferred.size());  // the gate's loss terms
+    {
+      HostReads<B> reads(ctx);
+      reads.add(ConstMatrixView<Index>(check_.view()), unrouted);
+      reads.add(ConstMatrixView<Scalar>(f.importance_.view()), st.importance);
+      if (!st.load_is_count) reads.add(ConstMatrixView<Scalar>(f.routing_.load.view()), st.load);
+      for (std::size_t i = 0; i < deferred.size(); ++i) reads.add(f.routing_.deferred[i].values, deferred[i]);
+      reads.wait();
+    }
     for (const Index flag : unrouted) st.dropped_tokens += flag;
     if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
+    for (std::size_t i = 0; i < deferred.size(); ++i) {
+      const DeferredLoss<Scalar>& term = f.routing_.deferred[i];
+      (term.z ? f.routing_.loss_z : f.routing_.loss_aux) += term.resolve(deferred[i]);
+    }
+    f.routing_.deferred.clear();
     st.loss_aux = f.routing_.loss_aux;
     st.loss_z = f.routing_.loss_z;
     if (sharded()) {

@@ -75,12 +75,9 @@ class FeedForward::Group {
     const S* b1 = config_.bias ? b1_.data() : nullptr;
     const Index* off = offsets;
     const Index n = n_;
-    B::for_each(ctx, rows, [=] MOE_HD(Index r) {
-      const S* bias = b1 != nullptr ? b1 + segment_of_row(off, n, r) * h : nullptr;
-      for (Index c = 0; c < h; ++c) {
-        if (bias != nullptr) pre[r * h + c] += bias[c];
-        act[r * h + c] = pre[r * h + c] > S(0) ? pre[r * h + c] : S(0);
-      }
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+      if (b1 != nullptr) pre[i] += b1[segment_of_row(off, n, i / h) * h + i % h];
+      act[i] = pre[i] > S(0) ? pre[i] : S(0);
     });
     B::grouped_gemm(ctx, offsets, n_, Op::none, saved.act.view(), w2_.view(), ys, config_.precision);
     if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
@@ -120,18 +117,20 @@ class FeedForward::Group {
   // private member function.
   void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
     const Index n = n_, cols = ys.cols;
-    B::for_each(ctx, ys.rows, [=] MOE_HD(Index r) {
-      const S* b = bias + segment_of_row(offsets, n, r) * cols;
-      for (Index c = 0; c < cols; ++c) ys(r, c) += b[c];
+    B::for_each(ctx, ys.rows * cols, [=] MOE_HD(Index i) {
+      const Index r = i / cols, c = i % cols;
+      ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c];
     });
   }
 
   // grad[e, :] += sum of the rows of m owned by expert e, in row order.
   void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
     const Index cols = m.cols;
-    B::for_each(ctx, n_, [=] MOE_HD(Index e) {
-      for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
-        for (Index c = 0; c < cols; ++c) grad[e * cols + c] += m(r, c);
+    B::for_each(ctx, n_ * cols, [=] MOE_HD(Index i) {
+      const Index e = i / cols, c = i % cols;
+      S acc = grad[i];
+      for (Index r = offsets[e]; r < offsets[e + 1]; ++r) acc += m(r, c);
+      grad[i] = acc;
     });
   }
 

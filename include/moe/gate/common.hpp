@@ -10,6 +10,7 @@
 
 #include "moe/backend.hpp"
 #include "moe/error.hpp"
+#include "moe/gate_policy.hpp"
 #include "moe/parameter.hpp"
 
 namespace moe::gate {
@@ -101,9 +102,7 @@ class RouterWeight {
     B::grouped_gemm(ctx, offsets, groups_, Op::transpose, dlogits, w_.view(), dx_.view());
     const S* src = dx_.data();
     const Index cols = x.cols;
-    B::for_each(ctx, x.rows, [=] MOE_HD(Index r) {
-      for (Index c = 0; c < cols; ++c) dx(r, c) += src[r * cols + c];
-    });
+    B::for_each(ctx, x.rows * cols, [=] MOE_HD(Index i) { dx(i / cols, i % cols) += src[i]; });
   }
 
   // The named parameter: [d, n] for one group, [groups, d, n] stacked.
@@ -130,28 +129,27 @@ void sum_rows_by_group(typename B::Context& ctx, ConstMatrixView<typename B::Sca
     return;
   }
   const Index cols = m.cols;
-  B::for_each(ctx, groups, [=] MOE_HD(Index g) {
-    S* o = out + g * cols;
-    for (Index c = 0; c < cols; ++c) o[c] = S(0);
-    for (Index r = offsets[g]; r < offsets[g + 1]; ++r)
-      for (Index c = 0; c < cols; ++c) o[c] += m(r, c);
+  B::for_each(ctx, groups * cols, [=] MOE_HD(Index i) {
+    const Index g = i / cols, c = i % cols;
+    S acc = S(0);
+    for (Index r = offsets[g]; r < offsets[g + 1]; ++r) acc += m(r, c);
+    out[i] = acc;
   });
 }
 
 // Router z-loss (Zoph et al. 2022, ST-MoE): w_z * mean over rows of log(sum_i exp(logit_i))^2.
-// forward keeps each row's log-sum-exp in lse [R x 1] and returns the weighted loss.
+// Keeps each row's log-sum-exp in lse [R x 1] (on the backend, for backward too) and adds the
+// loss to routing as a deferred term: the layer sums it, in row order, with its statistics' read.
 template <Backend B>
-typename B::Scalar z_loss(typename B::Context& ctx, ConstMatrixView<typename B::Scalar> logits, double w_z,
-                          MatrixView<typename B::Scalar> lse) {
+void z_loss(typename B::Context& ctx, ConstMatrixView<typename B::Scalar> logits, double w_z,
+            MatrixView<typename B::Scalar> lse, GateRouting<B>& routing) {
   using S = typename B::Scalar;
   const Index rows = logits.rows, n = logits.cols;
-  if (w_z == 0.0 || rows == 0) return S(0);
+  if (w_z == 0.0 || rows == 0) return;
   S* l = lse.data;
   B::for_each(ctx, rows, [=] MOE_HD(Index r) { l[r] = log_sum_exp(logits.data + r * logits.stride, n); });
-  const std::vector<S> host = to_host<B>(ctx, ConstMatrixView<S>(lse));
-  S sum = 0;  // in row order
-  for (const S v : host) sum += v * v;
-  return static_cast<S>(w_z) * sum / static_cast<S>(rows);
+  routing.deferred.push_back(
+      {.values = ConstMatrixView<S>(lse), .squared = true, .weight = static_cast<S>(w_z), .divisor = static_cast<S>(rows), .z = true});
 }
 
 // dlogits [R x n] += scale * d(z-loss)/dlogits = scale * w_z * 2 lse softmax(logits) / R.
@@ -164,8 +162,9 @@ void z_loss_backward(typename B::Context& ctx, ConstMatrixView<typename B::Scala
   if (w_z == 0.0 || rows == 0 || scale == S(0)) return;
   const S c = scale * static_cast<S>(2.0 * w_z) / static_cast<S>(rows);
   const S* l = lse.data;
-  B::for_each(ctx, rows, [=] MOE_HD(Index r) {
-    for (Index i = 0; i < n; ++i) dlogits(r, i) += c * l[r] * std::exp(logits(r, i) - l[r]);
+  B::for_each(ctx, rows * n, [=] MOE_HD(Index e) {
+    const Index r = e / n, i = e % n;
+    dlogits(r, i) += c * l[r] * std::exp(logits(r, i) - l[r]);
   });
 }
 

@@ -175,7 +175,8 @@ class ExpertChoice::Policy {
     routing.load_is_count = true;
     routing.load.resize(0, 0);
     routing.loss_aux = S(0);
-    routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
+    routing.loss_z = S(0);
+    z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view(), routing);
   }
 
   // dS = dgate on the taken entries (0 elsewhere), through the softmax: dlogits = S (dS - <S, dS>).

@@ -154,6 +154,7 @@ class Hierarchy<Gate, Depth>::Policy {
     saved.levels.resize(static_cast<std::size_t>(Depth));
     routing.loss_aux = S(0);
     routing.loss_z = S(0);
+    routing.deferred.clear();
     routing.levels.assign(static_cast<std::size_t>(Depth), LevelStats<S>{});
     Index paths_prev = 1, nodes_prev = 1;
     bool any_smooth = false;
@@ -165,6 +166,7 @@ class Hierarchy<Gate, Depth>::Policy {
       GateNoise<S> nz = noise;
       nz.column = noise.column + columns_[static_cast<std::size_t>(l)];
       Index rows = t_count;
+      lv.routing.deferred.clear();
       if (l == 0) {
         gate.forward(ctx, x, nullptr, mode, nz, lv.routing, lv.gate);
       } else {
@@ -184,6 +186,7 @@ class Hierarchy<Gate, Depth>::Policy {
                                ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str(), check_);
       routing.loss_aux += lv.routing.loss_aux;
       routing.loss_z += lv.routing.loss_z;
+      routing.deferred.insert(routing.deferred.end(), lv.routing.deferred.begin(), lv.routing.deferred.end());
 
       // Extend every path by this level's choices: node = parent * width + choice, gate = product.
       lv.path_gate.resize(t_count, paths);
@@ -226,10 +229,11 @@ class Hierarchy<Gate, Depth>::Policy {
         // Importance (small per level), and its gate's smooth load.
         std::vector<Index> node;
         std::vector<S> pg;
-        enqueue_to_host<B>(ctx, ConstMatrixView<Index>(lv.path_node.view()), node);
-        enqueue_to_host<B>(ctx, ConstMatrixView<S>(lv.path_gate.view()), pg);
-        if (lv.smooth) enqueue_to_host<B>(ctx, ConstMatrixView<S>(lv.routing.load.view()), lv.own_load);
-        B::synchronize(ctx);
+        HostReads<B> reads(ctx);
+        reads.add(ConstMatrixView<Index>(lv.path_node.view()), node);
+        reads.add(ConstMatrixView<S>(lv.path_gate.view()), pg);
+        if (lv.smooth) reads.add(ConstMatrixView<S>(lv.routing.load.view()), lv.own_load);
+        reads.wait();
         for (std::size_t p = 0; p < node.size(); ++p)
           if (node[p] != kNotRouted) {
             ++lv.count[static_cast<std::size_t>(node[p])];

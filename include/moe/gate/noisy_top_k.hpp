@@ -141,7 +141,8 @@ class NoisyTopK::Policy {
     routing.load.resize(smooth ? groups : 0, n);
     if (smooth) sum_rows_by_group<B>(ctx, saved.p.view(), offsets, groups, routing.load.data());
     routing.loss_aux = S(0);
-    routing.loss_z = z_loss<B>(ctx, saved.clean.view(), config_.w_z, saved.lse.view());
+    routing.loss_z = S(0);
+    z_loss<B>(ctx, saved.clean.view(), config_.w_z, saved.lse.view(), routing);
   }
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, const Saved& saved,

@@ -75,7 +75,8 @@ class Softmax::Policy {
     routing.load_is_count = true;
     routing.load.resize(0, 0);
     routing.loss_aux = S(0);
-    routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
+    routing.loss_z = S(0);
+    z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view(), routing);
   }
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, const Saved& saved,

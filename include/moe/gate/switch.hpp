@@ -136,12 +136,14 @@ class Switch::Policy {
       }
       aux[g] = hi > lo ? static_cast<S>(n) * total / (static_cast<S>(hi - lo) * static_cast<S>(rows)) : S(0);
     });
-    S loss = 0;  // in group order
-    for (const S a : to_host<B>(ctx, ConstMatrixView<S>(saved.aux.view()))) loss += a;
+    // loss_aux = w_aux * the sum of the groups' terms in group order, with the layer's statistics.
     routing.load_is_count = true;
     routing.load.resize(0, 0);
-    routing.loss_aux = static_cast<S>(config_.w_aux) * loss;
-    routing.loss_z = z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view());
+    routing.loss_aux = S(0);
+    routing.deferred.push_back(
+        {.values = ConstMatrixView<S>(saved.aux.view()), .squared = false, .weight = static_cast<S>(config_.w_aux), .z = false});
+    routing.loss_z = S(0);
+    z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view(), routing);
   }
 
   // dp_ri = dgate_r at the kept expert (nothing for a dropped row) + aux_scale * w_aux * n * cnt_gi

@@ -25,6 +25,8 @@
 #include "moe/backend/cuda/context.hpp"
 #include "moe/backend/cuda/device_matrix.hpp"
 #include "moe/backend/cuda/gemm.hpp"
+#include "moe/backend/cuda/pinned_staging.hpp"
+#include "moe/backend/cuda/routing.hpp"
 #include "moe/backend/thrust.hpp"
 
 namespace moe::backend {
@@ -33,6 +35,8 @@ struct CudaSystem {
   template <class T>
   using Buffer = DeviceMatrix<T>;
   using Context = cuda::Context;
+  // Reads to the host go through page-locked memory, so that several queue behind one wait.
+  using Staging = cuda::PinnedStaging;
 
   // Temporary device memory for one primitive call, from the per-thread caching allocator:
   // after the first call of each size, no cudaMalloc. Contents are unspecified (poisoned like
@@ -87,15 +91,44 @@ struct CudaSystem {
   }
 
   // Either direction between device and host memory (unified addressing), ordered on the stream.
+  // Contiguous views (one row, or rows packed at stride == cols on both sides) go as one
+  // cudaMemcpyAsync: cudaMemcpy2DAsync's pitch limit would refuse a single row over 2 GiB (a
+  // checkpoint's whole tensor); strided views go as a 2-D copy.
   template <class T>
   static void copy(Context& ctx, ConstMatrixView<T> src, MatrixView<T> dst) {
     const std::size_t width = static_cast<std::size_t>(src.cols) * sizeof(T);
+    const auto packed = [&](Index rows, Index cols, Index stride) { return rows <= 1 || stride == cols; };
+    if (packed(src.rows, src.cols, src.stride) && packed(dst.rows, dst.cols, dst.stride)) {
+      MOE_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, width * static_cast<std::size_t>(src.rows), cudaMemcpyDefault,
+                                     ctx.stream()));
+      return;
+    }
     const std::size_t spitch = src.rows <= 1 ? width : static_cast<std::size_t>(src.stride) * sizeof(T);
     const std::size_t dpitch = dst.rows <= 1 ? width : static_cast<std::size_t>(dst.stride) * sizeof(T);
     MOE_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dpitch, src.data, spitch, width, static_cast<std::size_t>(src.rows),
                                      cudaMemcpyDefault, ctx.stream()));
   }
   static void synchronize(Context& ctx) { ctx.synchronize(); }
+
+  // The routing plan's histogram without a sort, and its stable sort on the keys' bits only.
+  static void histogram(Context& ctx, const Index* keys, Index count, Index bins, Index* counts) {
+    cuda::histogram(ctx, keys, count, bins, counts);
+  }
+  static void stable_sort_by_key(Context& ctx, const Index* keys, Index count, Index bins, Index* order) {
+    cuda::stable_sort_by_key(ctx, keys, count, bins, order);
+  }
+
+  // Device, managed and pinned (page-locked, mapped) memory are readable by our kernels;
+  // pageable host memory (a std::vector, new, malloc) is not: a kernel reading it faults, and
+  // CUDA reports the fault later, at whatever call synchronizes next.
+  static void require_readable(const void* p, const char* what) {
+    if (p == nullptr) return;
+    cudaPointerAttributes attributes{};
+    MOE_CUDA_CHECK(cudaPointerGetAttributes(&attributes, p));
+    ::moe::detail::require(attributes.type != cudaMemoryTypeUnregistered, what, " is pageable host memory (", p,
+                           "), which the GPU cannot read: expected device memory (a Cuda<S>::Buffer, cudaMalloc), ",
+                           "managed or pinned memory; copy host data in first (moe::from_host, Cuda<S>::copy)");
+  }
 };
 
 template <class S>

@@ -39,6 +39,8 @@ class Thrust {
   template <class T>
   using Buffer = typename System::template Buffer<T>;
   using Context = typename System::Context;
+  // The System's page-locked staging pool for reads to the host, or void (moe::HostReads).
+  using Staging = typename StagingOf<System>::type;
 
   static void gemm(Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, ConstMatrixView<S> b, S beta,
                    MatrixView<S> c) {
@@ -85,8 +87,13 @@ class Thrust {
   // counts[b] = number of keys equal to b, for b in [0, bins): a sorted copy of the keys and one
   // binary search per bin (no atomics). Keys outside [0, bins) are not counted; the layer
   // checks a gate's routing at the call boundary, before any key is built from it.
+  // A System may count without sorting (CudaSystem: integer atomics, exact in any order).
   static void histogram(Context& ctx, const Index* keys, Index count, Index bins, Index* counts) {
     if (bins <= 0) return;
+    if constexpr (requires { System::histogram(ctx, keys, count, bins, counts); }) {
+      System::histogram(ctx, keys, count, bins, counts);
+      return;
+    }
     typename System::template Scratch<Index> sorted(ctx, count), ends(ctx, bins + 1);
     const auto policy = System::policy(ctx);
     if (count > 0) {
@@ -107,9 +114,14 @@ class Thrust {
     if (count > 0) MOE_THRUST(System, thrust::inclusive_scan(policy, in, in + count, out + 1));
   }
 
-  // order[p] = the position of the p-th key in stable ascending key order.
-  static void stable_sort_by_key(Context& ctx, const Index* keys, Index count, Index /*bins*/, Index* order) {
+  // order[p] = the position of the p-th key in stable ascending key order; keys lie in [0, bins).
+  // A System may sort on only the bits bins needs (CudaSystem: a CUB radix sort).
+  static void stable_sort_by_key(Context& ctx, const Index* keys, Index count, Index bins, Index* order) {
     if (count <= 0) return;
+    if constexpr (requires { System::stable_sort_by_key(ctx, keys, count, bins, order); }) {
+      System::stable_sort_by_key(ctx, keys, count, bins, order);
+      return;
+    }
     typename System::template Scratch<Index> sorted(ctx, count);
     const auto policy = System::policy(ctx);
     MOE_THRUST(System, thrust::copy_n(policy, keys, count, sorted.data()));
@@ -133,6 +145,12 @@ class Thrust {
   }
 
   static void synchronize(Context& ctx) { System::synchronize(ctx); }
+
+  // Throws moe::Error, naming `what`, when the System's kernels cannot read p (the CUDA system:
+  // pageable host memory); the host system reads anything.
+  static void require_readable(const void* p, const char* what) {
+    if constexpr (requires { System::require_readable(p, what); }) System::require_readable(p, what);
+  }
 
  private:
   // The first position in sorted[0, count) whose key is not below value.

@@ -9,6 +9,7 @@
 #include <thrust/system/cpp/execution_policy.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "moe/backend/cpu/gemm.hpp"
@@ -65,7 +66,15 @@ struct ThrustHostSystem {
   static void copy(Context&, ConstMatrixView<T> src, MatrixView<T> dst) {
     for (Index r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
   }
-  static void synchronize(Context&) {}
+  // Nothing runs asynchronously on the host: synchronize only counts the calls, so a test can
+  // count the host waits (device-to-host reads behind a synchronization) a layer call makes on
+  // the CUDA backend, which runs the same code with a real wait at each of these calls.
+  static void synchronize(Context&) { ++host_waits_; }
+  // Calls of synchronize on this thread so far.
+  [[nodiscard]] static std::int64_t host_waits() { return host_waits_; }
+
+ private:
+  static inline thread_local std::int64_t host_waits_ = 0;
 };
 
 template <class S>
