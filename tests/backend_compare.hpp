@@ -7,7 +7,7 @@
 //
 // Checks, per case: the same routing; ||test - cpu|| / ||cpu|| below a tolerance for the output,
 // the gates, the balance statistics, each loss term on its own, the input gradient and every
-// parameter gradient (with bf16 experts, y, dx and the gradients within bf16_tolerance(tol),
+// parameter gradient (with bf16 or tf32 experts, y, dx and the gradients within bf16_tolerance(tol),
 // the rounding of an intermediate to a neighbouring bfloat16); finite outputs (buffers and every primitive's scratch memory are poisoned
 // when built with MOE_POISON_BUFFERS); the same bits from two layers of the backend under test
 // (determinism); and the output against a naive mixture written here, sum over a token's routed
@@ -437,7 +437,7 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
   using Test = moe::Layer<Expert, Gate, Bt, depth>;
   INFO(type_name<Gate>(), " / ", type_name<Expert>(), " / depth ", depth, " / ", std::string(moe::to_string(precision)),
        ": ", std::string(shape.what), " (T = ", shape.tokens, ", d = ", shape.d, ", n = ", shape.n, ", h = ", shape.h, ")");
-  const bool bf16 = precision == moe::Precision::bf16;
+  const bool rounded = precision != moe::Precision::fp32;  // bf16 or tf32 experts: rounded operands
   Ref ref(layer_config<Ref, Case>(shape, precision));
   Ref ref32(layer_config<Ref, Case>(shape, moe::Precision::fp32));
   Test test(layer_config<Test, Case>(shape, precision));
@@ -493,8 +493,8 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
     }
     const auto r_test = run<Bt>(test, x_test, dy_test, mode);
     const auto r_again = run<Bt>(again, x_test, dy_test, mode);
-    compare(r_test, r_ref, tol, bf16 ? bf16_tolerance(tol) : tol, worst.forward, worst.backward);
-    if (!bf16) {
+    compare(r_test, r_ref, tol, rounded ? bf16_tolerance(tol) : tol, worst.forward, worst.backward);
+    if (!rounded) {
       INFO("the output against a naive mixture of the routed and shared experts (MATH.md 1)");
       const auto naive = naive_mixture<Expert>(host_values, xv, r_test.routing, r_test.gates, t_count, d, shape.h,
                                                shape.shared);
@@ -503,21 +503,26 @@ void run_case(const Shape& shape, moe::Precision precision, double tol, Worst& w
       check_close("y against the naive mixture", y, naive, std::is_same_v<S, float> ? 1e-4 : 1e-10, ignored);
     }
     check_same_bits(r_test, r_again);
-    if (bf16 && shape.d >= 8) {  // d = 1: a norm over a few summands that cancel measures nothing
-      INFO("bf16 experts against the fp32 reference");
+    if (rounded && shape.d >= 8) {  // d = 1: a norm over a few summands that cancel measures nothing
+      INFO(std::string(moe::to_string(precision)), " experts against the fp32 reference");
       compare_to_fp32(r_test, run<Cpu>(ref32, x_host, dy_host, mode), worst);
     }
   }
 }
 
 // Every shape of a case, with the backend under test Bt: in its own precision, and with bf16
-// experts when it computes in float.
+// (and, for a backend with GEMMs of its own, tf32) experts when it computes in float.
 template <class Bt, class Case>
 Worst run_all_shapes(double tol) {
   Worst worst;
   for (const Shape& shape : shapes(Case::depth)) {
     run_case<Bt, Case>(shape, moe::Precision::fp32, tol, worst);
-    if constexpr (std::is_same_v<typename Bt::Scalar, float>) run_case<Bt, Case>(shape, moe::Precision::bf16, tol, worst);
+    if constexpr (std::is_same_v<typename Bt::Scalar, float>) {
+      run_case<Bt, Case>(shape, moe::Precision::bf16, tol, worst);
+      // tf32 experts where the backend has GEMMs of its own (tol > 0: the GPU's tensor cores); on
+      // a backend that runs the CPU's GEMMs, tf32 is the CPU's emulation, tested in precision.cpp.
+      if (tol > 0) run_case<Bt, Case>(shape, moe::Precision::tf32, tol, worst);
+    }
   }
   return worst;
 }

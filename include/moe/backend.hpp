@@ -213,6 +213,52 @@ void require_finite(typename B::Context& ctx, ConstMatrixView<S> m, const char* 
 }
 }  // namespace detail
 
+// Rows per chunk of segment_sums' first pass.
+inline constexpr Index kSumChunk = 256;
+
+// out[s * cols + c] = the sum over the rows r of segment s of value(r, c), for s < segments and
+// c < cols, where segment s owns rows [offsets[s], offsets[s + 1]) (offsets in backend memory;
+// null: one segment of max_rows rows). max_rows bounds every segment's rows (a host value).
+// Deterministic and parallel, with no atomics: a segment of at most kSumChunk rows is summed in
+// row order by one item per (segment, column); longer ones in two passes, chunks of kSumChunk rows
+// in row order, then the chunk sums in chunk order, so a long segment is not one thread's walk.
+// The order depends only on max_rows and the offsets, so every backend gets the same bits.
+// value is a MOE_HD functor; partial is the second pass's scratch.
+template <Backend B, class F>
+void segment_sums(typename B::Context& ctx, const Index* offsets, Index segments, Index max_rows, Index cols, F value,
+                  typename B::Scalar* out, typename B::template Buffer<typename B::Scalar>& partial) {
+  using S = typename B::Scalar;
+  if (segments <= 0 || cols <= 0) return;
+  const Index chunks = max_rows > kSumChunk ? (max_rows + kSumChunk - 1) / kSumChunk : 1;
+  const Index chunk = kSumChunk, all = max_rows;
+  if (chunks == 1) {
+    B::for_each(ctx, segments * cols, [=] MOE_HD(Index i) {
+      const Index s = i / cols, c = i % cols;
+      const Index lo = offsets != nullptr ? offsets[s] : 0, hi = offsets != nullptr ? offsets[s + 1] : all;
+      S acc = S(0);
+      for (Index r = lo; r < hi; ++r) acc += value(r, c);
+      out[i] = acc;
+    });
+    return;
+  }
+  partial.resize(segments * chunks, cols);
+  S* part = partial.data();
+  B::for_each(ctx, segments * chunks * cols, [=] MOE_HD(Index i) {
+    const Index c = i % cols, s = i / cols / chunks, j = i / cols % chunks;
+    const Index begin = offsets != nullptr ? offsets[s] : 0, end = offsets != nullptr ? offsets[s + 1] : all;
+    const Index lo = begin + j * chunk, hi = end < lo + chunk ? end : lo + chunk;
+    S acc = S(0);
+    for (Index r = lo; r < hi; ++r) acc += value(r, c);
+    part[i] = acc;
+  });
+  B::for_each(ctx, segments * cols, [=] MOE_HD(Index i) {
+    const Index s = i / cols, c = i % cols;
+    S acc = S(0);
+    for (Index j = 0; j < chunks; ++j) acc += part[(s * chunks + j) * cols + c];
+    out[i] = acc;
+  });
+}
+
 // A backend context for the given thread count, for backends whose context has one (0: all).
 template <Backend B>
 typename B::Context make_context(int threads) {

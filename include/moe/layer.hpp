@@ -34,16 +34,14 @@ namespace detail {
 // Steps of Layer::forward, free functions because a CUDA device lambda cannot live in a private
 // member function.
 
-// Importance_i = sum over the batch of G(x)_i, added in token order (the plan is stable).
+// Importance_i = sum over the batch of G(x)_i, over expert i's sorted rows (token order: the
+// plan is stable), by segment_sums: max_rows bounds any expert's rows.
 template <Backend B>
 void importance_by_expert(typename B::Context& ctx, const typename B::Scalar* gate, const Index* order,
-                          const Index* offsets, Index n, typename B::Scalar* out) {
-  using S = typename B::Scalar;
-  B::for_each(ctx, n, [=] MOE_HD(Index e) {
-    S acc = 0;
-    for (Index p = offsets[e]; p < offsets[e + 1]; ++p) acc += gate[order[p]];
-    out[e] = acc;
-  });
+                          const Index* offsets, Index n, Index max_rows, typename B::Scalar* out,
+                          typename B::template Buffer<typename B::Scalar>& scratch) {
+  segment_sums<B>(
+      ctx, offsets, n, max_rows, 1, [=] MOE_HD(Index p, Index) { return gate[order[p]]; }, out, scratch);
 }
 
 // flags[t] = 1 if token t has no routed slot (no expert computes it), else 0.
@@ -848,8 +846,10 @@ class Layer {
     check_.resize(f.routing_.expert.rows(), 1);
     detail::unrouted_tokens<B>(ctx, f.routing_.expert.view(), check_.data());
     f.importance_.resize(n, 1);
+    Index max_rows = 0;
+    for (const Index rows : st.tokens_per_expert) max_rows = std::max(max_rows, rows);
     detail::importance_by_expert<B>(ctx, f.routing_.gate.data(), f.plan_.order.data(), f.plan_.offsets.data(), n,
-                                    f.importance_.data());
+                                    max_rows, f.importance_.data(), sum_scratch_);
     st.load_is_count = f.routing_.load_is_count;
     if (!st.load_is_count) {
       const Index entries = f.routing_.load.rows() * f.routing_.load.cols();
@@ -914,6 +914,7 @@ class Layer {
   Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
   Buffer<Scalar> dimportance_, dload_;  // gradients of the balancing losses
   Buffer<Index> check_;                              // flags of the input and routing checks
+  Buffer<Scalar> sum_scratch_;                       // segment_sums' partial sums
   // Sharded: the experts' gradient rows, the replicated gradients set aside and summed, and the
   // communicator's staging buffers.
   Buffer<Scalar> dye_, dxe_, grad_stash_, grad_sum_, comm_scalar_;

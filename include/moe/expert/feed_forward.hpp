@@ -18,7 +18,7 @@ struct FeedForward {
   struct Config {
     Index hidden = 0;   // h, the hidden width of each expert
     bool bias = false;  // the reference implementation has none
-    Precision precision = Precision::fp32;  // of the GEMMs; bf16: operands rounded, fp32 accumulation (float only)
+    Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
   };
   template <Backend B>
   class Group;

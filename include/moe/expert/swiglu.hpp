@@ -23,7 +23,7 @@ namespace moe::expert {
 struct SwiGLU {
   struct Config {
     Index hidden = 0;  // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
-    Precision precision = Precision::fp32;  // of the GEMMs; bf16: operands rounded, fp32 accumulation (float only)
+    Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
   };
   template <Backend B>
   class Group;

@@ -119,11 +119,20 @@ class RouterWeight {
   Buffer<S> dx_;  // backward workspace (grouped)
 };
 
-// out [groups * m.cols] = per group, the sum of its rows of m, added in row order.
+// out [groups * m.cols] = per group, the sum of its rows of m (offsets null: one group of all
+// rows). With a scratch buffer, by segment_sums (a long group is summed in chunks, in parallel);
+// without, one item per (group, column) walking the group's rows in order.
 template <Backend B>
 void sum_rows_by_group(typename B::Context& ctx, ConstMatrixView<typename B::Scalar> m, const Index* offsets,
-                       Index groups, typename B::Scalar* out) {
+                       Index groups, typename B::Scalar* out,
+                       typename B::template Buffer<typename B::Scalar>* scratch = nullptr) {
   using S = typename B::Scalar;
+  if (scratch != nullptr) {
+    segment_sums<B>(
+        ctx, offsets, offsets != nullptr ? groups : 1, m.rows, m.cols, [=] MOE_HD(Index r, Index c) { return m(r, c); },
+        out, *scratch);
+    return;
+  }
   if (offsets == nullptr) {
     B::sum_rows(ctx, m, out);
     return;

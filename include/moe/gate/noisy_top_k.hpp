@@ -48,6 +48,7 @@ class NoisyTopK::Policy {
     Buffer<S> clean, raw, sigma, z, h, p;  // [T x n]: clean and noise logits, noise scale, noise, H, P(x, i)
     Buffer<S> gate;                        // [T x k]
     Buffer<Index> top;                     // [T x kk], kk = min(k + 1, n): the top-(k+1) of H
+    Buffer<S> partial;                     // the load's partial sums (sum_rows_by_group)
     Buffer<S> lse;                         // [T x 1] log-sum-exp of the clean logits (z-loss)
     bool noise_active = false;
     bool smooth_load = false;
@@ -139,7 +140,7 @@ class NoisyTopK::Policy {
     });
     routing.load_is_count = !smooth;
     routing.load.resize(smooth ? groups : 0, n);
-    if (smooth) sum_rows_by_group<B>(ctx, saved.p.view(), offsets, groups, routing.load.data());
+    if (smooth) sum_rows_by_group<B>(ctx, saved.p.view(), offsets, groups, routing.load.data(), &saved.partial);
     routing.loss_aux = S(0);
     routing.loss_z = S(0);
     z_loss<B>(ctx, saved.clean.view(), config_.w_z, saved.lse.view(), routing);

@@ -220,32 +220,35 @@ class SigmoidBias::Policy {
   // Per gate group: b_i += bias_rate * sign(rows * k / n - count_i), compared exactly in integers. A step of
   // forward, public only because a CUDA device lambda cannot live in a private member function.
   void update_bias(typename B::Context& ctx, Index rows, const Index* offsets, const Index* top) {
-    const Index n = n_, k = config_.k;
-    count_.resize(groups_, n + 1);  // per group: the count of each expert, then the group's slots
+    const Index n = n_, k = config_.k, groups = groups_;
+    // Per group: the count of each expert, then the group's slots. The counts are the backend's
+    // histogram of the keys group * n + expert over every slot (no row walked by one thread).
+    count_.resize(groups_, n + 1);
+    key_.resize(rows * k, 1);
+    hist_.resize(groups_ * n, 1);
+    Index* key = key_.data();
+    B::for_each(ctx, rows * k, [=] MOE_HD(Index s) { key[s] = group_of_row(offsets, groups, s / k) * n + top[s]; });
+    B::histogram(ctx, key, rows * k, groups * n, hist_.data());
     Index* count = count_.data();
+    const Index* hist = hist_.data();
+    B::for_each(ctx, groups * (n + 1), [=] MOE_HD(Index item) {
+      const Index g = item / (n + 1), i = item % (n + 1);
+      const Index begin = offsets != nullptr ? offsets[g] : 0, end = offsets != nullptr ? offsets[g + 1] : rows;
+      count[item] = i < n ? hist[g * n + i] : (end - begin) * k;
+    });
     S* b = bias_.data();
     const S rate = static_cast<S>(config_.bias_rate);
-    B::for_each(ctx, groups_, [=] MOE_HD(Index g) {
-      const Index begin = offsets != nullptr ? offsets[g] : 0, end = offsets != nullptr ? offsets[g + 1] : rows;
-      Index* c = count + g * (n + 1);
-      for (Index i = 0; i < n; ++i) c[i] = 0;
-      for (Index r = begin; r < end; ++r)
-        for (Index j = 0; j < k; ++j) ++c[top[r * k + j]];
-      c[n] = (end - begin) * k;
-    });
     if (reduction_) {
       std::vector<Index> host = to_host<B>(ctx, ConstMatrixView<Index>(count_.view()));
       reduction_.sum_index(host.data(), static_cast<Index>(host.size()));
       from_host<B>(ctx, host, count_);
       count = count_.data();
     }
-    B::for_each(ctx, groups_, [=] MOE_HD(Index g) {
+    B::for_each(ctx, groups * n, [=] MOE_HD(Index item) {
+      const Index g = item / n, i = item % n;
       const Index* c = count + g * (n + 1);
-      const Index total = c[n];
-      for (Index i = 0; i < n; ++i) {
-        const Index diff = total - c[i] * n;  // n * (mean count - count_i)
-        b[g * n + i] += diff > 0 ? rate : (diff < 0 ? -rate : S(0));
-      }
+      const Index diff = c[n] - c[i] * n;  // n * (mean count - count_i)
+      b[item] += diff > 0 ? rate : (diff < 0 ? -rate : S(0));
     });
   }
 
@@ -256,7 +259,7 @@ class SigmoidBias::Policy {
   RouterWeight<B> w_gate_;
   Buffer<S> bias_;                                     // [groups x n] selection bias
   Buffer<S> logits_, biased_, group_score_, dlogits_;  // workspaces, reused across calls
-  Buffer<Index> kept_, count_;
+  Buffer<Index> kept_, count_, key_, hist_;
   GateReduction<S> reduction_;  // sums over the ranks of a sharded layer, or empty
 };
 

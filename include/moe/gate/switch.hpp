@@ -61,6 +61,11 @@ class Switch::Policy {
     Buffer<Index> expert;  // [R x 1] the kept expert, or kNotRouted
     Buffer<Index> count;   // [groups x n] rows whose argmax is i, per group (R_g f_i)
     Buffer<S> aux;         // [groups x 1] the group's n sum_i f_i P_i * R_g / R
+    // Workspace of the capacity pass: each row's key group * n + argmax, the rows stably sorted by
+    // key, where each key's rows start, each row's rank among its key's rows, and per group the
+    // column sums of p (sum_r P_ri) with their partial sums.
+    Buffer<Index> key, order, start, rank;
+    Buffer<S> col, partial;
   };
 
   Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups = 1)
@@ -105,37 +110,57 @@ class Switch::Policy {
     Index* choice = saved.choice.data();
     B::for_each(ctx, rows, [=] MOE_HD(Index r) { choice[r] = softmax_row(l + r * n, n, p + r * n); });
 
-    // Per group, in row order: capacity, which rows each expert keeps, the argmax counts, and
-    // the group's share of the auxiliary loss.
+    // Capacity, in row order per group: a row is kept when fewer than C earlier rows of its group
+    // chose its expert, i.e. when its rank among the group's rows with the same argmax (from a
+    // stable sort by the key group * n + argmax) is below C. The argmax counts are the keys'
+    // histogram. Every step is a parallel primitive: no row is walked by one thread.
     const double cf = config_.capacity_factor;
-    Index* expert = saved.expert.data();
+    const Index bins = groups * n;
+    saved.key.resize(rows, 1);
+    saved.order.resize(rows, 1);
+    saved.rank.resize(rows, 1);
+    saved.start.resize(bins + 1, 1);
+    Index* key = saved.key.data();
+    B::for_each(ctx, rows, [=] MOE_HD(Index r) { key[r] = group_of_row(offsets, groups, r) * n + choice[r]; });
     Index* count = saved.count.data();
-    S* aux = saved.aux.data();
+    B::histogram(ctx, key, rows, bins, count);
+    B::exclusive_scan(ctx, count, bins, saved.start.data());
+    B::stable_sort_by_key(ctx, key, rows, bins, saved.order.data());
+    {
+      const Index* order = saved.order.data();
+      const Index* start = saved.start.data();
+      Index* rank = saved.rank.data();
+      B::for_each(ctx, rows, [=] MOE_HD(Index q) { rank[order[q]] = q - start[key[order[q]]]; });
+    }
+    Index* expert = saved.expert.data();
     S* out_gate = routing.gate.data();
     Index* out_expert = routing.expert.data();
-    B::for_each(ctx, groups, [=] MOE_HD(Index g) {
-      const Index lo = offsets != nullptr ? offsets[g] : 0;
-      const Index hi = offsets != nullptr ? offsets[g + 1] : rows;
-      const Index cap = Switch::capacity(cf, hi - lo, n);
-      Index* cnt = count + g * n;
-      for (Index i = 0; i < n; ++i) cnt[i] = 0;
-      for (Index r = lo; r < hi; ++r) {
+    {
+      const Index* rank = saved.rank.data();
+      B::for_each(ctx, rows, [=] MOE_HD(Index r) {
+        const Index g = group_of_row(offsets, groups, r);
+        const Index r_g = offsets != nullptr ? offsets[g + 1] - offsets[g] : rows;
         const Index e = choice[r];
-        const bool keep = cnt[e] < cap;
-        ++cnt[e];
+        const bool keep = rank[r] < Switch::capacity(cf, r_g, n);
         expert[r] = keep ? e : kNotRouted;
         out_expert[r] = expert[r];
         out_gate[r] = keep ? p[r * n + e] : S(0);
-      }
-      // n sum_i f_i P_i * R_g / R = n sum_i cnt_i (sum_r p_ri) / (R_g R).
-      S total = 0;
-      for (Index i = 0; i < n; ++i) {
-        S col = 0;
-        for (Index r = lo; r < hi; ++r) col += p[r * n + i];
-        total += static_cast<S>(cnt[i]) * col;
-      }
-      aux[g] = hi > lo ? static_cast<S>(n) * total / (static_cast<S>(hi - lo) * static_cast<S>(rows)) : S(0);
-    });
+      });
+    }
+    // The group's share of the auxiliary loss: n sum_i f_i P_i * R_g / R
+    // = n sum_i cnt_i (sum_r p_ri) / (R_g R), the column sums by segment_sums.
+    saved.col.resize(groups, n);
+    sum_rows_by_group<B>(ctx, ConstMatrixView<S>(saved.p.view()), offsets, groups, saved.col.data(), &saved.partial);
+    {
+      const S* col = saved.col.data();
+      S* aux = saved.aux.data();
+      B::for_each(ctx, groups, [=] MOE_HD(Index g) {
+        const Index r_g = offsets != nullptr ? offsets[g + 1] - offsets[g] : rows;
+        S total = 0;
+        for (Index i = 0; i < n; ++i) total += static_cast<S>(count[g * n + i]) * col[g * n + i];
+        aux[g] = r_g > 0 ? static_cast<S>(n) * total / (static_cast<S>(r_g) * static_cast<S>(rows)) : S(0);
+      });
+    }
     // loss_aux = w_aux * the sum of the groups' terms in group order, with the layer's statistics.
     routing.load_is_count = true;
     routing.load.resize(0, 0);

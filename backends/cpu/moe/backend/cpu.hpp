@@ -33,7 +33,7 @@ class Cpu {
                    MatrixView<S> c) {
     cpu::gemm(ctx.threads, ta, tb, alpha, a, b, beta, c);
   }
-  // precision: Precision::bf16 rounds the operands to bfloat16 (float only); see moe/precision.hpp.
+  // precision: Precision::bf16 / tf32 round the operands to bfloat16 / TF32 (float only); see moe/precision.hpp.
   static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
                            ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
     cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c, precision);

@@ -1,8 +1,7 @@
 #pragma once
 // The routing plan's primitives on the device, sized to the keys: the T*k expert keys of a batch
 // lie in [0, bins) with bins = n + 2, so a histogram needs no sort, and a stable radix sort needs
-// only the bits that tell bins apart (ceil(log2(bins)): 4 passes of 64-bit keys become one for
-// n <= 254 with 8-bit digits), not all 64.
+// only the bits that tell bins apart (ceil(log2(bins)): 8 bits for n <= 254), not all 64.
 
 #if !defined(__CUDACC__)
 #error "moe/backend/cuda/routing.hpp is CUDA code: compile this translation unit with nvcc (a .cu file)"
