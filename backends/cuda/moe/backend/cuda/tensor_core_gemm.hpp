@@ -316,6 +316,26 @@ __device__ __forceinline__ void stage_output(float* tile, int ld, int warp_row, 
 
 #endif  // __CUDA_ARCH__ >= 800
 
+// The double-buffered slice loop of both kernels: slice 0 is loaded and stored into stage 0;
+// then, for every slice s, the next slice's global loads are in flight (in registers) while s is
+// multiplied out of stage s % 2, and are stored into the other stage, whose last reads came
+// before the previous barrier. One barrier per slice.
+template <class Load, class Store, class Multiply>
+__device__ __forceinline__ void run_slices(Index slices, Load& load, Store& store, Multiply multiply) {
+  if (slices > 0) {
+    load(0);
+    store(0);
+    __syncthreads();
+  }
+  for (Index s = 0; s < slices; ++s) {
+    const int stage = static_cast<int>(s & 1);
+    if (s + 1 < slices) load(s + 1);
+    multiply(stage);
+    if (s + 1 < slices) store(stage ^ 1);
+    __syncthreads();
+  }
+}
+
 // c rows of group g = a rows of group g * op(w_g) on tensor cores. grid.x: row tiles of
 // kTcRows (an upper bound on their number; blocks past the last exit), grid.y: column tiles,
 // strided when there are more than grid.y of them. Dynamic shared memory:
@@ -365,18 +385,9 @@ __global__ void __launch_bounds__(kTcThreads)
       store_chunks<P, L::kACols, L::kALd>(L::a(tc_shared, stage), ra, tid);
       store_chunks<P, L::kBCols, L::kBLd>(L::b(tc_shared, stage), rb, tid);
     };
-    if (slices > 0) {
-      load(0);
-      store(0);
-      __syncthreads();
-    }
-    for (Index s = 0; s < slices; ++s) {
-      const int stage = static_cast<int>(s & 1);
-      if (s + 1 < slices) load(s + 1);  // in flight during the multiply
+    run_slices(slices, load, store, [&](int stage) {
       multiply_slice<P, false, TransposeW>(L::a(tc_shared, stage), L::b(tc_shared, stage), warp_row, warp_col, acc);
-      if (s + 1 < slices) store(stage ^ 1);  // the other stage: last read before the previous barrier
-      __syncthreads();
-    }
+    });
     stage_output<P>(L::out(tc_shared), L::kOutLd, warp_row, warp_col, acc);
     __syncthreads();
     write_tile<false>(L::out(tc_shared), L::kOutLd, c.data + row0 * c.stride + col0, c.stride, m, nt, vec.out, 0.0f,
@@ -432,18 +443,9 @@ __global__ void __launch_bounds__(kTcThreads)
       store_chunks<P, L::kACols, L::kALd>(L::a(tc_shared, stage), ra, tid);
       store_chunks<P, L::kBCols, L::kBLd>(L::b(tc_shared, stage), rb, tid);
     };
-    if (slices > 0) {
-      load(0);
-      store(0);
-      __syncthreads();
-    }
-    for (Index s = 0; s < slices; ++s) {
-      const int stage = static_cast<int>(s & 1);
-      if (s + 1 < slices) load(s + 1);
+    run_slices(slices, load, store, [&](int stage) {
       multiply_slice<P, true, false>(L::a(tc_shared, stage), L::b(tc_shared, stage), warp_row, warp_col, acc);
-      if (s + 1 < slices) store(stage ^ 1);
-      __syncthreads();
-    }
+    });
     stage_output<P>(L::out(tc_shared), L::kOutLd, warp_row, warp_col, acc);
     __syncthreads();
     write_tile<true>(L::out(tc_shared), L::kOutLd, w.data + (g * a.cols + i0) * w.stride + j0, w.stride, mi, nj,
