@@ -29,7 +29,10 @@ inline constexpr int kHistogramThreads = 256;
 inline constexpr Index kSharedBins = 4096;
 
 // counts[b] += number of keys equal to b, for b in [0, bins); other keys are not counted. Integer
-// atomics: the counts are exact and the same whatever the order the additions land in.
+// atomics: the counts are exact and the same whatever the order the additions land in. (The
+// kernels are templates so that this header defines them in every translation unit without
+// breaking the one-definition rule.)
+template <int = 0>
 __global__ void histogram_kernel(const Index* __restrict__ keys, Index count, Index bins,
                                  unsigned long long* __restrict__ counts) {
   __shared__ unsigned int local[kSharedBins];
@@ -52,6 +55,7 @@ __global__ void histogram_kernel(const Index* __restrict__ keys, Index count, In
     if (local[b] != 0) atomicAdd(&counts[b], static_cast<unsigned long long>(local[b]));
 }
 
+template <int = 0>
 __global__ void sequence_kernel(Index* __restrict__ out, Index count) {
   const Index step = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += step) out[i] = i;
@@ -75,7 +79,7 @@ inline void histogram(const Context& ctx, const Index* keys, Index count, Index 
   MOE_CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<std::size_t>(bins) * sizeof(Index), ctx.stream()));
   if (count <= 0) return;
   const Index blocks = std::min<Index>((count + detail::kHistogramThreads - 1) / detail::kHistogramThreads, 1024);
-  detail::histogram_kernel<<<static_cast<unsigned>(blocks), detail::kHistogramThreads, 0, ctx.stream()>>>(
+  detail::histogram_kernel<><<<static_cast<unsigned>(blocks), detail::kHistogramThreads, 0, ctx.stream()>>>(
       keys, count, bins, out);
   MOE_CUDA_CHECK_LAUNCH();
 }
@@ -107,7 +111,7 @@ inline void stable_sort_by_key(const Context& ctx, const Index* keys, Index coun
   auto* sorted = reinterpret_cast<unsigned long long*>(block);
   auto* positions = reinterpret_cast<Index*>(block + keys_bytes);
   const Index blocks = std::min<Index>((count + detail::kHistogramThreads - 1) / detail::kHistogramThreads, 4096);
-  detail::sequence_kernel<<<static_cast<unsigned>(blocks), detail::kHistogramThreads, 0, ctx.stream()>>>(positions, count);
+  detail::sequence_kernel<><<<static_cast<unsigned>(blocks), detail::kHistogramThreads, 0, ctx.stream()>>>(positions, count);
   MOE_CUDA_CHECK_LAUNCH();
   MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(block + 2 * keys_bytes, temp_bytes, in, sorted, positions, order,
                                                  count, 0, bits, ctx.stream()));
