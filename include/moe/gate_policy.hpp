@@ -97,21 +97,34 @@ struct GateRouting {
   std::vector<LevelStats<S>> levels;  // filled by a hierarchical gate only
 };
 
+// The two halves of resolving a gate's deferred loss terms: queue their values' reads into host
+// (one vector per term), then, after reads.wait(), add each term into routing.loss_z or
+// routing.loss_aux in order and clear them.
+template <Backend B>
+void queue_deferred_losses(HostReads<B>& reads, const GateRouting<B>& routing,
+                           std::vector<std::vector<typename B::Scalar>>& host) {
+  host.resize(routing.deferred.size());
+  for (std::size_t i = 0; i < host.size(); ++i) reads.add(routing.deferred[i].values, host[i]);
+}
+template <Backend B>
+void add_deferred_losses(GateRouting<B>& routing, const std::vector<std::vector<typename B::Scalar>>& host) {
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    const DeferredLoss<typename B::Scalar>& term = routing.deferred[i];
+    (term.z ? routing.loss_z : routing.loss_aux) += term.resolve(host[i]);
+  }
+  routing.deferred.clear();
+}
+
 // Adds a gate's deferred loss terms into routing.loss_aux and routing.loss_z, behind one
 // synchronization, and clears them: for code that runs a gate policy on its own (the layer folds
 // them into its statistics' read instead). Call it while the gate's Saved is alive.
 template <Backend B>
 void resolve_deferred_losses(typename B::Context& ctx, GateRouting<B>& routing) {
-  using S = typename B::Scalar;
-  std::vector<std::vector<S>> host(routing.deferred.size());
+  std::vector<std::vector<typename B::Scalar>> host;
   HostReads<B> reads(ctx);
-  for (std::size_t i = 0; i < host.size(); ++i) reads.add(routing.deferred[i].values, host[i]);
+  queue_deferred_losses(reads, routing, host);
   reads.wait();
-  for (std::size_t i = 0; i < host.size(); ++i) {
-    const DeferredLoss<S>& term = routing.deferred[i];
-    (term.z ? routing.loss_z : routing.loss_aux) += term.resolve(host[i]);
-  }
-  routing.deferred.clear();
+  add_deferred_losses(routing, host);
 }
 
 // A gate policy G for backend B, built as G(config, d_model, n_experts, seed, groups), provides:

@@ -865,22 +865,18 @@ class Layer {
       st.tokens_per_expert = f.tokens_per_expert_;
     }
     std::vector<Index> unrouted;
-    std::vector<std::vector<Scalar>> deferred(f.routing_.deferred.size());  // the gate's loss terms
+    std::vector<std::vector<Scalar>> deferred;  // the gate's loss terms
     {
       HostReads<B> reads(ctx);
       reads.add(ConstMatrixView<Index>(check_.view()), unrouted);
       reads.add(ConstMatrixView<Scalar>(f.importance_.view()), st.importance);
       if (!st.load_is_count) reads.add(ConstMatrixView<Scalar>(f.routing_.load.view()), st.load);
-      for (std::size_t i = 0; i < deferred.size(); ++i) reads.add(f.routing_.deferred[i].values, deferred[i]);
+      queue_deferred_losses(reads, f.routing_, deferred);
       reads.wait();
     }
     for (const Index flag : unrouted) st.dropped_tokens += flag;
     if (st.load_is_count) st.load.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
-    for (std::size_t i = 0; i < deferred.size(); ++i) {
-      const DeferredLoss<Scalar>& term = f.routing_.deferred[i];
-      (term.z ? f.routing_.loss_z : f.routing_.loss_aux) += term.resolve(deferred[i]);
-    }
-    f.routing_.deferred.clear();
+    add_deferred_losses(f.routing_, deferred);
     st.loss_aux = f.routing_.loss_aux;
     st.loss_z = f.routing_.loss_z;
     if (sharded()) {
