@@ -469,3 +469,61 @@ TEST_CASE("depth 2 with TopK at the first level and ExpertChoice at the second")
   check_gradients_of<Mixed>(mixed(a, 2, b, 1.0), T, "depth 2, TopK k = 2 then ExpertChoice");
   check_gradients_of<Mixed>(mixed(2, 1, 3, 0.6, 0.2), T, "depth 2, TopK k = 1 then ExpertChoice, z-loss");
 }
+
+namespace {
+
+// rank_entries on the given probabilities (rows x n, row-major), for backend scalar S.
+template <class S>
+void check_ranking_against_the_heap(const std::vector<S>& prob, Index rows, Index n, const std::vector<Index>& offsets) {
+  using P = EC::Policy<backend::Cpu<S>>;
+  const Index groups = static_cast<Index>(offsets.size()) - 1;
+  P policy({.capacity_factor = 1.5}, 3, n, 1, groups);
+  typename backend::Cpu<S>::Context ctx{};
+  policy.rank_entries(ctx, prob.data(), rows, offsets.data());
+  // The ranked entries, read back: each (group g, expert i) segment in expert_choice_select's order.
+  std::vector<Index> ranked(static_cast<std::size_t>(rows * n));
+  policy.copy_order(ranked.data());
+  for (Index g = 0; g < groups; ++g) {
+    const Index begin = offsets[static_cast<std::size_t>(g)], count = offsets[static_cast<std::size_t>(g) + 1] - begin;
+    for (Index i = 0; i < n; ++i) {
+      CAPTURE(g);
+      CAPTURE(i);
+      const Index* seg = ranked.data() + n * begin + i * count;
+      for (Index j = 0; j < count; ++j) {
+        REQUIRE(seg[j] % n == i);  // the segment holds expert i's entries ...
+        REQUIRE(seg[j] / n >= begin);  // ... of group g's rows ...
+        REQUIRE(seg[j] / n < begin + count);
+        if (j > 0) CHECK(moe::ranks_before(prob.data(), seg[j - 1], seg[j]));  // ... best first
+      }
+      for (Index c = 0; c <= count; ++c) {  // every capacity takes the heap's rows
+        std::vector<Index> heap(static_cast<std::size_t>(c));
+        moe::detail::expert_choice_select(prob.data() + i, n, begin, count, c, heap.data());
+        std::vector<Index> sorted_rows;
+        for (Index j = 0; j < c; ++j) sorted_rows.push_back(seg[j] / n);
+        std::sort(heap.begin(), heap.end());
+        std::sort(sorted_rows.begin(), sorted_rows.end());
+        CHECK(heap == sorted_rows);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("The parallel selection ranks each (group, expert) column as the serial heap does: ties, NaN, signed zeros") {
+  const Index rows = 23, n = 3;
+  const std::vector<Index> offsets{0, 9, 9, 23};  // an empty group
+  std::vector<double> pd(static_cast<std::size_t>(rows * n));
+  std::vector<float> pf(pd.size());
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (std::size_t e = 0; e < pd.size(); ++e) {
+    // Few distinct values (many ties), NaN, -0 beside +0, infinities and negative values.
+    const double pool[] = {0.25, 0.5, 0.25, 0.0, -0.0, nan, 1.0, 0.125, 0.5, -inf, inf, -0.75, 0.5, 1e-30};
+    pd[e] = pool[(e * 7 + e / 5) % 14];
+    pf[e] = static_cast<float>(pd[e]);
+  }
+  check_ranking_against_the_heap(pd, rows, n, offsets);
+  check_ranking_against_the_heap(pf, rows, n, offsets);
+  // One group (no offsets given to the layer's flat gate is one group of every row).
+  check_ranking_against_the_heap(pd, rows, n, {0, rows});
+}

@@ -299,6 +299,8 @@ TEST_CASE("bf16 ReLU experts round the operands of every GEMM, forward and backw
   auto plain = [](auto m) { return moe::backend::cpu::eigen(m).template cast<double>().eval(); };
   auto relative = [](const D& a, const D& b) { return (a - b).norm() / b.norm(); };
   const D pre = plain(moe::ConstMatrixView<float>(saved.pre.view()));
+  moe::test::Matrix<float> act(rows, h);
+  for (Index i = 0; i < rows * h; ++i) act[i] = moe::to_float(saved.act16.data()[i]);
   for (Index e = 0; e < n; ++e) {
     CAPTURE(e);
     const Index r0 = offsets[static_cast<std::size_t>(e)], m = offsets[static_cast<std::size_t>(e) + 1] - r0;
@@ -310,7 +312,11 @@ TEST_CASE("bf16 ReLU experts round the operands of every GEMM, forward and backw
     const auto dy = dys.view().block_rows(r0, m);
     const D pre_ref = bf(x) * bf(w1);
     CHECK(relative(pre.middleRows(r0, m), pre_ref) < 1e-5);
-    const moe::ConstMatrixView<float> act_e = moe::ConstMatrixView<float>(saved.act.view()).block_rows(r0, m);
+    // relu(pre) is kept as BFloat16, the operand W2's GEMMs read.
+    REQUIRE(saved.act16.rows() == rows);
+    const moe::ConstMatrixView<float> act_e = moe::ConstMatrixView<float>(act.view()).block_rows(r0, m);
+    for (Index r = 0; r < m; ++r)
+      for (Index c = 0; c < h; ++c) CHECK(act(r0 + r, c) == round_to_bf16(std::max(saved.pre(r0 + r, c), 0.0f)));
     CHECK(relative(plain(ys.view().block_rows(r0, m)), bf(act_e) * bf(w2)) < 1e-5);
     CHECK(relative(plain(g2), bf(act_e).transpose() * bf(dy)) < 1e-5);
     // dpre = (dy W2^T) masked by pre > 0, rounded again as the next GEMMs' operand.
@@ -388,4 +394,171 @@ TEST_CASE("Experts with Precision::bf16 train in float as fp32 experts do, and a
     DoubleLayer layer({.d_model = 4, .n_experts = 2, .expert = {.hidden = 3, .precision = Precision::bf16}});
   });
   CHECK(moe::test::contains(message, "expert::FeedForward: precision = bf16 needs a float backend"));
+}
+
+TEST_CASE("BFloat16 holds the bits round_to_bf16 rounds to and widens back exactly") {
+  for (std::uint32_t i = 0; i < 2000; ++i) {
+    const float x = from_bits(0x30000000u + i * 1234567u);
+    const moe::BFloat16 b = moe::to_bfloat16(x);
+    CHECK(b.bits == bits_of(round_to_bf16(x)) >> 16);
+    CHECK(bits_of(moe::to_float(b)) == bits_of(round_to_bf16(x)));
+  }
+  CHECK(moe::to_bfloat16(1.0f + 0x1p-8f).bits == 0x3F80u);  // a tie goes to even
+  CHECK(moe::to_bfloat16(-0.0f).bits == 0x8000u);
+  CHECK(std::isnan(moe::to_float(moe::to_bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(moe::to_bfloat16(std::numeric_limits<float>::infinity()).bits == 0x7F80u);
+}
+
+TEST_CASE("Grouped GEMMs on BFloat16 operands give the bits of the rounding bf16 path") {
+  using Cpu = moe::backend::Cpu<float>;
+  Cpu::Context ctx{};
+  const Index d = 7, h = 5, groups = 3, rows = 11;
+  const std::vector<Index> offsets{0, 4, 4, rows};
+  const auto a = moe::test::random_matrix<float>(rows, d, 1);
+  const auto w = moe::test::random_matrix<float>(groups * d, h, 2);
+  const auto b = moe::test::random_matrix<float>(rows, h, 3);
+  auto narrow = [](const moe::test::Matrix<float>& m) {
+    std::vector<moe::BFloat16> out(static_cast<std::size_t>(m.size()));
+    for (Index i = 0; i < m.size(); ++i) out[static_cast<std::size_t>(i)] = moe::to_bfloat16(m[i]);
+    return out;
+  };
+  const auto a16 = narrow(a), w16 = narrow(w), b16 = narrow(b);
+  const moe::ConstMatrixView<moe::BFloat16> av{a16.data(), rows, d}, wv{w16.data(), groups * d, h},
+      bv{b16.data(), rows, h};
+  moe::test::Matrix<float> c16(rows, h), c(rows, h);
+  Cpu::grouped_gemm(ctx, offsets.data(), groups, moe::Op::none, av, wv, c16.view(), Precision::bf16);
+  Cpu::grouped_gemm(ctx, offsets.data(), groups, moe::Op::none, a.view(), w.view(), c.view(), Precision::bf16);
+  CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(c16.view()), moe::ConstMatrixView<float>(c.view())));
+  // op(w) transposed: c (rows x d) = b (rows x h) w_g^T.
+  moe::test::Matrix<float> t16(rows, d), t(rows, d);
+  Cpu::grouped_gemm(ctx, offsets.data(), groups, moe::Op::transpose, bv, wv, t16.view(), Precision::bf16);
+  Cpu::grouped_gemm(ctx, offsets.data(), groups, moe::Op::transpose, b.view(), w.view(), t.view(), Precision::bf16);
+  CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(t16.view()), moe::ConstMatrixView<float>(t.view())));
+  moe::test::Matrix<float> g16(groups * d, h, 0.5f), g(groups * d, h, 0.5f);
+  Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, av, bv, 1.0f, g16.view(), Precision::bf16);
+  Cpu::grouped_gemm_wgrad(ctx, offsets.data(), groups, a.view(), b.view(), 1.0f, g.view(), Precision::bf16);
+  CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(g16.view()), moe::ConstMatrixView<float>(g.view())));
+  // BFloat16 operands are bf16's: another precision is refused, naming it.
+  const auto message = moe::test::error_of([&] {
+    Cpu::grouped_gemm(ctx, offsets.data(), groups, moe::Op::none, av, wv, c16.view(), Precision::tf32);
+  });
+  CHECK(moe::test::contains(message, "grouped_gemm: BFloat16 operands are multiplied as Precision::bf16, got Precision::tf32"));
+}
+
+TEST_CASE("SwiGLU in bf16: x [W1 | W3] and dx = [dh1 | dh3] [W1 | W3]^T as single GEMMs on rounded operands") {
+  using Cpu = moe::backend::Cpu<float>;
+  using Group = moe::expert::SwiGLU::Group<Cpu>;
+  using D = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Index d = 6, h = 5, n = 2, rows = 9;
+  const std::vector<Index> offsets{0, 4, rows};
+  Group group({.hidden = h, .precision = Precision::bf16}, d, n, 3);
+  auto params = group.parameters();
+  REQUIRE(params[1].name == "experts.w3");
+  const auto xs = moe::test::random_matrix<float>(rows, d, 4);
+  const auto dys = moe::test::random_matrix<float>(rows, d, 5);
+  moe::test::Matrix<float> ys(rows, d), dxs(rows, d);
+  Cpu::Context ctx{};
+  Group::Saved saved;
+  group.forward(ctx, xs.view(), offsets.data(), ys.view(), saved);
+  group.backward(ctx, xs.view(), offsets.data(), saved, dys.view(), dxs.view());
+  auto bf = [](const D& m) { return m.unaryExpr([](double v) { return double(round_to_bf16(float(v))); }).eval(); };
+  auto plain = [](auto m) { return moe::backend::cpu::eigen(m).template cast<double>().eval(); };
+  auto relative = [](const D& a, const D& b) { return (a - b).norm() / b.norm(); };
+  auto sig = [](double v) { return 1.0 / (1.0 + std::exp(-v)); };
+  for (Index e = 0; e < n; ++e) {
+    CAPTURE(e);
+    const Index r0 = offsets[static_cast<std::size_t>(e)], m = offsets[static_cast<std::size_t>(e) + 1] - r0;
+    auto block = [&](std::size_t i, Index per) { return plain(moe::ConstMatrixView<float>(params[i].value).block_rows(e * per, per)); };
+    auto grad = [&](std::size_t i, Index per) { return plain(moe::ConstMatrixView<float>(params[i].grad).block_rows(e * per, per)); };
+    const D w1 = bf(block(0, d)), w3 = bf(block(1, d)), w2 = bf(block(2, h));
+    const D x = bf(plain(xs.view().block_rows(r0, m))), dy = bf(plain(dys.view().block_rows(r0, m)));
+    const D h1 = x * w1, h3 = x * w3;
+    D act(m, h), g = dy * w2.transpose(), dh1(m, h), dh3(m, h);
+    for (Index r = 0; r < m; ++r)
+      for (Index c = 0; c < h; ++c) {
+        const double a = h1(r, c), s = sig(a);
+        act(r, c) = a * s * h3(r, c);
+        dh3(r, c) = g(r, c) * a * s;
+        dh1(r, c) = g(r, c) * h3(r, c) * s * (1 + a * (1 - s));
+      }
+    CHECK(relative(plain(ys.view().block_rows(r0, m)), bf(act) * w2) < 1e-4);
+    CHECK(relative(grad(2, h), bf(act).transpose() * dy) < 1e-4);
+    CHECK(relative(grad(0, d), x.transpose() * bf(dh1)) < 1e-4);
+    CHECK(relative(grad(1, d), x.transpose() * bf(dh3)) < 1e-4);
+    CHECK(relative(plain(dxs.view().block_rows(r0, m)), bf(dh1) * w1.transpose() + bf(dh3) * w3.transpose()) < 1e-4);
+    // Unrounded operands give a measurably different dx: the check can tell them apart.
+    CHECK(relative(plain(dxs.view().block_rows(r0, m)), dh1 * w1.transpose() + dh3 * w3.transpose()) > 1e-4);
+  }
+}
+
+namespace {
+
+// y of a bf16 expert group of family F on fixed rows.
+template <class Group>
+moe::test::Matrix<float> expert_output(Group& group, Index d) {
+  const std::vector<Index> offsets{0, 3, 7};
+  const auto xs = moe::test::random_matrix<float>(7, d, 11);
+  moe::test::Matrix<float> ys(7, d);
+  moe::backend::Cpu<float>::Context ctx{};
+  typename Group::Saved saved;
+  group.forward(ctx, xs.view(), offsets.data(), ys.view(), saved);
+  return ys;
+}
+
+// Sets every parameter value of `to` from `from`'s (through a fresh parameters() call).
+template <class Group>
+void copy_values(Group& from, Group& to) {
+  auto src = from.parameters();
+  auto dst = to.parameters();
+  for (std::size_t i = 0; i < src.size(); ++i)
+    for (Index j = 0; j < src[i].size(); ++j) dst[i].value.data[j] = src[i].value.data[j];
+}
+
+template <class Family>
+void check_weight_copies_follow_changes() {
+  using Cpu = moe::backend::Cpu<float>;
+  using Group = typename Family::template Group<Cpu>;
+  const Index d = 5, n = 2;
+  const typename Family::Config config{.hidden = 4, .precision = Precision::bf16};
+  Group group(config, d, n, 1);
+  auto params = group.parameters();  // kept across the steps below, as a training loop keeps them
+  const auto y0 = expert_output(group, d);
+  auto same = [](const moe::test::Matrix<float>& a, const moe::test::Matrix<float>& b) {
+    return moe::test::same_bits(moe::ConstMatrixView<float>(a.view()), moe::ConstMatrixView<float>(b.view()));
+  };
+  auto fresh_output = [&] {  // a group that never saw the old values, holding the current ones
+    Group other(config, d, n, 99);
+    copy_values(group, other);
+    return expert_output(other, d);
+  };
+
+  // An optimizer step through the kept views: the next call uses the new weights.
+  for (auto& p : params)
+    for (Index j = 0; j < p.size(); ++j) p.grad.data[j] = 0.5f;
+  moe::optim::Sgd<Cpu> sgd({.lr = 0.25});
+  sgd.step(params);
+  const auto y1 = expert_output(group, d);
+  CHECK_FALSE(same(y1, y0));
+  CHECK(same(y1, fresh_output()));
+
+  // A write through the kept views, announced with changed().
+  params[0].value.data[0] += 1.0f;
+  params[0].changed();
+  const auto y2 = expert_output(group, d);
+  CHECK_FALSE(same(y2, y1));
+  CHECK(same(y2, fresh_output()));
+
+  // A copy of the group holds its own weights: changing the copy leaves the original alone.
+  Group copy = group;
+  auto copy_params = copy.parameters();
+  copy_params[1].value.data[0] -= 1.0f;
+  CHECK(same(expert_output(group, d), y2));
+  CHECK_FALSE(same(expert_output(copy, d), y2));
+}
+
+}  // namespace
+
+TEST_CASE("bf16 experts' BFloat16 weight copies follow optimizer steps, changed() and copies of the group") {
+  SUBCASE("FeedForward") { check_weight_copies_follow_changes<moe::expert::FeedForward>(); }
+  SUBCASE("SwiGLU") { check_weight_copies_follow_changes<moe::expert::SwiGLU>(); }
 }

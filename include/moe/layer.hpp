@@ -527,6 +527,13 @@ class Layer {
     return all;
   }
 
+  // Says that parameter values were written through views kept from an earlier parameters()
+  // call (the optimizers, checkpoint loads and imports say it themselves): copies derived from
+  // them, such as an expert group's bfloat16 weights under Precision::bf16, are made again.
+  void parameters_changed() {
+    for (const auto& p : parameters()) p.changed();
+  }
+
   void zero_grad() {
     typename B::Context ctx{context()};
     for (auto& p : parameters()) B::fill(ctx, p.grad, Scalar(0));

@@ -2,8 +2,15 @@
 // Named parameters: every trainable tensor has a stable dotted name ("gate.w_gate",
 // "experts.w1"), a logical shape (experts stacked first, e.g. [n, d, h]) and contiguous
 // value and gradient storage of the same size.
+//
+// Whoever writes a parameter's values calls changed() afterwards: the optimizers, checkpoint
+// loads and imports do. Copies derived from the values (the bfloat16 weight copies of an expert
+// group computing in Precision::bf16) are made again at their next use only then, or after the
+// next call of parameters(), which hands out writable views. Values written through views kept
+// from an earlier parameters() call without changed() are not seen by those copies.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,8 +25,49 @@ struct Parameter {
   std::vector<Index> shape;
   MatrixView<S> value;
   MatrixView<S> grad;
+  std::uint64_t* version = nullptr;  // the owner's count of changes, or none (nothing derived)
 
   [[nodiscard]] Index size() const { return value.rows * value.cols; }
+  // Says that value was written: copies derived from it are made again at their next use.
+  void changed() const {
+    if (version != nullptr) ++*version;
+  }
+};
+
+// A parameter owner's count of changes to its values (Parameter::version points to it). Kept
+// on the heap, so the pointers stay valid when the owner moves; a copy of the owner counts on
+// its own, and assigning to the owner counts as a change.
+class ParameterVersion {
+ public:
+  ParameterVersion() : count_(std::make_unique<std::uint64_t>(0)) {}
+  ParameterVersion(const ParameterVersion&) : ParameterVersion() {}
+  ParameterVersion(ParameterVersion&&) noexcept = default;
+  ParameterVersion& operator=(const ParameterVersion&) {
+    advance();
+    return *this;
+  }
+  ParameterVersion& operator=(ParameterVersion&& other) noexcept {
+    count_ = std::move(other.count_);
+    advance();
+    return *this;
+  }
+  ~ParameterVersion() = default;
+
+  [[nodiscard]] std::uint64_t value() const { return count_ ? *count_ : 0; }
+  void advance() {
+    if (count_) ++*count_;
+  }
+  // Sets every parameter's version to this count and advances it: the caller hands out writable
+  // views of the values.
+  template <class S>
+  std::vector<Parameter<S>> hand_out(std::vector<Parameter<S>> params) {
+    for (auto& p : params) p.version = count_.get();
+    advance();
+    return params;
+  }
+
+ private:
+  std::unique_ptr<std::uint64_t> count_;
 };
 
 namespace detail {

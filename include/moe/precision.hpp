@@ -8,7 +8,12 @@
 //     11 significant bits, round to nearest even); an opt-in for fp32 users.
 // Parameters, their gradients and the layer's activations stay stored in the backend's Scalar
 // (fp32 master weights); gating is always computed in fp32. bf16 and tf32 need float data.
+// With bf16, the library's experts also keep the GEMMs' operands in memory as BFloat16 (below):
+// a copy of each weight refreshed when the parameters change, the gathered rows and the hidden
+// activations written narrow where they are produced; the results are those of rounding each
+// fp32 operand, bit for bit.
 
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 
@@ -75,6 +80,41 @@ MOE_HD inline float round_to_tf32(float x) { return detail::round_mantissa<13>(x
 // x rounded as Precision p rounds an operand (fp32: unchanged).
 MOE_HD inline float round_operand(float x, Precision p) {
   return p == Precision::bf16 ? round_to_bf16(x) : p == Precision::tf32 ? round_to_tf32(x) : x;
+}
+
+// A bfloat16 number in memory: the top 16 bits of a float (the layout of CUDA's __nv_bfloat16).
+// Operands that Precision::bf16 multiplies are kept in this type where they are stored (the
+// experts' weight copies and activations), so a tensor-core GEMM reads half the bytes of fp32.
+// Widening to float is exact; narrowing rounds as round_to_bf16.
+struct BFloat16 {
+  std::uint16_t bits = 0;
+};
+
+MOE_HD inline BFloat16 to_bfloat16(float x) {
+  const float r = round_to_bf16(x);
+  std::uint32_t u;
+#if defined(__CUDA_ARCH__)
+  u = __float_as_uint(r);
+#else
+  std::memcpy(&u, &r, sizeof u);
+#endif
+  return BFloat16{static_cast<std::uint16_t>(u >> 16)};
+}
+
+// A view of BFloat16 values, const or not: the operand type of the GEMM overloads that read
+// bfloat16 storage. They take it as a deduced parameter, so a braced list never selects them.
+template <class V>
+concept BFloat16View = std::same_as<V, MatrixView<const BFloat16>> || std::same_as<V, MatrixView<BFloat16>>;
+
+MOE_HD inline float to_float(BFloat16 x) {
+  const std::uint32_t u = static_cast<std::uint32_t>(x.bits) << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float out;
+  std::memcpy(&out, &u, sizeof out);
+  return out;
+#endif
 }
 
 }  // namespace moe

@@ -396,6 +396,59 @@ void test_reduced(std::mt19937& rng) {
   test_wgrad<float>(rng, many, 9, 11, 1.0f, moe::Precision::tf32);
 }
 
+// A device copy of a buffer's values (stride included) as BFloat16.
+mc::DeviceMatrix<moe::BFloat16> narrowed(const Buffer<float>& b) {
+  std::vector<moe::BFloat16> host(b.host.size());
+  for (std::size_t i = 0; i < host.size(); ++i) host[i] = moe::to_bfloat16(b.host[i]);
+  mc::DeviceMatrix<moe::BFloat16> out(1, static_cast<Index>(host.size()));
+  MOE_CUDA_CHECK(cudaMemcpy(out.data(), host.data(), host.size() * sizeof(moe::BFloat16), cudaMemcpyHostToDevice));
+  return out;
+}
+
+// Operands stored as BFloat16 give the bits of the fp32 operands rounded by the bf16 path: both
+// run the same kernel (tensor cores or the exact one) on the same bfloat16 values. Strided views
+// as SwiGLU's halves of [dh1 | dh3], odd sizes for the scalar edge loads, an empty group.
+void test_bfloat16_operands(std::mt19937& rng) {
+  const mc::Context ctx;
+  const std::vector<Index> sizes{130, 0, 255, 7};
+  const std::vector<Index> offsets = offsets_of(sizes);
+  const Index groups = static_cast<Index>(sizes.size()), rows = offsets.back();
+  Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
+  off.host = offsets;
+  off.upload();
+  auto view16 = [](const mc::DeviceMatrix<moe::BFloat16>& m, const Buffer<float>& like) {
+    return ConstMatrixView<moe::BFloat16>{m.data(), like.rows, like.cols, like.stride};
+  };
+  auto same = [](const Buffer<float>& x, const Buffer<float>& y) {
+    const auto a = x.download(), b = y.download();
+    return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  for (const Index k : {Index{67}, Index{128}}) {
+    const Index n = k == 128 ? 256 : 45;
+    for (Op tw : {Op::none, Op::transpose}) {
+      const Index wr = tw == Op::none ? k : n, wc = tw == Op::none ? n : k;
+      Buffer<float> a(rows, k, 2 * k, rng), w(groups * wr, wc, wc, rng);
+      Buffer<float> c16(rows, n, n, rng, 0.0f, false), c(rows, n, n, rng, 0.0f, false);
+      const auto a16 = narrowed(a), w16 = narrowed(w);
+      mc::grouped_gemm<float>(ctx, off.dev, groups, tw, view16(a16, a), view16(w16, w), c16.view(),
+                              moe::Precision::bf16);
+      mc::grouped_gemm<float>(ctx, off.dev, groups, tw, a.cview(), w.cview(), c.view(), moe::Precision::bf16);
+      ctx.synchronize();
+      expect(same(c16, c), "grouped_gemm on BFloat16 operands differs from the fp32 operands rounded (k = " +
+                               std::to_string(k) + ", tw = " + std::to_string(static_cast<int>(tw)) + ")");
+    }
+    Buffer<float> a(rows, k, 2 * k, rng), b(rows, n, 2 * n, rng);
+    Buffer<float> g16(groups * k, n, n, rng, 0.5f, false), g(groups * k, n, n, rng, 0.5f, false);
+    const auto a16 = narrowed(a), b16 = narrowed(b);
+    mc::grouped_gemm_wgrad<float>(ctx, off.dev, groups, view16(a16, a), view16(b16, b), 1.0f, g16.view(),
+                                  moe::Precision::bf16);
+    mc::grouped_gemm_wgrad<float>(ctx, off.dev, groups, a.cview(), b.cview(), 1.0f, g.view(), moe::Precision::bf16);
+    ctx.synchronize();
+    expect(same(g16, g), "grouped_gemm_wgrad on BFloat16 operands differs from the fp32 operands rounded (k = " +
+                             std::to_string(k) + ")");
+  }
+}
+
 // Informational (no bound): the time of one grouped GEMM shape on each path, printed in TFLOP/s,
 // and the tensor-core results against the exact kernels' in norm.
 void report_throughput(std::mt19937& rng) {
@@ -592,6 +645,7 @@ int main() {
                 tensor_cores ? "tensor cores" : "CUDA cores (the exact kernels, operands rounded)");
     expect(tensor_cores == (arch >= 800), "tensor_core_gemm_available() disagrees with the code the device runs");
     test_reduced(rng);
+    test_bfloat16_operands(rng);
     report_throughput(rng);
 
     expect_error(

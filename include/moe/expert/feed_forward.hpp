@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moe/error.hpp"
+#include "moe/expert/narrow.hpp"
 #include "moe/expert_group.hpp"
 #include "moe/precision.hpp"
 
@@ -34,6 +35,9 @@ class FeedForward::Group {
   struct Saved {
     Buffer<S> pre;  // [rows x h] x W1 + b1, before the ReLU
     Buffer<S> act;  // [rows x h] relu(pre)
+    // Precision::bf16 (float): the operands kept narrow instead of act.
+    Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
+    Buffer<BFloat16> act16;  // [rows x h] relu(pre)
   };
 
   // shard: which experts of a sharded layer this group holds (default: all of them).
@@ -64,42 +68,30 @@ class FeedForward::Group {
   [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] const Config& config() const { return config_; }
 
+  // With Precision::bf16 the GEMMs' operands are kept as BFloat16 (moe/expert/narrow.hpp): the
+  // gathered rows narrowed once, relu(pre) written narrow, the weights' copies made again only
+  // after the parameters changed. The results are those of fp32 operands rounded by the GEMMs.
   void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved& saved) const {
-    const Index rows = xs.rows, h = config_.hidden;
-    saved.pre.resize(rows, h);
-    saved.act.resize(rows, h);
-    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.pre.view(), config_.precision);
-    S* pre = saved.pre.data();
-    S* act = saved.act.data();
-    const S* b1 = config_.bias ? b1_.data() : nullptr;
-    const Index* off = offsets;
-    const Index n = n_;
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-      if (b1 != nullptr) pre[i] += b1[segment_of_row(off, n, i / h) * h + i % h];
-      act[i] = pre[i] > S(0) ? pre[i] : S(0);
-    });
-    B::grouped_gemm(ctx, offsets, n_, Op::none, saved.act.view(), w2_.view(), ys, config_.precision);
-    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
+    if constexpr (std::is_same_v<S, float>) {
+      if (detail::narrow_operands<S>(config_.precision)) {
+        forward_as<BFloat16>(ctx, detail::narrow<B>(ctx, xs, saved.xs16), offsets, ys, saved, saved.act16);
+        return;
+      }
+    }
+    forward_as<S>(ctx, xs, offsets, ys, saved, saved.act);
   }
 
   void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
-    const Index rows = xs.rows, h = config_.hidden;
-    dpre_.resize(rows, h);
-    B::grouped_gemm_wgrad(ctx, offsets, n_, saved.act.view(), dys, S(1), g2_.view(), config_.precision);
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2_.view(), dpre_.view(), config_.precision);
-    S* dpre = dpre_.data();
-    const S* pre = saved.pre.data();
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-      if (!(pre[i] > S(0))) dpre[i] = S(0);
-    });
-    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, ConstMatrixView<S>(dpre_.view()), S(1), g1_.view(), config_.precision);
-    B::grouped_gemm(ctx, offsets, n_, Op::transpose, ConstMatrixView<S>(dpre_.view()), w1_.view(), dxs, config_.precision);
-    if (config_.bias) {
-      sum_rows_per_expert(ctx, offsets, ConstMatrixView<S>(dpre_.view()), gb1_.data());
-      sum_rows_per_expert(ctx, offsets, dys, gb2_.data());
+    if constexpr (std::is_same_v<S, float>) {
+      if (detail::narrow_operands<S>(config_.precision)) {
+        backward_as<BFloat16>(ctx, saved.xs16.view(), offsets, saved, saved.act16.view(),
+                              detail::narrow<B>(ctx, dys, dys16_), dys, dxs, dpre16_);
+        return;
+      }
     }
+    backward_as<S>(ctx, xs, offsets, saved, saved.act.view(), dys, dys, dxs, dpre_);
   }
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() {
@@ -110,7 +102,65 @@ class FeedForward::Group {
       p.push_back({"experts.b1", {n_, h}, b1_.view(), gb1_.view()});
       p.push_back({"experts.b2", {n_, d_}, b2_.view(), gb2_.view()});
     }
-    return p;
+    return version_.hand_out(std::move(p));
+  }
+
+  // The GEMMs' operands stored as T: S, or BFloat16 (Precision::bf16).
+  template <class T>
+  void forward_as(typename B::Context& ctx, ConstMatrixView<T> xs, const Index* offsets, MatrixView<S> ys,
+                  Saved& saved, Buffer<T>& act_out) const {
+    const Index rows = xs.rows, h = config_.hidden;
+    saved.pre.resize(rows, h);
+    act_out.resize(rows, h);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, weight<T>(ctx, w1_, w1n_), saved.pre.view(), config_.precision);
+    S* pre = saved.pre.data();
+    T* act = act_out.data();
+    const S* b1 = config_.bias ? b1_.data() : nullptr;
+    const Index* off = offsets;
+    const Index n = n_;
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+      if (b1 != nullptr) pre[i] += b1[segment_of_row(off, n, i / h) * h + i % h];
+      act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0));
+    });
+    B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<T>(act_out.view()), weight<T>(ctx, w2_, w2n_), ys,
+                    config_.precision);
+    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
+  }
+
+  // dys_t: dys stored as T; dys itself feeds the bias gradient. dpre_t: the masked dpre as T
+  // (dpre_ itself when T is S).
+  template <class T>
+  void backward_as(typename B::Context& ctx, ConstMatrixView<T> xs, const Index* offsets, const Saved& saved,
+                   ConstMatrixView<T> act, ConstMatrixView<T> dys_t, ConstMatrixView<S> dys, MatrixView<S> dxs,
+                   Buffer<T>& dpre_t) {
+    const Index rows = xs.rows, h = config_.hidden;
+    dpre_.resize(rows, h);
+    dpre_t.resize(rows, h);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, act, dys_t, S(1), g2_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys_t, weight<T>(ctx, w2_, w2n_), dpre_.view(), config_.precision);
+    S* dpre = dpre_.data();
+    T* dpre_out = std::is_same_v<T, S> ? nullptr : dpre_t.data();  // S: dpre_ is dpre_t
+    const S* pre = saved.pre.data();
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+      if (!(pre[i] > S(0))) dpre[i] = S(0);
+      if (dpre_out != nullptr) dpre_out[i] = detail::stored<T>(dpre[i]);
+    });
+    const ConstMatrixView<T> dp = dpre_t.view();
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dp, S(1), g1_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dp, weight<T>(ctx, w1_, w1n_), dxs, config_.precision);
+    if (config_.bias) {
+      sum_rows_per_expert(ctx, offsets, ConstMatrixView<S>(dpre_.view()), gb1_.data());
+      sum_rows_per_expert(ctx, offsets, dys, gb2_.data());
+    }
+  }
+
+  // A weight as the GEMMs read it: the fp32 storage, or its BFloat16 copy.
+  template <class T>
+  ConstMatrixView<T> weight(typename B::Context& ctx, const Buffer<S>& w, detail::NarrowWeights<B>& copy) const {
+    if constexpr (std::is_same_v<T, S>)
+      return w.view();
+    else
+      return copy.get(ctx, version_.value(), w.view());
   }
 
   // Steps of forward and backward; public only because a CUDA device lambda cannot live in a
@@ -141,6 +191,9 @@ class FeedForward::Group {
   Buffer<S> w1_, w2_, b1_, b2_;
   Buffer<S> g1_, g2_, gb1_, gb2_;
   Buffer<S> dpre_;  // backward workspace
+  Buffer<BFloat16> dys16_, dpre16_;
+  ParameterVersion version_;
+  mutable detail::NarrowWeights<B> w1n_, w2n_;  // Precision::bf16: the weights' BFloat16 copies
 };
 
 }  // namespace moe::expert

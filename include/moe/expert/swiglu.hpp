@@ -6,7 +6,9 @@
 // Face Mixtral names, "experts.w1" [n, d, h], "experts.w3" [n, d, h], "experts.w2" [n, h, d];
 // Hugging Face stores each expert's matrices transposed (w1, w3 as [h, d], w2 as [d, h]), so a
 // checkpoint's per-expert tensors are transposed on import. Each weight is applied by one grouped
-// GEMM; the elementwise gate runs per element.
+// GEMM; the elementwise gate runs per element. With Precision::bf16 the GEMMs' operands are kept
+// as BFloat16 (moe/expert/narrow.hpp) and w1, w3 are copied side by side, [w1 | w3], so one
+// grouped GEMM computes x W1 and x W3 (x read once), and one computes dx = [dh1 | dh3] [w1 | w3]^T.
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "moe/error.hpp"
+#include "moe/expert/narrow.hpp"
 #include "moe/expert_group.hpp"
 #include "moe/precision.hpp"
 #include "moe/scalar_math.hpp"
@@ -40,6 +43,10 @@ class SwiGLU::Group {
     Buffer<S> h1;   // [rows x h] x W1, the gate's pre-activation
     Buffer<S> h3;   // [rows x h] x W3, the linear branch
     Buffer<S> act;  // [rows x h] silu(h1) * h3, the input of W2
+    // Precision::bf16 (float) instead: x [W1 | W3] as one matrix, and the narrow operands.
+    Buffer<S> h13;           // [rows x 2h]
+    Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
+    Buffer<BFloat16> act16;  // [rows x h]
   };
 
   // shard: which experts of a sharded layer this group holds (default: all of them).
@@ -73,6 +80,12 @@ class SwiGLU::Group {
 
   void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved& saved) const {
+    if constexpr (std::is_same_v<S, float>) {
+      if (detail::narrow_operands<S>(config_.precision)) {
+        forward_narrow(ctx, xs, offsets, ys, saved);
+        return;
+      }
+    }
     const Index rows = xs.rows, h = config_.hidden;
     saved.h1.resize(rows, h);
     saved.h3.resize(rows, h);
@@ -91,6 +104,12 @@ class SwiGLU::Group {
   //   dW2 += act^T dys,  dW1 += xs^T d h1,  dW3 += xs^T d h3,  dxs = d h1 W1^T + d h3 W3^T.
   void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
+    if constexpr (std::is_same_v<S, float>) {
+      if (detail::narrow_operands<S>(config_.precision)) {
+        backward_narrow(ctx, offsets, saved, dys, dxs);
+        return;
+      }
+    }
     const Index rows = xs.rows, h = config_.hidden, d = d_;
     dh1_.resize(rows, h);
     dh3_.resize(rows, h);
@@ -121,9 +140,57 @@ class SwiGLU::Group {
   // In the order w1, w3, w2 (the order of the Hugging Face Mixtral expert).
   [[nodiscard]] std::vector<Parameter<S>> parameters() {
     const Index h = config_.hidden;
-    return {{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
-            {"experts.w3", {n_, d_, h}, w3_.view(), g3_.view()},
-            {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}};
+    return version_.hand_out<S>({{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
+                                 {"experts.w3", {n_, d_, h}, w3_.view(), g3_.view()},
+                                 {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}});
+  }
+
+  // Precision::bf16 on float: the same math with BFloat16 operands, x [W1 | W3] as one GEMM.
+  void forward_narrow(typename B::Context& ctx, ConstMatrixView<S> xs_wide, const Index* offsets, MatrixView<S> ys,
+                      Saved& saved) const {
+    const Index rows = xs_wide.rows, h = config_.hidden;
+    const ConstMatrixView<BFloat16> xs = detail::narrow<B>(ctx, xs_wide, saved.xs16);
+    saved.h13.resize(rows, 2 * h);
+    saved.act16.resize(rows, h);
+    B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w13(ctx), saved.h13.view(), config_.precision);
+    const S* h13 = saved.h13.data();
+    BFloat16* act = saved.act16.data();
+    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+      const S h1 = h13[i / h * 2 * h + i % h], h3 = h13[i / h * 2 * h + h + i % h];
+      act[i] = to_bfloat16(h1 * detail::sigmoid(h1) * h3);
+    });
+    B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<BFloat16>(saved.act16.view()),
+                    w2n_.get(ctx, version_.value(), w2_.view()), ys, config_.precision);
+  }
+
+  // As backward, with dh1 and dh3 written side by side and narrow: dx = [dh1 | dh3] [W1 | W3]^T.
+  void backward_narrow(typename B::Context& ctx, const Index* offsets, const Saved& saved, ConstMatrixView<S> dys_wide,
+                       MatrixView<S> dxs) {
+    const Index rows = dys_wide.rows, h = config_.hidden;
+    const ConstMatrixView<BFloat16> dys = detail::narrow<B>(ctx, dys_wide, dys16_), xs = saved.xs16.view();
+    dh1_.resize(rows, h);
+    dh13_.resize(rows, 2 * h);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, ConstMatrixView<BFloat16>(saved.act16.view()), dys, S(1), g2_.view(),
+                          config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2n_.get(ctx, version_.value(), w2_.view()), dh1_.view(),
+                    config_.precision);  // g
+    {
+      const S* h13 = saved.h13.data();
+      const S* g_of = dh1_.data();
+      BFloat16* dh13 = dh13_.data();
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+        const Index at = i / h * 2 * h + i % h;
+        const S a = h13[at], b = h13[at + h], g = g_of[i];
+        const S s = detail::sigmoid(a);
+        dh13[at] = to_bfloat16(g * b * s * (S(1) + a * (S(1) - s)));
+        dh13[at + h] = to_bfloat16(g * a * s);
+      });
+    }
+    const ConstMatrixView<BFloat16> dh13 = dh13_.view();
+    const ConstMatrixView<BFloat16> dh1{dh13.data, rows, h, 2 * h}, dh3{dh13.data + h, rows, h, 2 * h};
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view(), config_.precision);
+    B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh3, S(1), g3_.view(), config_.precision);
+    B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh13, w13(ctx), dxs, config_.precision);
   }
 
  private:
@@ -132,6 +199,13 @@ class SwiGLU::Group {
   Buffer<S> w1_, w3_, w2_;
   Buffer<S> g1_, g3_, g2_;
   Buffer<S> dh1_, dh3_, dx3_;  // backward workspace, reused across calls
+  Buffer<BFloat16> dys16_, dh13_;
+  ParameterVersion version_;
+  mutable detail::NarrowWeights<B> w13n_, w2n_;  // Precision::bf16: [w1 | w3] and w2 as BFloat16
+
+  ConstMatrixView<BFloat16> w13(typename B::Context& ctx) const {
+    return w13n_.get(ctx, version_.value(), w1_.view(), w3_.view());
+  }
 };
 
 }  // namespace moe::expert

@@ -12,8 +12,12 @@
 // The load is the hard count. Which rows are taken is piecewise constant in x; the gradient flows
 // through the taken S entries (softmax backward) and the optional router z-loss.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "moe/error.hpp"
@@ -36,7 +40,9 @@ MOE_HD inline Index expert_choice_capacity(double capacity_factor, Index rows, I
 
 // The c rows of [begin, begin + count) with the largest col[r * n] (larger first, ties to the lower
 // row, NaN last), written unordered into out[0..c), by a bounded heap whose root is the kept row
-// that ranks last: O(count log c), no memory besides out.
+// that ranks last: O(count log c), no memory besides out. One serial walk per (group, expert):
+// the plain reference that ExpertChoice's parallel selection (Policy::rank_entries) is tested
+// against.
 template <class S>
 MOE_HD void expert_choice_select(const S* col, Index n, Index begin, Index count, Index c, Index* out) {
   if (c >= count) {
@@ -78,6 +84,32 @@ MOE_HD void expert_choice_select(const S* col, Index n, Index begin, Index count
   }
 }
 
+// The order of a value in expert_choice_select's ranking as an unsigned key: a value that ranks
+// before another has the smaller key (larger first, -0 as +0, NaN last, after -infinity). Equal
+// keys are equal values, whose ties a stable sort leaves in row order.
+template <class S>
+MOE_HD auto descending_key(S v) {
+  using U = std::conditional_t<sizeof(S) == 4, std::uint32_t, std::uint64_t>;
+  static_assert(sizeof(S) == sizeof(U));
+  if (v != v) return ~U{0};
+  if (v == S(0)) v = S(0);
+  U u;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(S) == 4)
+    u = __float_as_uint(v);
+  else
+    u = static_cast<U>(__double_as_longlong(v));
+#else
+  std::memcpy(&u, &v, sizeof u);
+#endif
+  constexpr U sign = U{1} << (sizeof(U) * 8 - 1);
+  const U ascending = (u & sign) != 0 ? static_cast<U>(~u) : static_cast<U>(u | sign);
+  return static_cast<U>(~ascending);
+}
+
+// Digits of descending_key per pass of expert choice's selection sort.
+inline constexpr int kExpertChoiceDigitBits = 16;
+
 }  // namespace moe::detail
 
 namespace moe::gate {
@@ -106,7 +138,7 @@ class ExpertChoice::Policy {
     Buffer<S> prob;        // [R x n] S = softmax(logits)
     Buffer<S> lse;         // [R x 1] (z-loss)
     Buffer<Index> chosen;  // [R x n] i where expert i took the row, else kNotRouted
-    Buffer<Index> picks;   // [R x n] flat: the rows each (group, expert) took, at n * begin_g + i * R_g
+    Buffer<Index> picks;   // [R x n] flat: each (group, expert)'s rows, best first, at n * begin_g + i * R_g
   };
 
   Policy(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, Index groups = 1)
@@ -154,16 +186,18 @@ class ExpertChoice::Policy {
       softmax_row(l + t * n, n, p + t * n);
       for (Index i = 0; i < n; ++i) chosen[t * n + i] = kNotRouted;
     });
-    // One item per (group, expert): a top-C over the group's rows of that expert's column.
+    rank_entries(ctx, p, rows, offsets);
+    // Segment (g, i) of the ranked entries holds expert i's column over group g's rows, best
+    // first: its first C entries are the rows the expert takes (expert_choice_select's choice).
     Index* picks = saved.picks.data();
-    B::for_each(ctx, groups * n, [=] MOE_HD(Index item) {
-      const Index g = item / n, i = item % n;
+    const Index* ranked = order_.data();
+    B::for_each(ctx, rows * n, [=] MOE_HD(Index j) {
+      const Index t = ranked[j] / n, i = ranked[j] % n;
+      const Index g = offsets != nullptr ? segment_of_row(offsets, groups, t) : 0;
       const Index begin = offsets != nullptr ? offsets[g] : 0;
       const Index count = (offsets != nullptr ? offsets[g + 1] : rows) - begin;
-      const Index c = detail::expert_choice_capacity(cf, count, n);
-      Index* out = picks + n * begin + i * count;
-      detail::expert_choice_select(p + i, n, begin, count, c, out);
-      for (Index j = 0; j < c; ++j) chosen[out[j] * n + i] = i;
+      picks[j] = t;
+      if (j - (n * begin + i * count) < detail::expert_choice_capacity(cf, count, n)) chosen[t * n + i] = i;
     });
     B::for_each(ctx, rows, [=] MOE_HD(Index t) {
       for (Index i = 0; i < n; ++i) {
@@ -199,11 +233,55 @@ class ExpertChoice::Policy {
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
+  // Sorts the entries e = t * n + i of prob (row t, expert i) into order_ by (group of t, i,
+  // rank of prob[e] in expert_choice_select's order, t), in parallel and deterministically: a
+  // stable sort (B::stable_sort_by_key) per 16-bit digit of detail::descending_key, lowest first,
+  // then one by the (group, expert) segment; the entries start in row order, so equal values stay
+  // in row order. Public only because a CUDA device lambda cannot live in a private member.
+  // The ranked entries of the last rank_entries call, copied to host memory (tests).
+  void copy_order(Index* out) const {
+    typename B::Context ctx;
+    const std::vector<Index> host = to_host<B>(ctx, ConstMatrixView<Index>(order_.view()));
+    std::copy(host.begin(), host.end(), out);
+  }
+
+  void rank_entries(typename B::Context& ctx, const S* prob, Index rows, const Index* offsets) const {
+    const Index n = n_, groups = groups_, entries = rows * n;
+    order_.resize(entries, 1);
+    next_.resize(entries, 1);
+    keys_.resize(entries, 1);
+    perm_.resize(entries, 1);
+    Index* order = order_.data();
+    B::for_each(ctx, entries, [=] MOE_HD(Index e) { order[e] = e; });
+    constexpr int bits = detail::kExpertChoiceDigitBits;
+    constexpr int passes = static_cast<int>(sizeof(S)) * 8 / bits;
+    for (int pass = 0; pass <= passes; ++pass) {
+      const Index* in = order_.data();
+      Index* keys = keys_.data();
+      if (pass < passes) {
+        B::for_each(ctx, entries, [=] MOE_HD(Index j) {
+          keys[j] = static_cast<Index>((detail::descending_key(prob[in[j]]) >> (pass * bits)) & ((1u << bits) - 1u));
+        });
+      } else {
+        B::for_each(ctx, entries, [=] MOE_HD(Index j) {
+          const Index t = in[j] / n;
+          keys[j] = (offsets != nullptr ? segment_of_row(offsets, groups, t) : 0) * n + in[j] % n;
+        });
+      }
+      B::stable_sort_by_key(ctx, keys_.data(), entries, pass < passes ? Index{1} << bits : groups * n, perm_.data());
+      const Index* perm = perm_.data();
+      Index* out = next_.data();
+      B::for_each(ctx, entries, [=] MOE_HD(Index j) { out[j] = in[perm[j]]; });
+      std::swap(order_, next_);
+    }
+  }
+
  private:
   Config config_;
   Index n_, groups_;
   RouterWeight<B> w_gate_;
   Buffer<S> dlogits_;  // backward workspace, reused across calls
+  mutable Buffer<Index> order_, next_, keys_, perm_;  // rank_entries' workspace
 };
 
 }  // namespace moe::gate

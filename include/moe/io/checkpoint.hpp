@@ -142,6 +142,7 @@ void read_tensors(L& layer, Source&& source, const LoadOptions& options) {
   for (std::size_t i = 0; i < slots.size(); ++i)
     B::copy(ctx, ConstMatrixView<S>{values[i].data(), 1, slots[i].count}, MatrixView<S>{slots[i].data, 1, slots[i].count});
   B::synchronize(ctx);
+  layer.parameters_changed();
   std::size_t next = 0;
   for_each_bias(layer, [&](const std::string&, auto& policy) {
     const ConstMatrixView<S> shape = policy.bias();

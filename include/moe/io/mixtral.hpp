@@ -114,8 +114,10 @@ void load_mixtral(L& layer, const SafeTensors& file, std::string_view prefix, bo
     targets.emplace_back(src, param);
   }
   typename B::Context ctx;
-  for (auto& [src, param] : targets)
+  for (auto& [src, param] : targets) {
     B::copy(ctx, ConstMatrixView<S>{src->data(), 1, param.size()}, MatrixView<S>{param.value.data, 1, param.size()});
+    param.changed();
+  }
   B::synchronize(ctx);
 }
 

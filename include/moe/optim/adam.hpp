@@ -60,6 +60,7 @@ class Adam {
         v[i] = b2 * v[i] + (S(1) - b2) * grad[i] * grad[i];
         value[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + wd * value[i]);
       });
+      p.changed();
     }
   }
 

@@ -44,6 +44,7 @@ class Sgd {
         vel[i] = mu * vel[i] + grad[i];
         value[i] -= lr * vel[i];
       });
+      p.changed();
     }
   }
 

@@ -42,6 +42,17 @@ class Cpu {
                                  ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
     cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w, precision);
   }
+  // The same on operands stored as BFloat16; precision must be Precision::bf16.
+  template <BFloat16View A, BFloat16View W>
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, A a, W w, MatrixView<S> c,
+                           Precision precision) {
+    cpu::grouped_gemm(ctx.threads, offsets, groups, tw, a, w, c, precision);
+  }
+  template <BFloat16View A, BFloat16View B2>
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, A a, B2 b, S beta, MatrixView<S> w,
+                                 Precision precision) {
+    cpu::grouped_gemm_wgrad(ctx.threads, offsets, groups, a, b, beta, w, precision);
+  }
   // Light items (a token's gate, an element) go parallel only in chunks of at least this many.
   static constexpr Index kItemsPerThread = 256;
 

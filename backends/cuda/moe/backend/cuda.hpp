@@ -79,14 +79,14 @@ struct CudaSystem {
                    MatrixView<S> c) {
     cuda::gemm(ctx, ta, tb, alpha, a, b, beta, c);
   }
-  template <class S>
-  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
-                           ConstMatrixView<S> w, MatrixView<S> c, Precision precision) {
+  template <class TA, class TW, class S>  // TA, TW: S, or BFloat16 for both
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<TA> a,
+                           ConstMatrixView<TW> w, MatrixView<S> c, Precision precision) {
     cuda::grouped_gemm(ctx, offsets, groups, tw, a, w, c, precision);
   }
-  template <class S>
-  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
-                                 ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision) {
+  template <class TA, class TB, class S>  // TA, TB: S, or BFloat16 for both
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, ConstMatrixView<TA> a,
+                                 ConstMatrixView<TB> b, S beta, MatrixView<S> w, Precision precision) {
     cuda::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w, precision);
   }
 

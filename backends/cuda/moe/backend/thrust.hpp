@@ -55,6 +55,19 @@ class Thrust {
                                  ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
     System::grouped_gemm_wgrad(ctx, offsets, groups, a, b, beta, w, precision);
   }
+  // The same on operands stored as BFloat16 (float only); precision must be Precision::bf16.
+  template <BFloat16View A, BFloat16View W>
+  static void grouped_gemm(Context& ctx, const Index* offsets, Index groups, Op tw, A a, W w, MatrixView<S> c,
+                           Precision precision) {
+    System::grouped_gemm(ctx, offsets, groups, tw, ConstMatrixView<BFloat16>(a), ConstMatrixView<BFloat16>(w), c,
+                         precision);
+  }
+  template <BFloat16View A, BFloat16View B2>
+  static void grouped_gemm_wgrad(Context& ctx, const Index* offsets, Index groups, A a, B2 b, S beta, MatrixView<S> w,
+                                 Precision precision) {
+    System::grouped_gemm_wgrad(ctx, offsets, groups, ConstMatrixView<BFloat16>(a), ConstMatrixView<BFloat16>(b), beta,
+                               w, precision);
+  }
 
   // f(i) for every i in [0, count), one item per thread on a device; items write disjoint memory.
   template <class F>

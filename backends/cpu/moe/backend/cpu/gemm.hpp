@@ -155,4 +155,37 @@ void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMa
   });
 }
 
+// A contiguous S copy of a BFloat16 matrix (every bfloat16 value is exactly an S).
+template <class S>
+HostMatrix<S> widened(ConstMatrixView<BFloat16> m) {
+  HostMatrix<S> out(m.rows, m.cols);
+  for (Index r = 0; r < m.rows; ++r)
+    for (Index c = 0; c < m.cols; ++c) out(r, c) = static_cast<S>(to_float(m(r, c)));
+  return out;
+}
+
+inline void require_bf16(Precision precision, const char* who) {
+  detail::require(precision == Precision::bf16, who, ": BFloat16 operands are multiplied as Precision::bf16, got "
+                  "Precision::", to_string(precision));
+}
+
+// grouped_gemm and grouped_gemm_wgrad on operands stored as BFloat16 (precision must be
+// Precision::bf16): the products of the rounding path above, bit for bit, since rounding a
+// bfloat16 value to bfloat16 changes nothing.
+template <class S, BFloat16View A, BFloat16View W>
+void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, A a, W w, MatrixView<S> c,
+                  Precision precision) {
+  require_bf16(precision, "grouped_gemm");
+  grouped_gemm(threads, offsets, groups, tw, ConstMatrixView<S>(widened<S>(a).view()),
+               ConstMatrixView<S>(widened<S>(w).view()), c, Precision::fp32);
+}
+
+template <class S, BFloat16View A, BFloat16View B>
+void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, A a, B b, S beta, MatrixView<S> w,
+                        Precision precision) {
+  require_bf16(precision, "grouped_gemm_wgrad");
+  grouped_gemm_wgrad(threads, offsets, groups, ConstMatrixView<S>(widened<S>(a).view()),
+                     ConstMatrixView<S>(widened<S>(b).view()), beta, w, Precision::fp32);
+}
+
 }  // namespace moe::backend::cpu

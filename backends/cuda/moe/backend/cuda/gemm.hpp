@@ -20,6 +20,7 @@
 
 #include "moe/backend/cuda/check.hpp"
 #include "moe/backend/cuda/context.hpp"
+#include "moe/backend/cuda/device_matrix.hpp"
 #include "moe/backend/cuda/tensor_core_gemm.hpp"
 #include "moe/error.hpp"
 #include "moe/op.hpp"
@@ -419,11 +420,11 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
     if (precision != Precision::fp32 && tensor_core_gemm_available()) {
       const bool bf16 = precision == Precision::bf16;
       if (tw == Op::none) {
-        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, false>
-              : detail::tc_launch_grouped_gemm<Precision::tf32, false>)(ctx, offsets, groups, a, w, wr, c, k, n);
+        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, false, float, float>
+              : detail::tc_launch_grouped_gemm<Precision::tf32, false, float, float>)(ctx, offsets, groups, a, w, wr, c, k, n);
       } else {
-        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, true>
-              : detail::tc_launch_grouped_gemm<Precision::tf32, true>)(ctx, offsets, groups, a, w, wr, c, k, n);
+        (bf16 ? detail::tc_launch_grouped_gemm<Precision::bf16, true, float, float>
+              : detail::tc_launch_grouped_gemm<Precision::tf32, true, float, float>)(ctx, offsets, groups, a, w, wr, c, k, n);
       }
       return;
     }
@@ -448,13 +449,90 @@ void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, 
   if (w.rows == 0 || w.cols == 0) return;
   if constexpr (std::is_same_v<S, float>) {
     if (precision != Precision::fp32 && tensor_core_gemm_available()) {
-      (precision == Precision::bf16 ? detail::tc_launch_grouped_wgrad<Precision::bf16>
-                                    : detail::tc_launch_grouped_wgrad<Precision::tf32>)(ctx, offsets, groups, a, b,
+      (precision == Precision::bf16 ? detail::tc_launch_grouped_wgrad<Precision::bf16, float, float>
+                                    : detail::tc_launch_grouped_wgrad<Precision::tf32, float, float>)(ctx, offsets, groups, a, b,
                                                                                          beta, w);
       return;
     }
   }
   detail::grouped_gemm_wgrad_exact(ctx, offsets, groups, a, b, beta, w, precision);
+}
+
+namespace detail {
+
+template <class T>  // BFloat16 (a template: defined in every translation unit that uses it)
+__global__ void widen_kernel(ConstMatrixView<T> src, float* __restrict__ dst) {
+  const Index count = src.rows * src.cols;
+  const Index step = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index e = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += step)
+    dst[e] = to_float(src(e / src.cols, e % src.cols));
+}
+
+// A contiguous fp32 copy of a BFloat16 matrix (exact), for the exact kernels.
+inline DeviceMatrix<float> widened(const Context& ctx, ConstMatrixView<BFloat16> m) {
+  DeviceMatrix<float> out;
+  out.resize(m.rows, m.cols);
+  const Index count = m.rows * m.cols;
+  if (count > 0) {
+    widen_kernel<BFloat16><<<grid_stride_blocks(count), kFillThreads, 0, ctx.stream()>>>(m, out.data());
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  return out;
+}
+
+inline void require_bf16(Precision precision, const char* who) {
+  ::moe::detail::require(precision == Precision::bf16, who,
+                         ": BFloat16 operands are multiplied as Precision::bf16, got Precision::", to_string(precision));
+}
+
+}  // namespace detail
+
+// grouped_gemm on operands stored as BFloat16 (precision must be Precision::bf16, c is fp32):
+// the tensor-core kernel reads them as they are, half the bytes of fp32 operands; the results
+// are those of the fp32 overload on the same values. Without tensor cores the operands are
+// widened into temporary fp32 copies for the exact kernel (freeing them waits for the device).
+template <class S, BFloat16View A, BFloat16View W>
+void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw, A a_view, W w_view, MatrixView<S> c,
+                  Precision precision) {
+  const ConstMatrixView<BFloat16> a = a_view, w = w_view;
+  static_assert(std::is_same_v<S, float>, "moe::backend::cuda::grouped_gemm: BFloat16 operands give a float result");
+  detail::require_bf16(precision, "grouped_gemm");
+  ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
+                         " stacked weight rows do not split into ", groups, " groups");
+  const Index wr = w.rows / groups;
+  const Index k = tw == Op::none ? wr : w.cols;
+  const Index n = tw == Op::none ? w.cols : wr;
+  ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
+                         a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  if (c.rows == 0 || n == 0) return;
+  if (tensor_core_gemm_available()) {
+    if (tw == Op::none)
+      detail::tc_launch_grouped_gemm<Precision::bf16, false>(ctx, offsets, groups, a, w, wr, c, k, n);
+    else
+      detail::tc_launch_grouped_gemm<Precision::bf16, true>(ctx, offsets, groups, a, w, wr, c, k, n);
+    return;
+  }
+  const DeviceMatrix<float> aw = detail::widened(ctx, a), ww = detail::widened(ctx, w);
+  detail::grouped_gemm_exact<float>(ctx, offsets, groups, tw, aw.view(), ww.view(), c, Precision::bf16);
+}
+
+// grouped_gemm_wgrad on operands stored as BFloat16, as grouped_gemm above.
+template <class S, BFloat16View A, BFloat16View B>
+void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, A a_view, B b_view, S beta,
+                        MatrixView<S> w, Precision precision) {
+  const ConstMatrixView<BFloat16> a = a_view, b = b_view;
+  static_assert(std::is_same_v<S, float>, "moe::backend::cuda::grouped_gemm_wgrad: BFloat16 operands give a float result");
+  detail::require_bf16(precision, "grouped_gemm_wgrad");
+  ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
+                         "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
+                         " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  if (w.rows == 0 || w.cols == 0) return;
+  if (tensor_core_gemm_available()) {
+    detail::tc_launch_grouped_wgrad<Precision::bf16>(ctx, offsets, groups, a, b, beta, w);
+    return;
+  }
+  const DeviceMatrix<float> aw = detail::widened(ctx, a), bw = detail::widened(ctx, b);
+  detail::grouped_gemm_wgrad_exact<float>(ctx, offsets, groups, aw.view(), bw.view(), beta, w, Precision::bf16);
 }
 
 }  // namespace moe::backend::cuda

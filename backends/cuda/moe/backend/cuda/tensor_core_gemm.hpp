@@ -11,7 +11,9 @@
 //    global memory as fp32 (16-byte loads where the view's pointer and stride allow, scalar
 //    loads otherwise and at ragged edges, zeros outside the matrices), rounded once to bf16 or
 //    TF32 (moe::round_to_bf16 / moe::round_to_tf32, the functions the CPU backend emulates
-//    with) and stored into shared memory; rows are padded by 16 bytes against bank conflicts;
+//    with) and stored into shared memory; operands already stored as BFloat16 are read as
+//    they are (8-byte loads: half the bytes) and stored unchanged; rows are padded by 16 bytes
+//    against bank conflicts;
 //  - two shared-memory stages, prefetched through registers: the loads of slice s + 1 are in
 //    flight while the warps multiply slice s (bf16: m16n16k16 fragments, TF32: m16n16k8), then
 //    the registers go into the other stage; one barrier per slice;
@@ -116,11 +118,18 @@ inline constexpr int kTcChunks = kTcRows * kTcDepth / 4 / kTcThreads;
 static_assert((kTcRows / kTcWarpRows) * (kTcCols / kTcWarpCols) * 32 == kTcThreads);
 static_assert(kTcCols * kTcDepth / 4 / kTcThreads == kTcChunks && kTcChunks * 4 * kTcThreads == kTcRows * kTcDepth);
 
-// Whether the tile loads and stores of a view may use 16-byte accesses: its pointer is 16-byte
-// aligned and its stride a multiple of 4 elements (tiles start at multiples of 4 columns).
-[[nodiscard]] inline bool vectorizable(const float* data, Index stride) {
-  return reinterpret_cast<std::uintptr_t>(data) % 16 == 0 && stride % 4 == 0;
+// Whether the tile loads and stores of a view may access whole chunks of 4 elements at once
+// (16 bytes of fp32, 8 of bfloat16): its pointer is aligned to a chunk and its stride a multiple
+// of 4 elements (tiles start at multiples of 4 columns).
+template <class T>
+[[nodiscard]] bool vectorizable(const T* data, Index stride) {
+  return reinterpret_cast<std::uintptr_t>(data) % (4 * sizeof(T)) == 0 && stride % 4 == 0;
 }
+
+// Four consecutive operand elements as a thread holds them between the global load and the
+// shared-memory store: fp32 values (rounded when stored), or bfloat16 bits (stored as they are).
+template <class T>
+using TcChunk = std::conditional_t<std::is_same_v<T, BFloat16>, uint2, float4>;
 
 struct TcVector {
   bool a = false;    // the first operand (a)
@@ -168,13 +177,19 @@ struct TcLayout {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 
+// Element j (0..3) of a bfloat16 chunk set to the bits of x.
+__device__ __forceinline__ void set_half(uint2& v, int j, std::uint16_t x) {
+  std::uint32_t& word = j < 2 ? v.x : v.y;
+  word = (j % 2 == 0) ? ((word & 0xFFFF0000u) | x) : ((word & 0x0000FFFFu) | (std::uint32_t{x} << 16));
+}
+
 // This thread's kTcChunks chunks of an R x C tile (C consecutive elements per row): chunk i of
 // thread tid covers row tid / (C / 4) + i * (kTcThreads / (C / 4)), columns 4 (tid % (C / 4))
-// + 0..3, so a warp reads whole rows (coalesced). Read from the row-major fp32 matrix at src
-// with the given stride: elements at rows >= rows or columns >= cols read as 0 and are never
-// touched. vec: 16-byte loads for whole chunks (src 16-byte aligned, stride % 4 == 0).
-template <int R, int C>
-__device__ __forceinline__ void load_chunks(float4 (&v)[kTcChunks], const float* __restrict__ src, Index stride,
+// + 0..3, so a warp reads whole rows (coalesced). Read from the row-major matrix at src (fp32 or
+// BFloat16) with the given stride: elements at rows >= rows or columns >= cols read as 0 and are
+// never touched. vec: one load per whole chunk (vectorizable(src, stride)).
+template <int R, int C, class T>
+__device__ __forceinline__ void load_chunks(TcChunk<T> (&v)[kTcChunks], const T* __restrict__ src, Index stride,
                                             int rows, int cols, bool vec, int tid) {
   constexpr int kPerRow = C / 4;
   constexpr int kRowStep = kTcThreads / kPerRow;
@@ -184,11 +199,13 @@ __device__ __forceinline__ void load_chunks(float4 (&v)[kTcChunks], const float*
 #pragma unroll
   for (int i = 0; i < kTcChunks; ++i) {
     const int r = r0 + i * kRowStep;
-    float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    TcChunk<T> x{};  // zeros (0.0f, or the bits of bfloat16 +0)
     if (r < rows && c < cols) {
-      const float* p = src + static_cast<Index>(r) * stride + c;
+      const T* p = src + static_cast<Index>(r) * stride + c;
       if (vec && c + 4 <= cols) {
-        x = *reinterpret_cast<const float4*>(p);
+        x = *reinterpret_cast<const TcChunk<T>*>(p);
+      } else if constexpr (std::is_same_v<T, BFloat16>) {
+        for (int j = 0; j < 4 && c + j < cols; ++j) set_half(x, j, p[j].bits);
       } else {
         x.x = p[0];
         if (c + 1 < cols) x.y = p[1];
@@ -204,9 +221,9 @@ __device__ __forceinline__ void load_chunks(float4 (&v)[kTcChunks], const float*
 // (leading dimension Ld elements), at the places load_chunks read them from. bf16: the
 // hardware's round-to-nearest-even conversion, the value of moe::round_to_bf16 for every input
 // (a NaN stays a NaN, its payload aside); tf32: moe::round_to_tf32 (the hardware's
-// cvt.rna.tf32.f32 rounds ties away from zero).
-template <Precision P, int C, int Ld, class Element>
-__device__ __forceinline__ void store_chunks(Element* tile, const float4 (&v)[kTcChunks], int tid) {
+// cvt.rna.tf32.f32 rounds ties away from zero). Chunks of bfloat16 bits are stored as they are.
+template <Precision P, int C, int Ld, class Element, class Chunk>
+__device__ __forceinline__ void store_chunks(Element* tile, const Chunk (&v)[kTcChunks], int tid) {
   constexpr int kPerRow = C / 4;
   constexpr int kRowStep = kTcThreads / kPerRow;
   const int r0 = tid / kPerRow;
@@ -214,7 +231,10 @@ __device__ __forceinline__ void store_chunks(Element* tile, const float4 (&v)[kT
 #pragma unroll
   for (int i = 0; i < kTcChunks; ++i) {
     Element* dst = tile + (r0 + i * kRowStep) * Ld + c;
-    if constexpr (P == Precision::bf16) {
+    if constexpr (std::is_same_v<Chunk, uint2>) {
+      static_assert(P == Precision::bf16, "bfloat16 operands are multiplied as Precision::bf16");
+      *reinterpret_cast<uint2*>(dst) = v[i];
+    } else if constexpr (P == Precision::bf16) {
       const __nv_bfloat162 lo = __floats2bfloat162_rn(v[i].x, v[i].y);  // .x (column c) at the lower address
       const __nv_bfloat162 hi = __floats2bfloat162_rn(v[i].z, v[i].w);
       uint2 packed;
@@ -339,11 +359,11 @@ __device__ __forceinline__ void run_slices(Index slices, Load& load, Store& stor
 // c rows of group g = a rows of group g * op(w_g) on tensor cores. grid.x: row tiles of
 // kTcRows (an upper bound on their number; blocks past the last exit), grid.y: column tiles,
 // strided when there are more than grid.y of them. Dynamic shared memory:
-// TcLayout<P, false, TransposeW>::kSharedBytes.
-template <Precision P, bool TransposeW>
+// TcLayout<P, false, TransposeW>::kSharedBytes. TA, TW: float, or BFloat16 with P = bf16.
+template <Precision P, bool TransposeW, class TA, class TW>
 __global__ void __launch_bounds__(kTcThreads)
-    tc_grouped_gemm_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<float> a,
-                           ConstMatrixView<float> w, Index wr, MatrixView<float> c, Index k, Index n, TcVector vec) {
+    tc_grouped_gemm_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<TA> a,
+                           ConstMatrixView<TW> w, Index wr, MatrixView<float> c, Index k, Index n, TcVector vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using L = TcLayout<P, false, TransposeW>;
   extern __shared__ __align__(128) unsigned char tc_shared[];
@@ -358,8 +378,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int warp = tid / 32;
   const int warp_row = (warp / (kTcCols / kTcWarpCols)) * kTcWarpRows;
   const int warp_col = (warp % (kTcCols / kTcWarpCols)) * kTcWarpCols;
-  const float* a_rows = a.data + row0 * a.stride;
-  const float* wg = w.data + group * wr * w.stride;
+  const TA* a_rows = a.data + row0 * a.stride;
+  const TW* wg = w.data + group * wr * w.stride;
   const Index col_tiles = (n + kTcCols - 1) / kTcCols;
   const Index slices = (k + kTcDepth - 1) / kTcDepth;
   for (Index ct = blockIdx.y; ct < col_tiles; ct += gridDim.y) {
@@ -370,8 +390,8 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int i = 0; i < kTcFragRows; ++i)
 #pragma unroll
       for (int j = 0; j < kTcFragCols; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-    float4 ra[kTcChunks];
-    float4 rb[kTcChunks];
+    TcChunk<TA> ra[kTcChunks];
+    TcChunk<TW> rb[kTcChunks];
     const auto load = [&](Index s) {
       const Index k0 = s * kTcDepth;
       const int depth = static_cast<int>(min(Index{kTcDepth}, k - k0));
@@ -401,11 +421,12 @@ __global__ void __launch_bounds__(kTcThreads)
 
 // w_g = beta * w_g + a_g^T b_g on tensor cores. A 1-D grid strides over the (group, row tile of
 // w_g, column tile of w_g) triples; each block reduces over its group's rows in order, kTcDepth
-// at a time. Dynamic shared memory: TcLayout<P, true, false>::kSharedBytes.
-template <Precision P>
+// at a time. Dynamic shared memory: TcLayout<P, true, false>::kSharedBytes. TA, TB: float, or
+// BFloat16 with P = bf16.
+template <Precision P, class TA, class TB>
 __global__ void __launch_bounds__(kTcThreads)
-    tc_grouped_wgrad_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<float> a,
-                            ConstMatrixView<float> b, float beta, MatrixView<float> w, Index row_tiles,
+    tc_grouped_wgrad_kernel(const Index* __restrict__ offsets, Index groups, ConstMatrixView<TA> a,
+                            ConstMatrixView<TB> b, float beta, MatrixView<float> w, Index row_tiles,
                             Index col_tiles, TcVector vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using L = TcLayout<P, true, false>;
@@ -431,8 +452,8 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int i = 0; i < kTcFragRows; ++i)
 #pragma unroll
       for (int j = 0; j < kTcFragCols; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-    float4 ra[kTcChunks];
-    float4 rb[kTcChunks];
+    TcChunk<TA> ra[kTcChunks];
+    TcChunk<TB> rb[kTcChunks];
     const auto load = [&](Index s) {
       const Index r0 = begin + s * kTcDepth;
       const int depth = static_cast<int>(min(Index{kTcDepth}, end - r0));
@@ -474,12 +495,12 @@ void allow_shared_memory(Kernel kernel, int bytes, std::array<std::atomic<bool>,
 }
 
 // The launches: arguments already checked by the public functions (gemm.hpp), c.rows > 0, n > 0.
-template <Precision P, bool TransposeW>
-void tc_launch_grouped_gemm(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<float> a,
-                            ConstMatrixView<float> w, Index wr, MatrixView<float> c, Index k, Index n) {
+template <Precision P, bool TransposeW, class TA, class TW>
+void tc_launch_grouped_gemm(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<TA> a,
+                            ConstMatrixView<TW> w, Index wr, MatrixView<float> c, Index k, Index n) {
   using L = TcLayout<P, false, TransposeW>;
   static std::array<std::atomic<bool>, kTcCachedDevices> done{};
-  const auto kernel = tc_grouped_gemm_kernel<P, TransposeW>;
+  const auto kernel = tc_grouped_gemm_kernel<P, TransposeW, TA, TW>;
   allow_shared_memory(kernel, L::kSharedBytes, done);
   // sum over g of ceil(rows_g / kTcRows) <= ceil(a.rows / kTcRows) + groups.
   const Index row_blocks = (a.rows + kTcRows - 1) / kTcRows + groups;
@@ -492,12 +513,12 @@ void tc_launch_grouped_gemm(const Context& ctx, const Index* offsets, Index grou
   MOE_CUDA_CHECK_LAUNCH();
 }
 
-template <Precision P>
-void tc_launch_grouped_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<float> a,
-                             ConstMatrixView<float> b, float beta, MatrixView<float> w) {
+template <Precision P, class TA, class TB>
+void tc_launch_grouped_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<TA> a,
+                             ConstMatrixView<TB> b, float beta, MatrixView<float> w) {
   using L = TcLayout<P, true, false>;
   static std::array<std::atomic<bool>, kTcCachedDevices> done{};
-  const auto kernel = tc_grouped_wgrad_kernel<P>;
+  const auto kernel = tc_grouped_wgrad_kernel<P, TA, TB>;
   allow_shared_memory(kernel, L::kSharedBytes, done);
   const Index row_tiles = (a.cols + kTcRows - 1) / kTcRows;
   const Index col_tiles = (b.cols + kTcCols - 1) / kTcCols;
@@ -526,7 +547,7 @@ void tc_launch_grouped_wgrad(const Context& ctx, const Index* offsets, Index gro
   }
   cudaFuncAttributes attributes{};
   bool available = false;
-  if (cudaFuncGetAttributes(&attributes, detail::tc_grouped_wgrad_kernel<Precision::bf16>) == cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, detail::tc_grouped_wgrad_kernel<Precision::bf16, float, float>) == cudaSuccess) {
     // ptxVersion: the virtual architecture the loaded code was compiled from (a compute_75 PTX
     // JIT-compiled for an sm_90 device reports 75: its kernels hold no tensor-core code).
     available = attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
