@@ -562,3 +562,53 @@ TEST_CASE("bf16 experts' BFloat16 weight copies follow optimizer steps, changed(
   SUBCASE("FeedForward") { check_weight_copies_follow_changes<moe::expert::FeedForward>(); }
   SUBCASE("SwiGLU") { check_weight_copies_follow_changes<moe::expert::SwiGLU>(); }
 }
+
+namespace {
+
+template <class Family>
+void check_gather_into_bfloat16() {
+  using Cpu = moe::backend::Cpu<float>;
+  using Group = typename Family::template Group<Cpu>;
+  const Index d = 6, n = 2;
+  Cpu::Context ctx{};
+  const auto x = moe::test::random_matrix<float>(10, d, 21);
+  const std::vector<Index> rows{9, 2, 2, 0, 7, 5, 3}, offsets{0, 3, 7};
+  const auto dys = moe::test::random_matrix<float>(7, d, 22);
+  const typename Family::Config config{.hidden = 5, .precision = Precision::bf16};
+  Group by_layer(config, d, n, 4), by_group(config, d, n, 4);
+  // The fp32 gather, then forward and backward ...
+  moe::test::Matrix<float> xs(7, d), ys(7, d), dxs(7, d);
+  Cpu::gather_rows(ctx, x.view(), rows.data(), xs.view());
+  typename Group::Saved saved;
+  by_layer.forward(ctx, xs.view(), offsets.data(), ys.view(), saved);
+  by_layer.backward(ctx, xs.view(), offsets.data(), saved, dys.view(), dxs.view());
+  // ... against the group's own gather, straight into bfloat16: xs2 is never written or read.
+  moe::test::Matrix<float> xs2(7, d, std::numeric_limits<float>::quiet_NaN()), ys2(7, d), dxs2(7, d);
+  typename Group::Saved saved2;
+  by_group.gather_rows(ctx, x.view(), rows.data(), xs2.view(), saved2);
+  for (Index i = 0; i < xs2.size(); ++i) REQUIRE(std::isnan(xs2[i]));
+  by_group.forward(ctx, xs2.view(), offsets.data(), ys2.view(), saved2);
+  by_group.backward(ctx, xs2.view(), offsets.data(), saved2, dys.view(), dxs2.view());
+  auto same = [](const moe::test::Matrix<float>& a, const moe::test::Matrix<float>& b) {
+    return moe::test::same_bits(moe::ConstMatrixView<float>(a.view()), moe::ConstMatrixView<float>(b.view()));
+  };
+  CHECK(same(ys, ys2));
+  CHECK(same(dxs, dxs2));
+  const auto p1 = by_layer.parameters(), p2 = by_group.parameters();
+  for (std::size_t i = 0; i < p1.size(); ++i)
+    CHECK(moe::test::same_bits(moe::ConstMatrixView<float>(p1[i].grad), moe::ConstMatrixView<float>(p2[i].grad)));
+  // In fp32 the group's gather is the backend's.
+  Group wide({.hidden = 5}, d, n, 4);
+  typename Group::Saved saved3;
+  moe::test::Matrix<float> xs3(7, d);
+  wide.gather_rows(ctx, x.view(), rows.data(), xs3.view(), saved3);
+  CHECK(same(xs3, xs));
+}
+
+}  // namespace
+
+TEST_CASE("bf16 experts gather the layer's dispatched rows straight into bfloat16, with the same results") {
+  static_assert(moe::GathersOwnRows<moe::expert::FeedForward::Group<moe::backend::Cpu<float>>, moe::backend::Cpu<float>>);
+  SUBCASE("FeedForward") { check_gather_into_bfloat16<moe::expert::FeedForward>(); }
+  SUBCASE("SwiGLU") { check_gather_into_bfloat16<moe::expert::SwiGLU>(); }
+}

@@ -41,7 +41,8 @@ MOE_HD inline Index segment_of_row(const Index* offsets, Index segments, Index r
 //   B::Scalar                 storage and compute type of activations and parameters
 //   B::Buffer<T>              an owning row-major matrix in the backend's memory
 //   B::Context                per-call state (threads, stream, handles), default-constructible
-//   gemm, grouped_gemm, grouped_gemm_wgrad (both with a Precision), for_each, gather_rows, sum_rows,
+//   gemm, grouped_gemm, grouped_gemm_wgrad (both with a Precision; on float, also on BFloat16
+//   operands with Precision::bf16), for_each, gather_rows, sum_rows,
 //   histogram, exclusive_scan, stable_sort_by_key, fill, copy, synchronize
 // clang-format off
 template <class B>

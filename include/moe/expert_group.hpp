@@ -19,6 +19,11 @@ namespace moe {
 //   forward(ctx, xs, offsets, ys, saved)           xs, ys: [rows x d], offsets: n + 1 entries
 //   backward(ctx, xs, offsets, saved, dys, dxs)    adds parameter gradients into their storage
 //   parameters()                 its named parameters, stacked over experts
+// and may provide
+//   gather_rows(ctx, x, rows, xs, saved)   the layer's dispatch, xs[j] = x[rows[j]]: a group
+//                                that keeps its operands in another form gathers into that
+//                                form; the layer then passes the same xs to forward and
+//                                backward, holding whatever the group wrote there
 // clang-format off
 template <class E, class B>
 concept ExpertGroup =
@@ -32,6 +37,12 @@ concept ExpertGroup =
       { e.parameters() } -> std::same_as<std::vector<Parameter<typename B::Scalar>>>;
     };
 // clang-format on
+
+// An expert group that gathers its own input rows (the optional member above).
+template <class E, class B>
+concept GathersOwnRows =
+    requires(const E& e, typename B::Context& ctx, ConstMatrixView<typename B::Scalar> x, const Index* rows,
+             MatrixView<typename B::Scalar> xs, typename E::Saved& saved) { e.gather_rows(ctx, x, rows, xs, saved); };
 
 // Which of a layer's experts a group holds when the experts are sharded across processes:
 // experts [first, first + n_experts) of `total`. A group built with a shard initializes exactly

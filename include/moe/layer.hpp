@@ -358,7 +358,14 @@ class Layer {
     const Index routed = f.plan_.routed();
     f.xs_.resize(routed, d);
     f.ys_.resize(routed, d);
-    B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
+    if constexpr (GathersOwnRows<ExpertGroup, B>) {
+      if (sharded())
+        B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());  // the rows travel in fp32
+      else
+        experts_.gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view(), f.expert_saved_);
+    } else {
+      B::gather_rows(ctx, xc, f.plan_.token_of.data(), f.xs_.view());
+    }
     if (sharded()) {
       plan_exchange(ctx, f);
       experts_.forward(ctx, f.xe_.view(), f.exchange_.local_offsets(), f.ye_.view(), f.expert_saved_);

@@ -38,6 +38,7 @@ class FeedForward::Group {
     // Precision::bf16 (float): the operands kept narrow instead of act.
     Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
     Buffer<BFloat16> act16;  // [rows x h] relu(pre)
+    bool xs16_gathered = false;  // xs16 written by gather_rows, for the next forward
   };
 
   // shard: which experts of a sharded layer this group holds (default: all of them).
@@ -68,6 +69,15 @@ class FeedForward::Group {
   [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] const Config& config() const { return config_; }
 
+  // The layer's dispatch gather (the optional member of moe/expert_group.hpp): with
+  // Precision::bf16 the rows go straight into BFloat16 for the GEMMs and xs is left unwritten
+  // (forward and backward read saved.xs16); otherwise into xs.
+  void gather_rows(typename B::Context& ctx, ConstMatrixView<S> x, const Index* rows, MatrixView<S> xs,
+                   Saved& saved) const {
+    saved.xs16_gathered = detail::gather_operand_rows<B>(ctx, detail::narrow_operands<S>(config_.precision), x, rows,
+                                                         xs, saved.xs16);
+  }
+
   // With Precision::bf16 the GEMMs' operands are kept as BFloat16 (moe/expert/narrow.hpp): the
   // gathered rows narrowed once, relu(pre) written narrow, the weights' copies made again only
   // after the parameters changed. The results are those of fp32 operands rounded by the GEMMs.
@@ -75,7 +85,8 @@ class FeedForward::Group {
                Saved& saved) const {
     if constexpr (std::is_same_v<S, float>) {
       if (detail::narrow_operands<S>(config_.precision)) {
-        forward_as<BFloat16>(ctx, detail::narrow<B>(ctx, xs, saved.xs16), offsets, ys, saved, saved.act16);
+        forward_as<BFloat16>(ctx, detail::narrow_input<B>(ctx, xs, saved.xs16, saved.xs16_gathered), offsets, ys,
+                             saved, saved.act16);
         return;
       }
     }

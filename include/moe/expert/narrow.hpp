@@ -40,6 +40,39 @@ ConstMatrixView<BFloat16> narrow(typename B::Context& ctx, ConstMatrixView<typen
   return dst.view();
 }
 
+// The dispatch gather of an expert group's input, xs[j] = x[rows[j]]: straight into bfloat16
+// (dst) when the group keeps narrow operands, with no fp32 copy; into xs otherwise. Returns
+// whether it wrote dst.
+template <Backend B>
+bool gather_operand_rows(typename B::Context& ctx, bool narrow, ConstMatrixView<typename B::Scalar> x,
+                         const Index* rows, MatrixView<typename B::Scalar> xs,
+                         typename B::template Buffer<BFloat16>& dst) {
+  if (!narrow) {
+    B::gather_rows(ctx, x, rows, xs);
+    return false;
+  }
+  dst.resize(xs.rows, x.cols);
+  BFloat16* out = dst.data();
+  const Index cols = x.cols;
+  B::for_each(ctx, xs.rows * cols,
+              [=] MOE_HD(Index i) { out[i] = to_bfloat16(static_cast<float>(x(rows[i / cols], i % cols))); });
+  return true;
+}
+
+// The narrow input rows of a forward call: those gather_operand_rows wrote (consumed: the next
+// call narrows its xs again unless gathered anew), or xs narrowed into dst.
+template <Backend B>
+ConstMatrixView<BFloat16> narrow_input(typename B::Context& ctx, ConstMatrixView<typename B::Scalar> xs,
+                                       typename B::template Buffer<BFloat16>& dst, bool& gathered) {
+  if (gathered) {
+    gathered = false;
+    require(dst.rows() == xs.rows && dst.cols() == xs.cols, "expert group: ", dst.rows(), " x ", dst.cols(),
+            " rows gathered, but forward got ", xs.rows, " x ", xs.cols);
+    return dst.view();
+  }
+  return narrow<B>(ctx, xs, dst);
+}
+
 // A BFloat16 copy of a weight, or of two weights with as many rows side by side ([left | right]:
 // row r holds left's row r, then right's; SwiGLU's w1 and w3, multiplied by one GEMM). Made again
 // at get() when the owner's version moved since the last copy or the weights are other storage.

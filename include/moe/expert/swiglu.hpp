@@ -47,6 +47,7 @@ class SwiGLU::Group {
     Buffer<S> h13;           // [rows x 2h]
     Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
     Buffer<BFloat16> act16;  // [rows x h]
+    bool xs16_gathered = false;  // xs16 written by gather_rows, for the next forward
   };
 
   // shard: which experts of a sharded layer this group holds (default: all of them).
@@ -77,6 +78,15 @@ class SwiGLU::Group {
 
   [[nodiscard]] Index n_experts() const { return n_; }
   [[nodiscard]] const Config& config() const { return config_; }
+
+  // The layer's dispatch gather (the optional member of moe/expert_group.hpp): with
+  // Precision::bf16 the rows go straight into BFloat16 for the GEMMs and xs is left unwritten
+  // (forward and backward read saved.xs16); otherwise into xs.
+  void gather_rows(typename B::Context& ctx, ConstMatrixView<S> x, const Index* rows, MatrixView<S> xs,
+                   Saved& saved) const {
+    saved.xs16_gathered = detail::gather_operand_rows<B>(ctx, detail::narrow_operands<S>(config_.precision), x, rows,
+                                                         xs, saved.xs16);
+  }
 
   void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved& saved) const {
@@ -149,7 +159,7 @@ class SwiGLU::Group {
   void forward_narrow(typename B::Context& ctx, ConstMatrixView<S> xs_wide, const Index* offsets, MatrixView<S> ys,
                       Saved& saved) const {
     const Index rows = xs_wide.rows, h = config_.hidden;
-    const ConstMatrixView<BFloat16> xs = detail::narrow<B>(ctx, xs_wide, saved.xs16);
+    const ConstMatrixView<BFloat16> xs = detail::narrow_input<B>(ctx, xs_wide, saved.xs16, saved.xs16_gathered);
     saved.h13.resize(rows, 2 * h);
     saved.act16.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w13(ctx), saved.h13.view(), config_.precision);
