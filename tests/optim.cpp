@@ -114,3 +114,38 @@ TEST_CASE("a layer trained with Adam lowers a regression loss") {
   const double after = mse(layer.forward(x.view(), Mode::inference).y());
   CHECK(after < 0.3 * before);
 }
+
+TEST_CASE("Adam's moments and step count, copied into a fresh optimizer, continue the same trajectory") {
+  std::vector<double> a{1.0, -2.0, 0.5}, b(3), ga{0.5, -3.0, 0.25}, gb(3);
+  std::vector<Parameter<double>> pa{{"w", {3}, {a.data(), 1, 3}, {ga.data(), 1, 3}}};
+  std::vector<Parameter<double>> pb{{"w", {3}, {b.data(), 1, 3}, {gb.data(), 1, 3}}};
+  optim::Adam<B> first({.lr = 0.01, .weight_decay = 0.1});
+  for (int s = 0; s < 3; ++s) {
+    ga = {0.5 - s, -3.0 + 0.5 * s, 0.25 * s};
+    first.step(pa);
+  }
+  // A checkpoint: values, moments and the step count into another optimizer and parameters.
+  b = a;
+  optim::Adam<B> resumed({.lr = 0.01, .weight_decay = 0.1});
+  const auto [m1, v1] = first.moments(pa[0]);
+  const auto [m2, v2] = resumed.moments(pb[0]);
+  for (Index i = 0; i < 3; ++i) {
+    CHECK(m1(0, i) != 0.0);
+    m2(0, i) = m1(0, i);
+    v2(0, i) = v1(0, i);
+  }
+  resumed.set_steps(first.steps());
+  ga = gb = {0.3, 0.7, -1.1};
+  first.step(pa);
+  resumed.step(pb);
+  CHECK(a == b);  // the same bits
+  // Without the moments the step differs: the check can tell.
+  std::vector<double> c(a), gc{0.3, 0.7, -1.1};
+  std::vector<Parameter<double>> pc{{"w", {3}, {c.data(), 1, 3}, {gc.data(), 1, 3}}};
+  optim::Adam<B> fresh({.lr = 0.01, .weight_decay = 0.1});
+  fresh.set_steps(4);
+  fresh.step(pc);
+  first.step(pa);
+  CHECK(c != a);
+  CHECK(test::error_of([&] { fresh.set_steps(-1); }).find("optim::Adam: steps = -1, expected >= 0") != std::string::npos);
+}

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <map>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,22 @@ class Adam {
   }
 
   [[nodiscard]] long steps() const { return t_; }
+
+  // For checkpoints: a parameter's first and second moments, in backend memory, as writable
+  // views of its shape (zeros before its first step; created then), and the step count that the
+  // bias correction uses. Restoring both, with the parameters, continues training exactly.
+  [[nodiscard]] std::pair<MatrixView<S>, MatrixView<S>> moments(const Parameter<S>& p) {
+    auto& st = state_[p.value.data];
+    if (st.m.size() != p.size()) {
+      st.m.resize(p.value.rows, p.value.cols, S(0));
+      st.v.resize(p.value.rows, p.value.cols, S(0));
+    }
+    return {st.m.view(), st.v.view()};
+  }
+  void set_steps(long steps) {
+    detail::require(steps >= 0, "optim::Adam: steps = ", steps, ", expected >= 0");
+    t_ = steps;
+  }
 
  private:
   struct Moments {
