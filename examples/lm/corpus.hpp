@@ -389,10 +389,16 @@ class Vocabulary {
     return ids;
   }
 
-  // Writes one word per line in id order, atomically (a temporary file renamed over path).
+  // One word per line in id order: what save writes and parse reads.
+  [[nodiscard]] std::string text() const {
+    std::string out;
+    for (const std::string& w : words_) (out += w) += '\n';
+    return out;
+  }
+
+  // Writes text(), atomically (a temporary file renamed over path).
   void save(const std::string& path) const {
-    std::string text;
-    for (const std::string& w : words_) (text += w) += '\n';
+    const std::string text = this->text();
     moe::io::write_file_atomically(path, std::as_bytes(std::span<const char>(text.data(), text.size())));
   }
 
@@ -400,7 +406,13 @@ class Vocabulary {
   // or does not hold "<unk>", "<eos>" and then distinct words, one a line, without spaces.
   [[nodiscard]] static Vocabulary load(const std::string& path) {
     constexpr std::string_view where = "moe::lm::Vocabulary::load";
-    const std::string text = detail::read_text(path, where);
+    return parse(detail::read_text(path, where), where, path);
+  }
+
+  // The text save writes (what text() returns), checked as load checks a file; who and path name
+  // the caller and the source in the errors.
+  [[nodiscard]] static Vocabulary parse(const std::string& text, std::string_view who, const std::string& path) {
+    const std::string_view where = who;
     const std::vector<std::string_view> lines = detail::lines_of(text);
     moe::detail::require(lines.size() >= 2 && lines[0] == kUnk && lines[1] == kEos, where, ": '", path,
                          "' starts with '", lines.empty() ? "" : lines[0], "', '", lines.size() < 2 ? "" : lines[1],

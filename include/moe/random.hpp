@@ -65,7 +65,8 @@ struct CounterRandom {
 // normal(t, i, step mod 2^32).
 class Rng {
  public:
-  explicit Rng(std::uint64_t seed) : stream_{seed} {}
+  // step: where the generator stands (0 for a new one; a checkpoint's step() to resume).
+  explicit Rng(std::uint64_t seed, std::uint64_t step = 0) : stream_{seed}, step_(step) {}
 
   [[nodiscard]] std::uint64_t seed() const { return stream_.seed; }
   [[nodiscard]] std::uint64_t step() const { return step_; }
