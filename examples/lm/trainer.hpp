@@ -234,7 +234,13 @@ class Trainer {
 
   // Restores everything save wrote. The file must hold this trainer's model and training
   // configuration and vocabulary; it is read and checked whole before anything changes.
-  void load(const std::string& path) {
+  void load(const std::string& path) { restore(path, true); }
+
+  // Restores the parameters only (to evaluate or generate; the training stream may be another).
+  void load_weights(const std::string& path) { restore(path, false); }
+
+ private:
+  void restore(const std::string& path, bool everything) {
     const CheckpointHeader h = read_checkpoint_header(path);
     const auto mine = detail::describe(model_.config(), train_), theirs = detail::describe(h.model, h.train);
     for (const auto& [k, v] : mine)
@@ -245,7 +251,7 @@ class Trainer {
     const auto& meta = file.metadata();
     const Index adam_steps = detail::parse_number<Index>(meta, "adam.steps", path);
     const auto noise_step = detail::parse_number<std::uint64_t>(meta, "noise.step", path);
-    moe::detail::require(h.progress.position >= 0 && h.progress.position <= batcher_.stream_length(), path,
+    moe::detail::require(!everything || (h.progress.position >= 0 && h.progress.position <= batcher_.stream_length()), path,
                          ": progress.position = ", h.progress.position, ", expected within the training stream's ",
                          batcher_.stream_length(), " positions (another corpus?)");
     auto params = model_.parameters();
@@ -272,6 +278,8 @@ class Trainer {
       B::copy(ctx, ConstMatrixView<S>{vs[i].data(), rows, cols}, v);
       params[i].changed();
     }
+    B::synchronize(ctx);
+    if (!everything) return;
     auto& states = model_.states();
     for (std::size_t i = 0; i < states.size(); ++i) {
       states[i].h.resize(train_.batch, model_.config().d);
@@ -286,7 +294,6 @@ class Trainer {
     batcher_.seek(h.progress.position);
   }
 
- private:
   // Scales every gradient by clip / norm when their global L2 norm exceeds clip.
   void clip(typename B::Context& ctx, const std::vector<Parameter<S>>& params) {
     double sq = 0;
