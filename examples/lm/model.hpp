@@ -20,10 +20,22 @@
 
 namespace moe::lm {
 
-enum class MixtureKind { none, flat, hierarchical };
+// What sits between the first two LSTMs: nothing, one flat MoE layer, a hierarchical one, or a
+// stack of `deep` single-expert layers (the paper's MoE-1-Deep: one expert of several layers).
+enum class MixtureKind { none, flat, hierarchical, deep };
 
 inline const char* to_string(MixtureKind k) {
-  return k == MixtureKind::flat ? "flat" : k == MixtureKind::hierarchical ? "hierarchical" : "none";
+  switch (k) {
+    case MixtureKind::flat:
+      return "flat";
+    case MixtureKind::hierarchical:
+      return "hierarchical";
+    case MixtureKind::deep:
+      return "deep";
+    case MixtureKind::none:
+      break;
+  }
+  return "none";
 }
 
 struct ModelConfig {
@@ -34,6 +46,7 @@ struct ModelConfig {
   Index experts = 32;      // routed experts (hierarchical: leaves)
   Index groups = 0;        // hierarchical: first-level groups of experts / groups leaves each
   Index k = 4;             // experts per token (hierarchical: 2 groups x 2 experts, k = 4)
+  Index deep = 4;          // deep: single-expert layers stacked
   Index hidden = 64;       // each expert's hidden width
   bool residual = true;    // the mixture's output is added to its input
   double dropout = 0.1;
@@ -44,12 +57,14 @@ struct ModelConfig {
 
 // Multiply-adds times 2 per token of the layers between the embedding and the softmax, in the
 // forward pass: each LSTM 2 (2d)(4d); a flat mixture's gate 2 d n and k experts of 2 (2 d h); a
-// hierarchical one's gates 2 d g + 2 (2 d n / g), and 4 experts. (The embedding is a lookup; the
+// hierarchical one's gates 2 d g + 2 (2 d n / g), and 4 experts; a deep stack, per layer, a
+// gate of one expert 2 d and that expert. (The embedding is a lookup; the
 // softmax, 2 d V, is the same in every configuration and reported apart, as the paper does.)
 inline double active_flops(const ModelConfig& c) {
   const double d = static_cast<double>(c.d), h = static_cast<double>(c.hidden);
   double f = static_cast<double>(c.lstm_layers) * 2.0 * (2.0 * d) * (4.0 * d);
   if (c.mixture == MixtureKind::flat) f += 2.0 * d * static_cast<double>(c.experts) + static_cast<double>(c.k) * 4.0 * d * h;
+  if (c.mixture == MixtureKind::deep) f += static_cast<double>(c.deep) * (2.0 * d + 4.0 * d * h);
   if (c.mixture == MixtureKind::hierarchical) {
     const double g = static_cast<double>(c.groups), per = static_cast<double>(c.experts) / g;
     f += 2.0 * d * g + 2.0 * 2.0 * d * per + 4.0 * 4.0 * d * h;
@@ -89,8 +104,17 @@ class Model {
     const typename gate::NoisyTopK::Config gate{.k = c.k, .noisy = c.noisy, .w_importance = c.w_balance,
                                                 .w_load = c.w_balance};
     if (c.mixture == MixtureKind::flat)
-      flat_.emplace(typename Flat::Config{
+      flats_.emplace_back(typename Flat::Config{
           .d_model = c.d, .n_experts = c.experts, .expert = {.hidden = c.hidden}, .gate = gate, .seed = c.seed});
+    if (c.mixture == MixtureKind::deep)
+      for (Index l = 0; l < c.deep; ++l)
+        flats_.emplace_back(typename Flat::Config{.d_model = c.d,
+                                                  .n_experts = 1,
+                                                  .expert = {.hidden = c.hidden},
+                                                  .gate = {.k = 1, .noisy = false},
+                                                  .seed = c.seed + static_cast<std::uint64_t>(l)});
+    flat_f_.resize(flats_.size());
+    flat_b_.resize(flats_.size());
     if (c.mixture == MixtureKind::hierarchical) {
       // Two levels of noisy top-2 (k = 4 experts per token); the balance losses over both levels.
       const typename gate::NoisyTopK::Config level{.k = 2, .noisy = c.noisy};
@@ -113,14 +137,15 @@ class Model {
     std::vector<Parameter<S>> all = embedding_.parameters();
     for (auto& l : lstms_)
       for (auto& p : l.parameters()) all.push_back(std::move(p));
-    auto add_mixture = [&](auto& layer) {
+    auto add_mixture = [&](auto& layer, const std::string& prefix) {
       for (auto& p : layer.parameters()) {
-        p.name = "moe." + p.name;
+        p.name = prefix + p.name;
         all.push_back(std::move(p));
       }
     };
-    if (flat_) add_mixture(*flat_);
-    if (tree_) add_mixture(*tree_);
+    for (std::size_t i = 0; i < flats_.size(); ++i)
+      add_mixture(flats_[i], flats_.size() == 1 ? std::string("moe.") : "moe" + std::to_string(i + 1) + ".");
+    if (tree_) add_mixture(*tree_, "moe.");
     for (auto& p : softmax_.parameters()) all.push_back(std::move(p));
     return all;
   }
@@ -161,14 +186,16 @@ class Model {
       if (l == 0 && mixed()) {
         mix_.resize(n, d);
         const Mode mode = train ? Mode::train : Mode::inference;
+        // A stack (deep) runs its layers in turn, each on the previous one's output.
+        ConstMatrixView<S> x_in = in;
         auto run = [&](auto& layer, auto& f) {
-          if (train && config_.noisy)
-            layer.forward_into(f, in, mode, rng);
+          if (train && config_.noisy && layer.config().n_experts > 1)
+            layer.forward_into(f, x_in, mode, rng);
           else
-            layer.forward_into(f, in, mode);
-          B::copy(ctx, f.y(), mix_.view());
+            layer.forward_into(f, x_in, mode);
+          x_in = f.y();
           const auto& s = f.stats();
-          st.balance_loss = static_cast<double>(f.loss());
+          st.balance_loss += static_cast<double>(f.loss());
           st.cv2_importance = static_cast<double>(s.cv2_importance);
           st.cv2_load = static_cast<double>(s.cv2_load);
           double most = 0, sum = 0;
@@ -179,8 +206,9 @@ class Model {
           const double mean = sum / static_cast<double>(s.tokens_per_expert.size());
           st.max_over_mean_load = mean > 0 ? most / mean : 0;
         };
-        if (flat_) run(*flat_, flat_f_);
+        for (std::size_t i = 0; i < flats_.size(); ++i) run(flats_[i], flat_f_[i]);
         if (tree_) run(*tree_, tree_f_);
+        B::copy(ctx, x_in, mix_.view());
         if (config_.residual) {
           S* m = mix_.data();
           const ConstMatrixView<S> x = in;
@@ -207,12 +235,14 @@ class Model {
       if (l == 0 && mixed()) {
         // grad_ is d(mix); the mixture's input is out_[0].
         dmix_.resize(n, d);
+        ConstMatrixView<S> dy = grad_.view();
         auto run = [&](auto& layer, auto& f, auto& b) {
-          layer.backward_into(b, f, ConstMatrixView<S>(grad_.view()));
-          B::copy(ctx, ConstMatrixView<S>(b.dx.view()), dmix_.view());
+          layer.backward_into(b, f, dy);
+          dy = b.dx.view();
         };
-        if (flat_) run(*flat_, flat_f_, flat_b_);
+        for (std::size_t i = flats_.size(); i-- > 0;) run(flats_[i], flat_f_[i], flat_b_[i]);
         if (tree_) run(*tree_, tree_f_, tree_b_);
+        B::copy(ctx, dy, dmix_.view());
         if (config_.residual) {
           S* g = dmix_.data();
           const S* r = grad_.data();
@@ -247,6 +277,8 @@ class Model {
                          " (the mixture sits between the first LSTM and the next)");
     moe::detail::require(c.dropout >= 0 && c.dropout < 1, "moe::lm::Model: dropout = ", c.dropout,
                          ", expected 0 <= dropout < 1");
+    if (c.mixture == MixtureKind::deep)
+      moe::detail::require(c.deep >= 1, "moe::lm::Model: deep = ", c.deep, ", expected at least 1 stacked layer");
     if (c.mixture == MixtureKind::hierarchical)
       moe::detail::require(c.groups >= 2 && c.experts % c.groups == 0 && c.experts / c.groups >= 2,
                            "moe::lm::Model: ", c.experts, " experts in ", c.groups,
@@ -265,7 +297,7 @@ class Model {
   ModelConfig config_;
   Embedding<B> embedding_;
   std::vector<Lstm<B>> lstms_;
-  std::optional<Flat> flat_;
+  std::vector<Flat> flats_;  // flat: one layer; deep: the stack
   std::optional<Tree> tree_;
   SoftmaxCrossEntropy<B> softmax_;
 
@@ -275,9 +307,9 @@ class Model {
   std::vector<Buffer<S>> out_;
   Buffer<S> emb_, mix_, grad_, dmix_, dx_;
   ConstMatrixView<S> top_;
-  typename Flat::Forward flat_f_;
+  std::vector<typename Flat::Forward> flat_f_;
   typename Tree::Forward tree_f_;
-  typename Flat::Backward flat_b_;
+  std::vector<typename Flat::Backward> flat_b_;
   typename Tree::Backward tree_b_;
   typename SoftmaxCrossEntropy<B>::Saved softmax_saved_;
   const Index* targets_ = nullptr;

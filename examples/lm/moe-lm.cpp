@@ -65,6 +65,11 @@ std::vector<Named> configurations(Index vocab, std::uint64_t seed) {
          c.k = 1;
          c.hidden = 4 * c.hidden;
        })},
+      {"moe-1-deep", "one expert of 4 layers: 4 single-expert layers of hidden h stacked (MoE-1-Deep)",
+       with([](ModelConfig& c) {
+         c.mixture = MixtureKind::deep;
+         c.deep = 4;
+       })},
       {"moe-4", "4 experts, all active (MoE-4)", with([](ModelConfig& c) { c.experts = 4; })},
       {"moe-32", "32 experts, k = 4", with([](ModelConfig& c) { c.experts = 32; })},
       {"moe-256", "256 experts, k = 4", with([](ModelConfig& c) { c.experts = 256; })},
@@ -291,7 +296,8 @@ int cmd_train(const Options& o) {
     return 0;
   }
   const Data data = load_data(o.corpus, o.vocab);
-  const Named& c = find_configuration(configurations(data.vocabulary.size(), o.seed), o.config);
+  const std::vector<Named> all = configurations(data.vocabulary.size(), o.seed);
+  const Named& c = find_configuration(all, o.config);
   moe::lm::Trainer<B> t(c.model, train_config(o), data.vocabulary, data.train);
   const RunResult r = train(t, data, c.name, o);
   std::printf("%s: valid perplexity %.2f, test perplexity %.2f\n", c.name.c_str(), r.valid_ppl, r.test_ppl);

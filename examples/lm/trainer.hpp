@@ -58,6 +58,7 @@ inline std::map<std::string, std::string> describe(const ModelConfig& m, const T
           {"model.lstm_layers", num(m.lstm_layers)}, {"model.mixture", to_string(m.mixture)},
           {"model.experts", num(m.experts)},     {"model.groups", num(m.groups)},
           {"model.k", num(m.k)},                 {"model.hidden", num(m.hidden)},
+          {"model.deep", num(m.deep)},
           {"model.residual", num(m.residual)},   {"model.dropout", num(m.dropout)},
           {"model.w_balance", num(m.w_balance)}, {"model.noisy", num(m.noisy)},
           {"model.seed", num(m.seed)},           {"train.batch", num(t.batch)},
@@ -102,13 +103,17 @@ inline CheckpointHeader read_checkpoint_header(const std::string& path) {
   h.model.d = parse_number<Index>(meta, "model.d", path);
   h.model.lstm_layers = parse_number<Index>(meta, "model.lstm_layers", path);
   const std::string& kind = detail::entry(meta, "model.mixture", path);
-  moe::detail::require(kind == "none" || kind == "flat" || kind == "hierarchical", path, ": metadata 'model.mixture' = '",
-                       kind, "', expected none, flat or hierarchical");
-  h.model.mixture = kind == "flat" ? MixtureKind::flat : kind == "hierarchical" ? MixtureKind::hierarchical : MixtureKind::none;
+  moe::detail::require(kind == "none" || kind == "flat" || kind == "hierarchical" || kind == "deep", path,
+                       ": metadata 'model.mixture' = '", kind, "', expected none, flat, hierarchical or deep");
+  h.model.mixture = kind == "flat"           ? MixtureKind::flat
+                    : kind == "hierarchical" ? MixtureKind::hierarchical
+                    : kind == "deep"         ? MixtureKind::deep
+                                             : MixtureKind::none;
   h.model.experts = parse_number<Index>(meta, "model.experts", path);
   h.model.groups = parse_number<Index>(meta, "model.groups", path);
   h.model.k = parse_number<Index>(meta, "model.k", path);
   h.model.hidden = parse_number<Index>(meta, "model.hidden", path);
+  h.model.deep = parse_number<Index>(meta, "model.deep", path);
   h.model.residual = parse_number<int>(meta, "model.residual", path) != 0;
   h.model.dropout = parse_number<double>(meta, "model.dropout", path);
   h.model.w_balance = parse_number<double>(meta, "model.w_balance", path);

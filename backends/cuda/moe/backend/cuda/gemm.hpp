@@ -315,6 +315,32 @@ void gemm(const Context& ctx, Op ta, Op tb, S alpha, ConstMatrixView<S> a, Const
 
 namespace detail {
 
+struct GroupedShape {
+  Index wr, k, n;  // rows of each w_g, the reduction, the output columns
+};
+
+// The shape of grouped_gemm's c_g = a_g op(w_g), checked as cpu::grouped_gemm checks it (but the
+// offsets, which stay on the device).
+template <class A, class W, class C>
+GroupedShape grouped_shape(Index groups, Op tw, MatrixView<A> a, MatrixView<W> w, MatrixView<C> c) {
+  ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
+                         " stacked weight rows do not split into ", groups, " groups");
+  const Index wr = w.rows / groups;
+  const Index k = tw == Op::none ? wr : w.cols;
+  const Index n = tw == Op::none ? w.cols : wr;
+  ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
+                         a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  return {wr, k, n};
+}
+
+// grouped_gemm_wgrad's w_g = beta w_g + a_g^T b_g, checked likewise.
+template <class A, class B2, class W>
+void require_wgrad_shape(Index groups, MatrixView<A> a, MatrixView<B2> b, MatrixView<W> w) {
+  ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
+                         "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
+                         " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+}
+
 // precision, refused unless it is Precision::fp32 or the data is float.
 template <class S>
 void check_precision(Precision precision, const char* who) {
@@ -407,13 +433,7 @@ template <class S>
 void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw, ConstMatrixView<S> a,
                   ConstMatrixView<S> w, MatrixView<S> c, Precision precision = Precision::fp32) {
   static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm supports float and double");
-  ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
-                         " stacked weight rows do not split into ", groups, " groups");
-  const Index wr = w.rows / groups;
-  const Index k = tw == Op::none ? wr : w.cols;
-  const Index n = tw == Op::none ? w.cols : wr;
-  ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
-                         a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  const auto [wr, k, n] = detail::grouped_shape(groups, tw, a, w, c);
   detail::check_precision<S>(precision, "grouped_gemm");
   if (c.rows == 0 || n == 0) return;
   if constexpr (std::is_same_v<S, float>) {
@@ -442,9 +462,7 @@ template <class S>
 void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, ConstMatrixView<S> a,
                         ConstMatrixView<S> b, S beta, MatrixView<S> w, Precision precision = Precision::fp32) {
   static_assert(detail::GemmScalar<S>, "moe::backend::cuda::grouped_gemm_wgrad supports float and double");
-  ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
-                         "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
-                         " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  detail::require_wgrad_shape(groups, a, b, w);
   detail::check_precision<S>(precision, "grouped_gemm_wgrad");
   if (w.rows == 0 || w.cols == 0) return;
   if constexpr (std::is_same_v<S, float>) {
@@ -497,13 +515,7 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
   const ConstMatrixView<BFloat16> a = a_view, w = w_view;
   static_assert(std::is_same_v<S, float>, "moe::backend::cuda::grouped_gemm: BFloat16 operands give a float result");
   detail::require_bf16(precision, "grouped_gemm");
-  ::moe::detail::require(groups > 0 && w.rows % groups == 0, "grouped_gemm: ", w.rows,
-                         " stacked weight rows do not split into ", groups, " groups");
-  const Index wr = w.rows / groups;
-  const Index k = tw == Op::none ? wr : w.cols;
-  const Index n = tw == Op::none ? w.cols : wr;
-  ::moe::detail::require(a.cols == k && c.cols == n && a.rows == c.rows, "grouped_gemm: shapes do not agree: a is ",
-                         a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n, ", c is ", c.rows, " x ", c.cols);
+  const auto [wr, k, n] = detail::grouped_shape(groups, tw, a, w, c);
   if (c.rows == 0 || n == 0) return;
   if (tensor_core_gemm_available()) {
     if (tw == Op::none)
@@ -523,9 +535,7 @@ void grouped_gemm_wgrad(const Context& ctx, const Index* offsets, Index groups, 
   const ConstMatrixView<BFloat16> a = a_view, b = b_view;
   static_assert(std::is_same_v<S, float>, "moe::backend::cuda::grouped_gemm_wgrad: BFloat16 operands give a float result");
   detail::require_bf16(precision, "grouped_gemm_wgrad");
-  ::moe::detail::require(groups > 0 && w.rows == groups * a.cols && w.cols == b.cols && a.rows == b.rows,
-                         "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows,
-                         " x ", b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
+  detail::require_wgrad_shape(groups, a, b, w);
   if (w.rows == 0 || w.cols == 0) return;
   if (tensor_core_gemm_available()) {
     detail::tc_launch_grouped_wgrad<Precision::bf16>(ctx, offsets, groups, a, b, beta, w);
