@@ -154,7 +154,7 @@ TEST_CASE("lm model: the gradient of loss + balance loss against finite differen
 }
 
 TEST_CASE("lm trainer: a short run on a small language lowers the loss far below a uniform guess") {
-  using B = moe::backend::Cpu<float>;
+  using B = moe::backend::Cpu<double>;  // one instantiation of the model for the whole file (compile time)
   moe::lm::Trainer<B> t(small_model(MixtureKind::flat), {.batch = 4, .steps = 8, .lr = 1e-2}, small_vocabulary(),
                         pattern_stream(2000));
   double first = 0, last = 0;
@@ -174,7 +174,7 @@ TEST_CASE("lm trainer: a short run on a small language lowers the loss far below
 }
 
 TEST_CASE("lm trainer: checkpoints round-trip, and resumed training equals training never stopped") {
-  using B = moe::backend::Cpu<float>;
+  using B = moe::backend::Cpu<double>;  // one instantiation of the model for the whole file (compile time)
   const TempDir dir;
   for (const MixtureKind kind : {MixtureKind::flat, MixtureKind::hierarchical, MixtureKind::deep}) {
     CAPTURE(moe::lm::to_string(kind));
@@ -214,7 +214,7 @@ TEST_CASE("lm trainer: checkpoints round-trip, and resumed training equals train
 }
 
 TEST_CASE("lm trainer: a truncated, foreign or mismatched checkpoint is refused and changes nothing") {
-  using B = moe::backend::Cpu<float>;
+  using B = moe::backend::Cpu<double>;  // one instantiation of the model for the whole file (compile time)
   const TempDir dir;
   const moe::lm::TrainConfig tc{.batch = 3, .steps = 5};
   moe::lm::Trainer<B> t(small_model(MixtureKind::flat), tc, small_vocabulary(), pattern_stream(400));

@@ -224,8 +224,10 @@ inline std::vector<Document> read_kjv(const std::string& path) {
                                  "' appears again after '", books.back().title,
                                  "', expected each book's chapters one after another");
           }
+          // (The message is built even when the check passes: it must not read an empty list.)
+          const std::string last = books.empty() ? std::string() : books.back().title;
           moe::detail::require(books.empty() || !books.back().words.empty(), where, ": '", path, "' line ", number,
-                               ": book '", books.back().title, "' has no verses, expected \"  <number> text\" lines");
+                               ": book '", last, "' has no verses, expected \"  <number> text\" lines");
           books.push_back(Document{std::string(*name), {}});
         }
         continue;
