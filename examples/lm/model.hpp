@@ -189,7 +189,7 @@ class Model {
         // A stack (deep) runs its layers in turn, each on the previous one's output.
         ConstMatrixView<S> x_in = in;
         auto run = [&](auto& layer, auto& f) {
-          if (train && config_.noisy && layer.config().n_experts > 1)
+          if (layer.gate().needs_noise(mode))
             layer.forward_into(f, x_in, mode, rng);
           else
             layer.forward_into(f, x_in, mode);

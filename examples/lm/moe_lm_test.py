@@ -83,10 +83,11 @@ with tempfile.TemporaryDirectory() as d:
     check(len(p.stdout.split()) >= 12, "generate prints the prompt and the words it drew")
 
     js = os.path.join(d, "r.json")
-    p = run("compare", *common, "--tokens", "800", "--configs", "lstm-3,moe-4,moe-32", "--json", js)
+    names = ["lstm-3", "moe-1-wide", "moe-1-deep", "moe-4", "moe-32", "moe-256", "moe-1024-h"]
+    p = run("compare", *common, "--tokens", "400", "--configs", ",".join(names), "--json", js)
     check("| moe-32 | 32 |" in p.stdout and "| lstm-3 | 0 |" in p.stdout, "compare prints the table")
     runs = json.load(open(js))["runs"]
-    check([r["name"] for r in runs] == ["lstm-3", "moe-4", "moe-32"], "compare writes every run to the JSON")
+    check([r["name"] for r in runs] == names, "compare trains every configuration and writes it to the JSON")
     check(all(r["test_perplexity"] > 1 for r in runs), "perplexities are above 1")
 
     # Errors: a bad corpus, a truncated checkpoint (left as it was), an unknown configuration.
