@@ -54,6 +54,8 @@ std::vector<Named> configurations(Index vocab, std::uint64_t seed) {
     return c;
   };
   return {
+      {"lstm-2", "2 LSTMs, no MoE (the models below without their middle layer: less compute)",
+       with([](ModelConfig& c) { c.mixture = MixtureKind::none; })},
       {"lstm-3", "3 LSTMs, no MoE (the paper's 4xLSTM: the MoE's compute as one more LSTM)",
        with([](ModelConfig& c) {
          c.mixture = MixtureKind::none;
@@ -103,6 +105,7 @@ struct Options {
   double temperature = 0.8;
   Index save_every = 200;  // windows between checkpoints
   Index batch = 32, steps = 20;  // streams and unrolled steps per window
+  double lr = 5e-3;              // Adam
   std::uint64_t seed = 1;
   bool quiet = false;
 };
@@ -113,7 +116,7 @@ struct Options {
                "usage:\n"
                "  moe-lm configs\n"
                "  moe-lm train    --corpus FILE --config NAME [--tokens N | --minutes M] [--checkpoint PATH]\n"
-               "                  [--save-every WINDOWS] [--vocab N] [--seed N] [--batch N] [--steps N]\n"
+               "                  [--save-every WINDOWS] [--vocab N] [--seed N] [--batch N] [--steps N] [--lr X]\n"
                "  moe-lm eval     --corpus FILE --checkpoint PATH\n"
                "  moe-lm generate --checkpoint PATH [--prompt TEXT] [--words N] [--temperature T] [--seed N]\n"
                "  moe-lm compare  --corpus FILE [--tokens N | --minutes M] [--configs A,B,...] [--json PATH]\n"
@@ -162,6 +165,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--temperature") real(o.temperature);
     else if (flag == "--save-every") integer(o.save_every);
     else if (flag == "--batch") integer(o.batch);
+    else if (flag == "--lr") real(o.lr);
     else if (flag == "--steps") integer(o.steps);
     else if (flag == "--seed") integer(o.seed);
     else if (flag == "--quiet") o.quiet = true;
@@ -271,7 +275,8 @@ RunResult train(moe::lm::Trainer<B>& t, const Data& data, const std::string& nam
 
 moe::lm::TrainConfig train_config(const Options& o) {
   if (o.batch < 1 || o.steps < 1) usage("--batch and --steps must be at least 1");
-  return {.batch = o.batch, .steps = o.steps, .lr = 5e-3, .clip = 5.0};
+  if (!(o.lr > 0)) usage("--lr must be above 0");
+  return {.batch = o.batch, .steps = o.steps, .lr = o.lr, .clip = 5.0};
 }
 
 int cmd_configs() {
