@@ -17,6 +17,7 @@
 
 #include "layers.hpp"
 #include "moe/moe.hpp"
+#include "moe/scalar_math.hpp"
 
 namespace moe::lm {
 
@@ -49,6 +50,7 @@ struct ModelConfig {
   Index deep = 4;          // deep: single-expert layers stacked
   Index hidden = 64;       // each expert's hidden width
   bool residual = true;    // the mixture's output is added to its input
+  bool sigmoid = true;     // the mixture's output passes through a sigmoid (the paper, appendix C)
   double dropout = 0.1;
   double w_balance = 0.1;  // w_importance = w_load (MATH.md 3), as in the paper
   bool noisy = true;       // the gate's training noise (MATH.md 2)
@@ -208,7 +210,13 @@ class Model {
         };
         for (std::size_t i = 0; i < flats_.size(); ++i) run(flats_[i], flat_f_[i]);
         if (tree_) run(*tree_, tree_f_);
-        B::copy(ctx, x_in, mix_.view());
+        if (config_.sigmoid) {  // bounded: the next LSTM's gates are not driven into saturation
+          S* m = mix_.data();
+          const ConstMatrixView<S> y = x_in;
+          B::for_each(ctx, n * d, [=] MOE_HD(Index i) { m[i] = moe::detail::sigmoid(y(i / d, i % d)); });
+        } else {
+          B::copy(ctx, x_in, mix_.view());
+        }
         if (config_.residual) {
           S* m = mix_.data();
           const ConstMatrixView<S> x = in;
@@ -236,6 +244,17 @@ class Model {
         // grad_ is d(mix); the mixture's input is out_[0].
         dmix_.resize(n, d);
         ConstMatrixView<S> dy = grad_.view();
+        if (config_.sigmoid) {  // d(y) = d(mix) s (1 - s), s = sigmoid(y) recomputed from the last layer's y
+          dsig_.resize(n, d);
+          S* out = dsig_.data();
+          const S* g = grad_.data();
+          const ConstMatrixView<S> y = !flats_.empty() ? flat_f_.back().y() : tree_f_.y();
+          B::for_each(ctx, n * d, [=] MOE_HD(Index i) {
+            const S sg = moe::detail::sigmoid(y(i / d, i % d));
+            out[i] = g[i] * sg * (S(1) - sg);
+          });
+          dy = dsig_.view();
+        }
         auto run = [&](auto& layer, auto& f, auto& b) {
           layer.backward_into(b, f, dy);
           dy = b.dx.view();
@@ -305,7 +324,7 @@ class Model {
   std::vector<typename Lstm<B>::State> states_;
   std::vector<typename Lstm<B>::Saved> saved_;
   std::vector<Buffer<S>> out_;
-  Buffer<S> emb_, mix_, grad_, dmix_, dx_;
+  Buffer<S> emb_, mix_, grad_, dmix_, dx_, dsig_;
   ConstMatrixView<S> top_;
   std::vector<typename Flat::Forward> flat_f_;
   typename Tree::Forward tree_f_;

@@ -60,6 +60,7 @@ inline std::map<std::string, std::string> describe(const ModelConfig& m, const T
           {"model.k", num(m.k)},                 {"model.hidden", num(m.hidden)},
           {"model.deep", num(m.deep)},
           {"model.residual", num(m.residual)},   {"model.dropout", num(m.dropout)},
+          {"model.sigmoid", num(m.sigmoid)},
           {"model.w_balance", num(m.w_balance)}, {"model.noisy", num(m.noisy)},
           {"model.seed", num(m.seed)},           {"train.batch", num(t.batch)},
           {"train.steps", num(t.steps)},         {"train.lr", num(t.lr)},
@@ -115,6 +116,7 @@ inline CheckpointHeader read_checkpoint_header(const std::string& path) {
   h.model.hidden = parse_number<Index>(meta, "model.hidden", path);
   h.model.deep = parse_number<Index>(meta, "model.deep", path);
   h.model.residual = parse_number<int>(meta, "model.residual", path) != 0;
+  h.model.sigmoid = parse_number<int>(meta, "model.sigmoid", path) != 0;
   h.model.dropout = parse_number<double>(meta, "model.dropout", path);
   h.model.w_balance = parse_number<double>(meta, "model.w_balance", path);
   h.model.noisy = parse_number<int>(meta, "model.noisy", path) != 0;
