@@ -193,6 +193,11 @@ Data load_data(const std::string& corpus, Index vocab_size, const moe::lm::Vocab
 
 long long ll(Index v) { return static_cast<long long>(v); }
 
+// The experts column: 0 without a mixture, 1 for the deep stack (one expert of several layers).
+Index experts_of(const ModelConfig& m) {
+  return m.mixture == MixtureKind::none ? 0 : m.mixture == MixtureKind::deep ? 1 : m.experts;
+}
+
 // ---- training ---------------------------------------------------------------------------------
 
 struct RunResult {
@@ -367,7 +372,7 @@ std::string json_of(const std::vector<RunResult>& rows, const Options& o, double
   j << "{\n  \"corpus\": \"" << o.corpus << "\",\n  \"tokens_per_run\": " << budget_words << ",\n  \"runs\": [\n";
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
-    j << "    {\"name\": \"" << r.name << "\", \"experts\": " << (r.model.mixture == MixtureKind::none ? 0 : r.model.experts)
+    j << "    {\"name\": \"" << r.name << "\", \"experts\": " << experts_of(r.model)
       << ", \"parameters\": " << r.parameters << ", \"active_flops_per_token\": " << r.flops
       << ", \"valid_perplexity\": " << r.valid_ppl << ", \"test_perplexity\": " << r.test_ppl
       << ", \"tokens\": " << r.tokens << ", \"tokens_per_second\": " << r.tokens_per_second
@@ -411,7 +416,7 @@ int cmd_compare(const Options& o) {
   std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : rows)
     std::printf("| %s | %lld | %lld | %.0f | %.1f | %.1f | %.0f |\n", r.name.c_str(),
-                ll(r.model.mixture == MixtureKind::none ? 0 : r.model.experts), ll(r.parameters), r.flops,
+                ll(experts_of(r.model)), ll(r.parameters), r.flops,
                 r.valid_ppl, r.test_ppl, r.tokens_per_second);
   std::printf("(softmax apart: %.0f FLOPs per token in every configuration)\n", moe::lm::softmax_flops(rows.front().model));
   if (!o.json.empty()) {
