@@ -93,8 +93,8 @@ struct CheckpointHeader {
   Progress progress;
 };
 
-inline CheckpointHeader read_checkpoint_header(const std::string& path) {
-  const auto file = io::SafeTensors::open(path);
+// The header of an opened checkpoint (path names it in the errors).
+inline CheckpointHeader checkpoint_header(const io::SafeTensors& file, const std::string& path) {
   const auto& meta = file.metadata();
   using detail::parse_number;
   moe::detail::require(detail::entry(meta, "format", path) == kCheckpointFormat, path, ": format '",
@@ -132,6 +132,10 @@ inline CheckpointHeader read_checkpoint_header(const std::string& path) {
   moe::detail::require(h.vocabulary.size() == h.model.vocab, path, ": ", h.vocabulary.size(),
                        " words in the vocabulary, expected model.vocab = ", h.model.vocab);
   return h;
+}
+
+inline CheckpointHeader read_checkpoint_header(const std::string& path) {
+  return checkpoint_header(io::SafeTensors::open(path), path);
 }
 
 template <Backend B>
@@ -248,13 +252,13 @@ class Trainer {
 
  private:
   void restore(const std::string& path, bool everything) {
-    const CheckpointHeader h = read_checkpoint_header(path);
+    const auto file = io::SafeTensors::open(path);  // opened, validated and read once
+    const CheckpointHeader h = checkpoint_header(file, path);
     const auto mine = detail::describe(model_.config(), train_), theirs = detail::describe(h.model, h.train);
     for (const auto& [k, v] : mine)
       moe::detail::require(theirs.at(k) == v, path, ": metadata '", k, "' = ", theirs.at(k), ", but this model has ", v);
     moe::detail::require(h.vocabulary.text() == vocabulary_.text(), path,
                          ": another vocabulary than this model's");
-    const auto file = io::SafeTensors::open(path);
     const auto& meta = file.metadata();
     const Index adam_steps = detail::parse_number<Index>(meta, "adam.steps", path);
     const auto noise_step = detail::parse_number<std::uint64_t>(meta, "noise.step", path);
