@@ -48,6 +48,18 @@ struct Shape {
   Index tokens, d, h, k;
   std::vector<Index> experts;
   int warmup, reps;
+  Index copy_floats;  // the bandwidth measurement's buffer: far beyond the 16-32 MB of a last-level cache
+  bool quick_scale;
+  Index rows_per_expert;  // the scaling series at fixed rows per expert
+  std::vector<Index> scale_experts;
+  std::vector<Index> infer_d, infer_tokens;
+  // h for n experts in the scaling series: the paper's 1024 while n * 2 d h weights and their
+  // gradients stay under 10 GB, then halved until they do.
+  [[nodiscard]] Index scale_h(Index n) const {
+    Index hh = h;
+    while (hh > 16 && 4.0 * 2 * double(n * 2 * d * hh) > 10e9) hh /= 2;
+    return hh;
+  }
 
   [[nodiscard]] double expert_flop() const { return 4.0 * double(tokens * k * d * h); }   // two GEMMs
   [[nodiscard]] double gate_flop(Index n) const { return 4.0 * double(tokens * d * n); }  // x W_g, x W_noise
@@ -55,8 +67,9 @@ struct Shape {
 
 // The paper's expert size (d = 512, h = 1024); with T = 2048 one measurement takes 150-700 ms on 2 cores.
 Shape shape_for(bool quick) {
-  if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1};
-  return {2048, 512, 1024, 2, {4, 16, 64, 256}, 1, 7};
+  if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1, Index{1} << 20, true, 16, {4, 16}, {64}, {1, 8}};
+  return {2048,         512,  1024, 2, {4, 16, 64, 256}, 1, 7, Index{1} << 26, false, 16, {4, 16, 64, 256, 1024, 4096},
+          {1024, 2048, 4096}, {1, 8, 64}};
 }
 
 Options parse_options(int argc, char** argv) {
@@ -291,6 +304,23 @@ struct Floor {
   }
 };
 
+// The memory floor's rate: a copy of a buffer far larger than the caches, split into one even
+// chunk per thread; bandwidth = bytes read + bytes written per second.
+struct Copy {
+  std::vector<float> src, dst;
+
+  explicit Copy(Index floats) : src(std::size_t(floats), 1.f), dst(std::size_t(floats), 0.f) {}
+  void run(int threads) {
+    const auto n = Index(src.size());
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int p = 0; p < threads; ++p) {
+      const Index lo = n * p / threads, hi = n * (p + 1) / threads;
+      std::memcpy(dst.data() + lo, src.data() + lo, std::size_t(hi - lo) * sizeof(float));
+    }
+  }
+  [[nodiscard]] double bytes() const { return 2.0 * double(src.size()) * sizeof(float); }
+};
+
 // What one round times, in this order: the layer, the two baselines, then the layer's stages.
 enum Task : int {
   kMoeFwd,
@@ -308,29 +338,34 @@ enum Task : int {
   kGateGemmBwd,
   kFloorEigen,
   kFloorBackend,
+  kCopy,
   kTaskCount
 };
 constexpr const char* kTaskNames[kTaskCount] = {
     "moe_forward",        "moe_forward_backward",   "dense_forward",     "dense_forward_backward",
     "naive_forward",      "naive_forward_backward", "gate_forward",      "gate_gemm_forward",
     "dispatch",           "experts_forward",        "experts_backward",  "gate_backward",
-    "gate_gemm_backward", "floor_eigen_gemm",       "floor_backend_gemm"};
+    "gate_gemm_backward", "floor_eigen_gemm",       "floor_backend_gemm", "copy"};
 
 // The two passes the main table reports; backward doubles the GEMM FLOPs and writes a gradient
 // beside each weight.
+// The bytes that must move: backward reads every weight again and reads and writes its gradient
+// (bytes_scale 4 against the forward's 1), and its activations are x, y, dy and dx (2 against 1).
 struct Pass {
   const char* name;
   const char* json_name;
   Task moe, dense, naive;
-  double flop_scale, bytes_scale;
+  double flop_scale, bytes_scale, activation_scale;
 };
-constexpr Pass kPasses[] = {{"fwd", "forward", kMoeFwd, kDenseFwd, kNaiveFwd, 1, 1},
-                            {"fwd+bwd", "forward_backward", kMoeFwdBwd, kDenseFwdBwd, kNaiveFwdBwd, 3, 2}};
+constexpr Pass kPasses[] = {{"fwd", "forward", kMoeFwd, kDenseFwd, kNaiveFwd, 1, 1, 1},
+                            {"fwd+bwd", "forward_backward", kMoeFwdBwd, kDenseFwdBwd, kNaiveFwdBwd, 3, 4, 2}};
 
 struct Result {
   Index n = 0, min_tokens = 0, max_tokens = 0, experts_used = 0;
   double naive_max_abs_diff = 0;
   double flop = 0, expert_flop = 0, param_bytes = 0;  // of one forward
+  double activation_bytes = 0;                        // x read and y written, once each
+  double copy_bytes = 0;                              // of one kCopy call
   std::vector<Measured> m;                            // by Task
 
   [[nodiscard]] double seconds(Task t) const { return m[std::size_t(t)].seconds; }
@@ -338,9 +373,28 @@ struct Result {
   // GFLOP/s of a task that does the experts' forward FLOPs `times` times.
   [[nodiscard]] double expert_gflops(Task t, double times = 1) const { return times * expert_flop / seconds(t) * 1e-9; }
   [[nodiscard]] double fraction_of_floor(const Pass& p) const { return gflops(p) / expert_gflops(kFloorEigen); }
+  [[nodiscard]] double bandwidth() const { return copy_bytes / seconds(kCopy); }  // bytes/s
+  [[nodiscard]] double bytes(const Pass& p) const {
+    return p.bytes_scale * param_bytes + p.activation_scale * activation_bytes;
+  }
+  // The floor: the pass's FLOPs at the dense layer's measured rate, or its bytes at the measured
+  // copy bandwidth, whichever takes longer.
+  [[nodiscard]] double compute_floor_s(const Pass& p) const {
+    return p.flop_scale * flop / (p.flop_scale * expert_flop / seconds(p.dense));
+  }
+  [[nodiscard]] double memory_floor_s(const Pass& p) const { return bytes(p) / bandwidth(); }
+  [[nodiscard]] double floor_s(const Pass& p) const { return std::max(compute_floor_s(p), memory_floor_s(p)); }
+  [[nodiscard]] double share_of_dense(const Pass& p) const {
+    return (flop / seconds(p.moe)) / (expert_flop / seconds(p.dense));
+  }
+  [[nodiscard]] double gate_share(const Pass& p) const {
+    const double gate = seconds(kGateFwd) + (p.moe == kMoeFwdBwd ? seconds(kGateBwd) : 0.0);
+    return gate / seconds(p.moe);
+  }
 };
 
-Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& floor, const Mat& x, const Mat& dy) {
+Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& floor, Copy& copy, const Mat& x,
+                   const Mat& dy) {
   Layer layer(Layer::Config{
       .d_model = s.d, .n_experts = n, .expert = {.hidden = s.h}, .gate = {.k = s.k}, .seed = 1, .threads = threads});
   const moe::ConstMatrixView<float> xv(x), dyv(dy);
@@ -355,6 +409,8 @@ Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& fl
   r.experts_used = Index(std::count_if(counts.begin(), counts.end(), [](Index c) { return c > 0; }));
   // Parameters read by a forward: the gate's two d x n matrices and every expert that got a token.
   r.param_bytes = 4.0 * double(2 * s.d * n + r.experts_used * 2 * s.d * s.h);
+  r.activation_bytes = 4.0 * double(2 * s.tokens * s.d);
+  r.copy_bytes = copy.bytes();
   r.expert_flop = s.expert_flop();
   r.flop = r.expert_flop + s.gate_flop(n);
 
@@ -364,12 +420,13 @@ Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& fl
 
   Stages st(layer, s, threads);
   Layer::Forward step;  // reused across calls, as a training loop does: no allocation in steady state
+  Layer::Backward grads;
   r.m = measure(s.warmup, s.reps,
                 {
                     [&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
                     [&] {
                       layer.forward_into(step, xv, moe::Mode::train, rng);
-                      (void)layer.backward(step, dyv);
+                      layer.backward_into(grads, step, dyv);
                     },
                     [&] { dense.step(threads, x, dy, false); },
                     [&] { dense.step(threads, x, dy, true); },
@@ -384,8 +441,77 @@ Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& fl
                     [&] { st.gate_gemms(xv, true); },
                     [&] { floor.eigen(threads); },
                     [&] { floor.backend(threads); },
+                    [&] { copy.run(threads); },
                 });
   return r;
+}
+
+// Cost per token as the expert count grows, at a fixed number of rows per expert and at a fixed
+// batch: the layer forward and forward + backward against the dense MLP of the same active FLOPs
+// at the same T and h. Where n * 2 d h weights and their gradients would not fit the machine's
+// memory, h shrinks (the row says so).
+struct ScalePoint {
+  const char* series;  // "rows" (fixed rows per expert) or "tokens" (fixed T)
+  Index n, tokens, h;
+  double bytes_params;  // weights and gradients held
+  std::vector<Measured> m;  // moe fwd, moe fwd+bwd, dense fwd, dense fwd+bwd
+};
+
+ScalePoint run_scale_point(const char* series, Index n, Index tokens, Index h, const Shape& s, int threads) {
+  Layer layer(Layer::Config{
+      .d_model = s.d, .n_experts = n, .expert = {.hidden = h}, .gate = {.k = s.k}, .seed = 1, .threads = threads});
+  const Mat x = Mat::Random(tokens, s.d), dy = Mat::Random(tokens, s.d) * 1e-2f;
+  const moe::ConstMatrixView<float> xv(x), dyv(dy);
+  Dense dense(s.d, s.k * h);
+  moe::Rng rng(kNoiseSeed);
+  Layer::Forward step;
+  Layer::Backward grads;
+  ScalePoint p{series, n, tokens, h, 4.0 * 2 * double(n * 2 * s.d * h), {}};
+  p.m = measure(1, s.quick_scale ? 1 : 3,
+                {[&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
+                 [&] {
+                   layer.forward_into(step, xv, moe::Mode::train, rng);
+                   layer.backward_into(grads, step, dyv);
+                 },
+                 [&] { dense.step(threads, x, dy, false); }, [&] { dense.step(threads, x, dy, true); }});
+  return p;
+}
+
+// Inference at small batches on a Mixtral-like block (SwiGLU experts, top-2 of 8, h = 3.5 d):
+// the time of one forward against the time to read, once, the weights of the experts the batch
+// routes to (and the router's) at the copy bandwidth measured in the same rounds.
+using InferLayer = moe::Layer<moe::expert::SwiGLU, moe::gate::TopK, Cpu>;
+struct InferPoint {
+  Index d, h, n, k, tokens, experts_used;
+  double read_bytes, copy_bytes, flop;
+  Measured forward, copy;
+
+  [[nodiscard]] double bandwidth() const { return copy_bytes / copy.seconds; }
+  [[nodiscard]] double read_floor_s() const { return read_bytes / bandwidth(); }
+};
+
+std::vector<InferPoint> run_inference(Index d, const std::vector<Index>& batches, int threads, Copy& copy,
+                                      bool quick) {
+  const Index n = 8, k = 2, h = d * 7 / 2;
+  InferLayer layer(InferLayer::Config{
+      .d_model = d, .n_experts = n, .expert = {.hidden = h}, .gate = {.k = k}, .seed = 1, .threads = threads});
+  std::vector<InferPoint> out;
+  for (const Index t : batches) {
+    const Mat x = Mat::Random(t, d);
+    const moe::ConstMatrixView<float> xv(x);
+    InferLayer::Forward f;
+    layer.forward_into(f, xv, moe::Mode::inference);
+    const auto& counts = f.stats().tokens_per_expert;
+    const auto used = Index(std::count_if(counts.begin(), counts.end(), [](Index c) { return c > 0; }));
+    InferPoint p{d, h, n, k, t, used, 4.0 * double(used * 3 * d * h + d * n), copy.bytes(), 6.0 * double(t * k * d * h),
+                 {}, {}};
+    const auto m = measure(1, quick ? 1 : 9,
+                           {[&] { layer.forward_into(f, xv, moe::Mode::inference); }, [&] { copy.run(threads); }});
+    p.forward = m[0];
+    p.copy = m[1];
+    out.push_back(p);
+  }
+  return out;
 }
 
 // Everything one run measured.
@@ -395,6 +521,8 @@ struct Run {
   bool quick = false;
   double others_busy = -1;  // the share of the machine's cores that other processes used during the run
   std::vector<Result> results;
+  std::vector<ScalePoint> scaling;
+  std::vector<InferPoint> inference;
 };
 
 void print_tables(const Run& run) {
@@ -409,43 +537,80 @@ void print_tables(const Run& run) {
       "floor: the experts' forward GEMMs ([T*k x d][d x h], [T*k x h][h x d]) as plain Eigen GEMMs, a row "
       "chunk per thread,\nmeasured in the same rounds as each row\n\n");
 
-  std::printf("%6s %-8s %9s %7s %8s %8s %8s %7s %9s %9s %10s %10s\n", "n", "pass", "tok/exp", "GFLOP", "param MB",
-              "MoE ms", "GFLOP/s", "%floor", "dense ms", "naive ms", "MoE/dense", "MoE/naive");
+  std::printf("%6s %-8s %9s %7s %8s %8s %8s %9s %9s %9s %8s %8s %8s\n", "n", "pass", "tok/exp", "GFLOP", "MB moved",
+              "MoE ms", "GFLOP/s", "dense ms", "naive ms", "floor ms", "of dense", "of floor", "vs naive");
   for (const Result& r : run.results)
     for (const Pass& p : kPasses) {
       const std::string tokens = std::to_string(r.min_tokens) + "-" + std::to_string(r.max_tokens);
-      std::printf("%6lld %-8s %9s %7.2f %8.1f %8.1f %8.1f %6.0f%% %9.1f %9.1f %10.2f %10.2f\n", (long long)r.n, p.name,
-                  tokens.c_str(), p.flop_scale * r.flop * 1e-9, p.bytes_scale * r.param_bytes / 1e6,
-                  r.seconds(p.moe) * 1e3, r.gflops(p), 100 * r.fraction_of_floor(p), r.seconds(p.dense) * 1e3,
-                  r.seconds(p.naive) * 1e3, r.seconds(p.moe) / r.seconds(p.dense),
-                  r.seconds(p.moe) / r.seconds(p.naive));
+      std::printf("%6lld %-8s %9s %7.2f %8.1f %8.1f %8.1f %9.1f %9.1f %9.1f %8.2f %8.2f %7.2fx\n", (long long)r.n,
+                  p.name, tokens.c_str(), p.flop_scale * r.flop * 1e-9, r.bytes(p) / 1e6, r.seconds(p.moe) * 1e3,
+                  r.gflops(p), r.seconds(p.dense) * 1e3, r.seconds(p.naive) * 1e3, r.floor_s(p) * 1e3,
+                  r.share_of_dense(p), r.floor_s(p) / r.seconds(p.moe), r.seconds(p.naive) / r.seconds(p.moe));
     }
   std::printf(
-      "GFLOP: experts 4*T*k*d*h + gate 4*T*d*n, x3 with backward. param MB: the weights a forward reads "
-      "(x2 with backward,\nwhich writes their gradients). dense: one ReLU MLP with hidden k*h. naive: the "
-      "layer's gate, then a per-expert loop.\n");
+      "GFLOP: experts 4*T*k*d*h + gate 4*T*d*n, x3 with backward. MB moved: the weights a forward reads and x and y "
+      "(backward:\nthe weights read again, their gradients read and written, dy and dx). dense: one ReLU MLP with "
+      "hidden k*h. naive: the\nlayer's gate, then one Eigen GEMM per expert over its gathered rows. of dense: the "
+      "MoE's GFLOP/s over the dense\nlayer's. floor: max(GFLOP at the dense layer's rate, MB moved at the copy "
+      "bandwidth); of floor: floor / MoE time.\nvs naive: naive time / MoE time. Copy bandwidth:");
+  for (const Result& r : run.results) std::printf(" %.1f", r.bandwidth() * 1e-9);
+  std::printf(" GB/s (read + written).\n");
 
   std::printf(
       "\nwhere the time goes, ms (each stage run alone; rest = the layer's time minus its stages; "
       "faults: minor page faults per call)\n");
-  std::printf("%6s | %-57s | %-47s | %s\n", "", "forward", "backward (rest: of forward + backward)",
-              "GFLOP/s: experts, floor GEMMs");
-  std::printf("%6s | %9s %9s %9s %9s %9s %7s | %9s %9s %9s %9s %7s | %7s %7s %7s %7s\n", "n", "gate GEMM", "gate rest",
-              "dispatch", "experts", "rest", "faults", "experts", "gate GEMM", "gate rest", "rest", "faults", "fwd",
-              "bwd", "Eigen", "backend");
+  std::printf("%6s | %-57s | %-47s | %-31s | %s\n", "", "forward", "backward (rest: of forward + backward)",
+              "GFLOP/s: experts, floor GEMMs", "gate share");
+  std::printf("%6s | %9s %9s %9s %9s %9s %7s | %9s %9s %9s %9s %7s | %7s %7s %7s %7s | %6s %7s\n", "n", "gate GEMM",
+              "gate rest", "dispatch", "experts", "rest", "faults", "experts", "gate GEMM", "gate rest", "rest",
+              "faults", "fwd", "bwd", "Eigen", "backend", "fwd", "fwd+bwd");
   for (const Result& r : run.results) {
     const auto ms = [&](Task t) { return r.seconds(t) * 1e3; };
     const double fwd_stages = ms(kGateFwd) + ms(kDispatch) + ms(kExpertsFwd);
     const double all_stages = fwd_stages + ms(kExpertsBwd) + ms(kGateBwd);
     std::printf(
         "%6lld | %9.1f %9.1f %9.1f %9.1f %9.1f %7.0f | %9.1f %9.1f %9.1f %9.1f %7.0f | "
-        "%7.1f %7.1f %7.1f %7.1f\n",
+        "%7.1f %7.1f %7.1f %7.1f | %5.0f%% %6.0f%%\n",
         (long long)r.n, ms(kGateGemmFwd), ms(kGateFwd) - ms(kGateGemmFwd), ms(kDispatch), ms(kExpertsFwd),
         ms(kMoeFwd) - fwd_stages, r.m[kMoeFwd].faults, ms(kExpertsBwd), ms(kGateGemmBwd),
         ms(kGateBwd) - ms(kGateGemmBwd), ms(kMoeFwdBwd) - all_stages, r.m[kMoeFwdBwd].faults,
         r.expert_gflops(kExpertsFwd), r.expert_gflops(kExpertsBwd, 2), r.expert_gflops(kFloorEigen),
-        r.expert_gflops(kFloorBackend));
+        r.expert_gflops(kFloorBackend), 100 * r.gate_share(kPasses[0]), 100 * r.gate_share(kPasses[1]));
   }
+  std::printf(
+      "\nscaling: cost per token as n grows (d=%lld, k=%lld; h shrinks where n experts' weights and gradients "
+      "pass 10 GB)\n",
+      (long long)s.d, (long long)s.k);
+  std::printf("%-22s %6s %6s %5s %8s %10s %10s %12s %12s %9s %9s\n", "series", "n", "T", "h", "rows/ex",
+              "fwd us/tok", "f+b us/tok", "dense f us/t", "dense fb us/t", "of dense", "f+b of d.");
+  for (const ScalePoint& p : run.scaling) {
+    const double t = double(p.tokens);
+    const auto us = [&](int i) { return p.m[std::size_t(i)].seconds * 1e6 / t; };
+    const std::string series = std::string(p.series) == "rows"
+                                   ? "rows/expert " + std::to_string(s.rows_per_expert)
+                                   : "T " + std::to_string(s.tokens);
+    // The gate's FLOPs count for the layer, as in the main table.
+    const double gate_share = double(p.n) / double(s.k * p.h);  // 4 T d n over 4 T k d h
+    std::printf("%-22s %6lld %6lld %5lld %8.1f %10.2f %10.2f %12.2f %12.2f %9.2f %9.2f\n", series.c_str(),
+                (long long)p.n, (long long)p.tokens, (long long)p.h, double(p.tokens * s.k) / double(p.n), us(0), us(1),
+                us(2), us(3), (1 + gate_share) * us(2) / us(0), (1 + gate_share) * us(3) / us(1));
+  }
+  std::printf(
+      "of dense: the MoE's GFLOP/s (experts and gate) over the dense MLP's at the same T and h; at large n the gate's "
+      "4 T d n FLOPs\nrival the experts' 4 T k d h.\n");
+
+  std::printf(
+      "\ninference at small batches: SwiGLU experts, top-%lld of %lld, h = 3.5 d, one forward against reading the "
+      "routed experts'\nweights once at the copy bandwidth measured in the same rounds\n",
+      run.inference.empty() ? 2LL : (long long)run.inference[0].k,
+      run.inference.empty() ? 8LL : (long long)run.inference[0].n);
+  std::printf("%6s %6s %4s %8s %10s %10s %10s %9s %9s\n", "d", "h", "T", "experts", "weight MB", "fwd ms",
+              "read ms", "of floor", "GB/s");
+  for (const InferPoint& p : run.inference)
+    std::printf("%6lld %6lld %4lld %8lld %10.1f %10.2f %10.2f %9.2f %9.1f\n", (long long)p.d, (long long)p.h,
+                (long long)p.tokens, (long long)p.experts_used, p.read_bytes / 1e6, p.forward.seconds * 1e3,
+                p.read_floor_s() * 1e3, p.read_floor_s() / p.forward.seconds, p.bandwidth() * 1e-9);
+  std::printf("of floor: read ms / fwd ms (1: the weights stream at copy bandwidth). GB/s: the copy's.\n");
   std::printf("\nnaive loop vs layer output (same routing and weights), max |difference|:");
   for (const Result& r : run.results) std::printf(" n=%lld: %.2g", (long long)r.n, r.naive_max_abs_diff);
   std::printf("\n");
@@ -465,10 +630,15 @@ std::string to_json(const Run& run) {
     j.num("naive_max_abs_diff", r.naive_max_abs_diff);
     j.num("floor_eigen_gemm_gflops", r.expert_gflops(kFloorEigen));
     j.num("floor_backend_gemm_gflops", r.expert_gflops(kFloorBackend));
+    j.num("copy_bandwidth_gbs", r.bandwidth() * 1e-9);
     for (const Pass& p : kPasses) {
       j.open(p.json_name, '{').num("flop", p.flop_scale * r.flop).num("param_bytes", p.bytes_scale * r.param_bytes);
       j.num("moe_s", r.seconds(p.moe)).num("gflops", r.gflops(p));
       j.num("fraction_of_floor", r.fraction_of_floor(p));
+      j.num("bytes_moved", r.bytes(p)).num("floor_s", r.floor_s(p)).num("compute_floor_s", r.compute_floor_s(p));
+      j.num("memory_floor_s", r.memory_floor_s(p)).num("share_of_floor", r.floor_s(p) / r.seconds(p.moe));
+      j.num("share_of_dense", r.share_of_dense(p)).num("speedup_over_naive", r.seconds(p.naive) / r.seconds(p.moe));
+      j.num("gate_share", r.gate_share(p));
       j.num("dense_s", r.seconds(p.dense)).num("naive_s", r.seconds(p.naive));
       j.num("moe_over_dense", r.seconds(p.moe) / r.seconds(p.dense));
       j.num("moe_over_naive", r.seconds(p.moe) / r.seconds(p.naive)).close('}');
@@ -480,6 +650,25 @@ std::string to_json(const Run& run) {
           .num("page_faults_per_call", r.m[std::size_t(t)].faults)
           .close('}');
     j.close('}').close('}');
+  }
+  j.close(']');
+  j.open("scaling", '[');
+  for (const ScalePoint& p : run.scaling) {
+    j.open("", '{').str("series", p.series).num("n_experts", double(p.n)).num("tokens", double(p.tokens));
+    j.num("hidden", double(p.h)).num("rows_per_expert", double(p.tokens * s.k) / double(p.n));
+    j.num("param_and_grad_bytes", p.bytes_params);
+    j.num("moe_forward_s", p.m[0].seconds).num("moe_forward_backward_s", p.m[1].seconds);
+    j.num("dense_forward_s", p.m[2].seconds).num("dense_forward_backward_s", p.m[3].seconds);
+    j.num("gate_flop_over_expert_flop", double(p.n) / double(s.k * p.h)).close('}');
+  }
+  j.close(']');
+  j.open("inference", '[');
+  for (const InferPoint& p : run.inference) {
+    j.open("", '{').num("d_model", double(p.d)).num("hidden", double(p.h)).num("n_experts", double(p.n));
+    j.num("k", double(p.k)).num("tokens", double(p.tokens)).num("experts_used", double(p.experts_used));
+    j.num("read_bytes", p.read_bytes).num("flop", p.flop).num("forward_s", p.forward.seconds);
+    j.num("copy_bandwidth_gbs", p.bandwidth() * 1e-9).num("read_floor_s", p.read_floor_s());
+    j.num("share_of_floor", p.read_floor_s() / p.forward.seconds).close('}');
   }
   j.close(']').close('}');
   return j.text();
@@ -517,7 +706,15 @@ int main(int argc, char** argv) {
 
     Dense dense(s.d, s.k * s.h);
     Floor floor(s);
-    for (const Index n : s.experts) run.results.push_back(run_experts(s, n, run.threads, dense, floor, x, dy));
+    Copy copy(s.copy_floats);
+    for (const Index n : s.experts) run.results.push_back(run_experts(s, n, run.threads, dense, floor, copy, x, dy));
+    for (const Index n : s.scale_experts)
+      run.scaling.push_back(run_scale_point("rows", n, s.rows_per_expert * n / s.k, s.scale_h(n), s, run.threads));
+    for (const Index n : s.scale_experts)
+      run.scaling.push_back(run_scale_point("tokens", n, s.tokens, s.scale_h(n), s, run.threads));
+    for (const Index d : s.infer_d)
+      for (const InferPoint& p : run_inference(d, s.infer_tokens, run.threads, copy, run.quick))
+        run.inference.push_back(p);
     const double wall = std::chrono::duration<double>(Clock::now() - start).count();
     if (others_before >= 0)
       run.others_busy = (others_cpu_seconds() - others_before) / (wall * double(::sysconf(_SC_NPROCESSORS_ONLN)));

@@ -37,6 +37,29 @@ MOE_HD inline Index segment_of_row(const Index* offsets, Index segments, Index r
   return lo;
 }
 
+namespace detail {
+// One B::for_each item per element of a grid with `cols` columns (a class, not a lambda, so
+// that CUDA accepts the caller's lambda inside it).
+template <class F>
+struct ElementItem {
+  F f;
+  Index cols;
+  MOE_HD void operator()(Index i) const { f(i / cols, i % cols); }
+};
+}  // namespace detail
+
+// f(r, c) for every element of a rows x cols grid; items must write disjoint memory. A backend
+// may offer B::for_each_element with this meaning (the CPU backend does: a loop over each row's
+// columns, with no division per element and room to vectorize); otherwise one B::for_each item
+// per element, consecutive items on consecutive columns.
+template <class B, class F>
+void for_each_element(typename B::Context& ctx, Index rows, Index cols, F f) {
+  if constexpr (requires { B::for_each_element(ctx, rows, cols, f); })
+    B::for_each_element(ctx, rows, cols, f);
+  else
+    B::for_each(ctx, rows * cols, detail::ElementItem<F>{f, cols});
+}
+
 // A backend B provides:
 //   B::Scalar                 storage and compute type of activations and parameters
 //   B::Buffer<T>              an owning row-major matrix in the backend's memory

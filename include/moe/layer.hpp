@@ -78,7 +78,8 @@ void set_sum(typename B::Context& ctx, MatrixView<typename B::Scalar> g, const t
              const typename B::Scalar* b) {
   const Index cols = g.cols, stride = g.stride;
   typename B::Scalar* out = g.data;
-  B::for_each(ctx, g.rows * g.cols, [=] MOE_HD(Index i) { out[(i / cols) * stride + i % cols] = a[i] + b[i]; });
+  for_each_element<B>(ctx, g.rows, cols,
+                      [=] MOE_HD(Index r, Index c) { out[r * stride + c] = a[r * cols + c] + b[r * cols + c]; });
 }
 
 // The shared experts' pass: row r of s_count * t_count reads token r % t_count; expert e owns
@@ -387,15 +388,14 @@ class Layer {
       const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* y = f.y_.data();
       // One item per element of y: consecutive items read consecutive columns of a slot's row.
-      B::for_each(ctx, t_count * d, [=] MOE_HD(Index i) {
-        const Index t = i / d, c = i % d;
+      for_each_element<B>(ctx, t_count, d, [=] MOE_HD(Index t, Index c) {
         Scalar acc = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
           acc += g[t * k + j] * ys[pos[t * k + j] * d + c];
         }
         for (Index e = 0; e < s_count; ++e) acc += ysh[(e * t_count + t) * d + c];
-        y[i] = acc;
+        y[t * d + c] = acc;
       });
     }
     f.stats_ = balance(ctx, f);
@@ -465,9 +465,8 @@ class Layer {
       Scalar* dys = dys_.data();
       Scalar* dg = dgate_.data();
       // Combine backward: each routed sorted row gets gate * dy of its token, one item per element.
-      B::for_each(ctx, routed * d, [=] MOE_HD(Index i) {
-        const Index p = i / d, c = i % d;
-        dys[i] = g[ord[p]] * dyp[tok[p] * dy_stride + c];
+      for_each_element<B>(ctx, routed, d, [=] MOE_HD(Index p, Index c) {
+        dys[p * d + c] = g[ord[p]] * dyp[tok[p] * dy_stride + c];
       });
       // dgate = <dy, expert output> plus Importance's gradient (Importance_i = sum_x G(x)_i);
       // 0 for a slot routed nowhere (its gate is the constant 0). One item per slot.
@@ -503,15 +502,14 @@ class Layer {
       Scalar* dx = out.dx.data();
       // Dispatch backward: each token sums its routed slots' input gradients in slot order, then
       // the shared experts' in order.
-      B::for_each(ctx, t_count * d, [=] MOE_HD(Index i) {
-        const Index t = i / d, c = i % d;
+      for_each_element<B>(ctx, t_count, d, [=] MOE_HD(Index t, Index c) {
         Scalar acc = Scalar(0);
         for (Index j = 0; j < k; ++j) {
           if (ex[t * k + j] == kNotRouted) continue;
           acc += dxs[pos[t * k + j] * d + c];
         }
         for (Index e = 0; e < s_count; ++e) acc += dxsh[(e * t_count + t) * d + c];
-        dx[i] = acc;
+        dx[t * d + c] = acc;
       });
     }
     // The gate's own losses (a Switch loss, a z-loss) of a sharded layer are the token-weighted

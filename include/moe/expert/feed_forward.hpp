@@ -129,10 +129,14 @@ class FeedForward::Group {
     const S* b1 = config_.bias ? b1_.data() : nullptr;
     const Index* off = offsets;
     const Index n = n_;
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-      if (b1 != nullptr) pre[i] += b1[segment_of_row(off, n, i / h) * h + i % h];
-      act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0));
-    });
+    if (b1 != nullptr)
+      for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
+        const Index i = r * h + c;
+        pre[i] += b1[segment_of_row(off, n, r) * h + c];
+        act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0));
+      });
+    else
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0)); });
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<T>(act_out.view()), weight<T>(ctx, w2_, w2n_), ys,
                     config_.precision);
     if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
@@ -152,10 +156,14 @@ class FeedForward::Group {
     S* dpre = dpre_.data();
     T* dpre_out = std::is_same_v<T, S> ? nullptr : dpre_t.data();  // S: dpre_ is dpre_t
     const S* pre = saved.pre.data();
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-      if (!(pre[i] > S(0))) dpre[i] = S(0);
-      if (dpre_out != nullptr) dpre_out[i] = detail::stored<T>(dpre[i]);
-    });
+    // Branch-free, so that the CPU vectorizes it: a store per element either way.
+    if (dpre_out != nullptr)
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+        dpre[i] = pre[i] > S(0) ? dpre[i] : S(0);
+        dpre_out[i] = detail::stored<T>(dpre[i]);
+      });
+    else
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { dpre[i] = pre[i] > S(0) ? dpre[i] : S(0); });
     const ConstMatrixView<T> dp = dpre_t.view();
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dp, S(1), g1_.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dp, weight<T>(ctx, w1_, w1n_), dxs, config_.precision);
@@ -178,10 +186,8 @@ class FeedForward::Group {
   // private member function.
   void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
     const Index n = n_, cols = ys.cols;
-    B::for_each(ctx, ys.rows * cols, [=] MOE_HD(Index i) {
-      const Index r = i / cols, c = i % cols;
-      ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c];
-    });
+    for_each_element<B>(ctx, ys.rows, cols,
+                        [=] MOE_HD(Index r, Index c) { ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c]; });
   }
 
   // grad[e, :] += sum of the rows of m owned by expert e, in row order.

@@ -144,7 +144,7 @@ class SwiGLU::Group {
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh1, w1_.view(), dxs, config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view(), config_.precision);
     const S* dx3 = dx3_.data();
-    B::for_each(ctx, rows * d, [=] MOE_HD(Index i) { dxs(i / d, i % d) += dx3[i]; });
+    for_each_element<B>(ctx, rows, d, [=] MOE_HD(Index r, Index c) { dxs(r, c) += dx3[r * d + c]; });
   }
 
   // In the order w1, w3, w2 (the order of the Hugging Face Mixtral expert).

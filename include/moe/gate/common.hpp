@@ -102,7 +102,7 @@ class RouterWeight {
     B::grouped_gemm(ctx, offsets, groups_, Op::transpose, dlogits, w_.view(), dx_.view());
     const S* src = dx_.data();
     const Index cols = x.cols;
-    B::for_each(ctx, x.rows * cols, [=] MOE_HD(Index i) { dx(i / cols, i % cols) += src[i]; });
+    for_each_element<B>(ctx, x.rows, cols, [=] MOE_HD(Index r, Index c) { dx(r, c) += src[r * cols + c]; });
   }
 
   // The named parameter: [d, n] for one group, [groups, d, n] stacked.

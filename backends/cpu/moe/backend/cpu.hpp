@@ -61,6 +61,18 @@ class Cpu {
   static void for_each(Context& ctx, Index count, F&& f) {
     cpu::parallel_for(ctx.threads, count, std::forward<F>(f), kItemsPerThread);
   }
+  // f(r, c) for every element of a rows x cols grid (moe::for_each_element): rows in parallel,
+  // each row's columns in one loop.
+  template <class F>
+  static void for_each_element(Context& ctx, Index rows, Index cols, F&& f) {
+    if (cols <= 0) return;
+    cpu::parallel_for(
+        ctx.threads, rows,
+        [&](Index r) {
+          for (Index c = 0; c < cols; ++c) f(r, c);
+        },
+        std::max<Index>(1, kItemsPerThread / cols));
+  }
   static void gather_rows(Context& ctx, ConstMatrixView<S> src, const Index* rows, MatrixView<S> dst) {
     cpu::gather_rows(ctx.threads, src, rows, dst);
   }

@@ -15,6 +15,9 @@
 namespace moe::backend::cpu {
 
 inline constexpr Index kGemmRowBlock = 64;
+// The grouped GEMMs' tiles (fixed, never by thread count; see grouped_gemm and grouped_gemm_wgrad).
+inline constexpr Index kGroupRowTile = 256;
+inline constexpr Index kWgradTileRows = 256, kWgradTileCols = 512;
 
 // c = alpha * op(a) * op(b) + beta * c, for a block of rows [r0, r0 + m) of c.
 template <class S>
@@ -103,19 +106,24 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
   detail::require(a.cols == k && c.cols == n && a.rows == c.rows && offsets[groups] == a.rows,
                   "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n,
                   ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
-  // Work items: (group, block of kGemmRowBlock rows) pairs, enumerated in a fixed order.
+  // Work items: (group, tile of rows) pairs, enumerated in a fixed order, each one Eigen GEMM over
+  // all n columns. A group of m rows is cut into ceil(m / kGroupRowTile) tiles of near-equal
+  // height (a function of m alone, never of the thread count): Eigen packs the tile's share of
+  // w_g once per item, so tall tiles pack it few times, and no tile is a thin remainder
+  // (measured at 1024 rows per expert: 64-row blocks 118, 256-row tiles 126 GFLOP/s).
+  auto tiles_of = [&](Index g) { return (offsets[g + 1] - offsets[g] + kGroupRowTile - 1) / kGroupRowTile; };
   Index items = 0;
-  for (Index g = 0; g < groups; ++g) items += (offsets[g + 1] - offsets[g] + kGemmRowBlock - 1) / kGemmRowBlock;
-  std::vector<Index> item_group(static_cast<std::size_t>(items)), item_row(static_cast<std::size_t>(items));
+  for (Index g = 0; g < groups; ++g) items += tiles_of(g);
+  std::vector<Index> item_group(static_cast<std::size_t>(items)), item_tile(static_cast<std::size_t>(items));
   for (Index g = 0, it = 0; g < groups; ++g)
-    for (Index r = offsets[g]; r < offsets[g + 1]; r += kGemmRowBlock, ++it) {
+    for (Index t = 0; t < tiles_of(g); ++t, ++it) {
       item_group[static_cast<std::size_t>(it)] = g;
-      item_row[static_cast<std::size_t>(it)] = r;
+      item_tile[static_cast<std::size_t>(it)] = t;
     }
-  parallel_for(threads_for_work(threads, a.rows * k * n), items, [&](Index it) {
-    const Index g = item_group[static_cast<std::size_t>(it)];
-    const Index r0 = item_row[static_cast<std::size_t>(it)];
-    const Index m = std::min(kGemmRowBlock, offsets[g + 1] - r0);
+  parallel_for_uneven(threads_for_work(threads, a.rows * k * n), items, [&](Index it) {
+    const Index g = item_group[static_cast<std::size_t>(it)], t = item_tile[static_cast<std::size_t>(it)];
+    const Index rows = offsets[g + 1] - offsets[g], tiles = tiles_of(g);
+    const Index r0 = offsets[g] + rows * t / tiles, m = offsets[g] + rows * (t + 1) / tiles - r0;
     const ConstMatrixView<S> wg{w.data + g * wr * w.stride, wr, w.cols, w.stride};
     const ConstMatrixView<S> ag = a.block_rows(r0, m);
     gemm_rows(Op::none, tw, S(1), ag, wg, S(0), c.block_rows(r0, m), 0, m);
@@ -123,9 +131,11 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
 }
 
 // For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b. Work items
-// are (group, block of kGemmRowBlock columns of w): each item's reduction over the group's rows
-// is done by one thread in full, so the summation order is fixed, and a single busy expert
-// still spreads over the threads.
+// are (group, tile of kWgradTileRows x kWgradTileCols of w_g): each item's reduction over the
+// group's rows is one Eigen GEMM run by one thread in full, so the summation order is fixed, and
+// a single busy expert still spreads over the threads. Eigen packs a_g's and b_g's shares once
+// per tile: wide tiles pack b_g fewer times (measured at 1024 rows per expert: 64-column tiles
+// 78, 256 x 512 tiles 118 GFLOP/s).
 // With Precision::bf16 or Precision::tf32, a and b are rounded to bfloat16 or TF32 first; w
 // accumulates in S.
 template <class S>
@@ -141,17 +151,22 @@ void grouped_gemm_wgrad(int threads, const Index* offsets, Index groups, ConstMa
                       offsets[groups] == a.rows,
                   "grouped_gemm_wgrad: shapes do not agree: a is ", a.rows, " x ", a.cols, ", b is ", b.rows, " x ",
                   b.cols, ", w is ", w.rows, " x ", w.cols, " for ", groups, " groups");
-  const Index col_blocks = (w.cols + kGemmRowBlock - 1) / kGemmRowBlock;
-  parallel_for(threads_for_work(threads, a.rows * a.cols * b.cols), groups * col_blocks, [&](Index item) {
-    const Index g = item / col_blocks, c0 = (item % col_blocks) * kGemmRowBlock;
-    const Index nc = std::min(kGemmRowBlock, w.cols - c0);
+  const Index row_tiles = (a.cols + kWgradTileRows - 1) / kWgradTileRows;
+  const Index col_tiles = (w.cols + kWgradTileCols - 1) / kWgradTileCols;
+  const Index tiles = row_tiles * col_tiles;
+  parallel_for_uneven(threads_for_work(threads, a.rows * a.cols * b.cols), groups * tiles, [&](Index item) {
+    const Index g = item / tiles, t = item % tiles;
+    const Index k0 = (t / col_tiles) * kWgradTileRows, c0 = (t % col_tiles) * kWgradTileCols;
+    const Index nk = std::min(kWgradTileRows, a.cols - k0), nc = std::min(kWgradTileCols, w.cols - c0);
     const Index r0 = offsets[g], m = offsets[g + 1] - offsets[g];
-    auto wm = eigen(MatrixView<S>{w.data + g * a.cols * w.stride + c0, a.cols, nc, w.stride});
+    auto wm = eigen(MatrixView<S>{w.data + (g * a.cols + k0) * w.stride + c0, nk, nc, w.stride});
     if (beta == S(0))
       wm.setZero();
     else if (beta != S(1))
       wm *= beta;
-    if (m > 0) wm.noalias() += eigen(a.block_rows(r0, m)).transpose() * eigen(b.block_rows(r0, m)).middleCols(c0, nc);
+    if (m > 0)
+      wm.noalias() +=
+          eigen(a.block_rows(r0, m)).middleCols(k0, nk).transpose() * eigen(b.block_rows(r0, m)).middleCols(c0, nc);
   });
 }
 

@@ -49,4 +49,23 @@ void parallel_for(int threads, Index count, F&& f, Index min_per_thread = 1) {
   for (Index i = 0; i < count; ++i) f(i);
 }
 
+// f(i) for i in [0, count) where items differ in cost (an expert's tiles, with uneven routing):
+// handed out one at a time to whichever thread is free. Which thread runs an item never
+// changes what the item computes.
+template <class F>
+void parallel_for_uneven(int threads, Index count, F&& f) {
+  if (count <= 0) return;
+#if defined(_OPENMP)
+  const int n = static_cast<int>(std::min<Index>(resolve_threads(threads), count));
+  if (n > 1) {
+#pragma omp parallel for num_threads(n) schedule(dynamic)
+    for (Index i = 0; i < count; ++i) f(i);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (Index i = 0; i < count; ++i) f(i);
+}
+
 }  // namespace moe::backend::cpu
