@@ -8,6 +8,7 @@
 #include "moe/backend/cpu/eigen.hpp"
 #include "moe/backend/cpu/host_matrix.hpp"
 #include "moe/backend/cpu/parallel.hpp"
+#include "moe/backend/cpu/stream_gemm.hpp"
 #include "moe/error.hpp"
 #include "moe/op.hpp"
 #include "moe/precision.hpp"
@@ -16,7 +17,7 @@ namespace moe::backend::cpu {
 
 inline constexpr Index kGemmRowBlock = 64;
 // The grouped GEMMs' tiles (fixed, never by thread count; see grouped_gemm and grouped_gemm_wgrad).
-inline constexpr Index kGroupRowTile = 256;
+inline constexpr Index kGroupRowTile = 512;
 inline constexpr Index kWgradTileRows = 256, kWgradTileCols = 512;
 
 // c = alpha * op(a) * op(b) + beta * c, for a block of rows [r0, r0 + m) of c.
@@ -106,27 +107,46 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
   detail::require(a.cols == k && c.cols == n && a.rows == c.rows && offsets[groups] == a.rows,
                   "grouped_gemm: shapes do not agree: a is ", a.rows, " x ", a.cols, ", each op(w_g) is ", k, " x ", n,
                   ", c is ", c.rows, " x ", c.cols, ", offsets end at ", offsets[groups]);
-  // Work items: (group, tile of rows) pairs, enumerated in a fixed order, each one Eigen GEMM over
-  // all n columns. A group of m rows is cut into ceil(m / kGroupRowTile) tiles of near-equal
-  // height (a function of m alone, never of the thread count): Eigen packs the tile's share of
-  // w_g once per item, so tall tiles pack it few times, and no tile is a thin remainder
-  // (measured at 1024 rows per expert: 64-row blocks 118, 256-row tiles 126 GFLOP/s).
-  auto tiles_of = [&](Index g) { return (offsets[g + 1] - offsets[g] + kGroupRowTile - 1) / kGroupRowTile; };
+  // Work items, enumerated in a fixed order. A group of m rows is either
+  //  - thin (m <= kStreamRows): blocks of kStreamCols columns, each a stream_gemm (or
+  //    stream_gemm_bt for w_g transposed) that reads w_g's block once, row by row; or
+  //  - cut into ceil(m / kGroupRowTile) tiles of near-equal height, each one Eigen GEMM over all
+  //    n columns: Eigen packs the tile's share of w_g once per item, so tall tiles pack it few
+  //    times, and no tile is a thin remainder (measured at 1024 rows per expert: 64-row blocks
+  //    118, 256-row tiles 126, 512-row tiles 127 GFLOP/s).
+  // Both depend on m alone, never on the thread count.
+  auto thin = [&](Index g) { return offsets[g + 1] - offsets[g] <= kStreamRows; };
+  auto items_of = [&](Index g) {
+    const Index rows = offsets[g + 1] - offsets[g];
+    if (rows == 0) return Index{0};
+    return thin(g) ? (n + kStreamCols - 1) / kStreamCols : (rows + kGroupRowTile - 1) / kGroupRowTile;
+  };
   Index items = 0;
-  for (Index g = 0; g < groups; ++g) items += tiles_of(g);
-  std::vector<Index> item_group(static_cast<std::size_t>(items)), item_tile(static_cast<std::size_t>(items));
+  for (Index g = 0; g < groups; ++g) items += items_of(g);
+  std::vector<Index> item_group(static_cast<std::size_t>(items)), item_part(static_cast<std::size_t>(items));
   for (Index g = 0, it = 0; g < groups; ++g)
-    for (Index t = 0; t < tiles_of(g); ++t, ++it) {
+    for (Index t = 0; t < items_of(g); ++t, ++it) {
       item_group[static_cast<std::size_t>(it)] = g;
-      item_tile[static_cast<std::size_t>(it)] = t;
+      item_part[static_cast<std::size_t>(it)] = t;
     }
   parallel_for_uneven(threads_for_work(threads, a.rows * k * n), items, [&](Index it) {
-    const Index g = item_group[static_cast<std::size_t>(it)], t = item_tile[static_cast<std::size_t>(it)];
-    const Index rows = offsets[g + 1] - offsets[g], tiles = tiles_of(g);
-    const Index r0 = offsets[g] + rows * t / tiles, m = offsets[g] + rows * (t + 1) / tiles - r0;
+    const Index g = item_group[static_cast<std::size_t>(it)], t = item_part[static_cast<std::size_t>(it)];
+    const Index rows = offsets[g + 1] - offsets[g];
     const ConstMatrixView<S> wg{w.data + g * wr * w.stride, wr, w.cols, w.stride};
-    const ConstMatrixView<S> ag = a.block_rows(r0, m);
-    gemm_rows(Op::none, tw, S(1), ag, wg, S(0), c.block_rows(r0, m), 0, m);
+    if (thin(g)) {
+      const auto ld = [](auto v) { return v.stride > 0 ? v.stride : v.cols; };
+      const Index c0 = t * kStreamCols;
+      const S* ag = a.data + offsets[g] * ld(a);
+      S* cg = c.data + offsets[g] * ld(c);
+      if (tw == Op::none)
+        stream_gemm(rows, k, c0, std::min(kStreamCols, n - c0), ag, ld(a), wg.data, ld(w), cg, ld(c));
+      else
+        stream_gemm_bt(rows, k, c0, std::min(kStreamCols, n - c0), ag, ld(a), wg.data, ld(w), cg, ld(c));
+      return;
+    }
+    const Index tiles = items_of(g);
+    const Index r0 = offsets[g] + rows * t / tiles, m = offsets[g] + rows * (t + 1) / tiles - r0;
+    gemm_rows(Op::none, tw, S(1), a.block_rows(r0, m), wg, S(0), c.block_rows(r0, m), 0, m);
   });
 }
 
