@@ -1,7 +1,11 @@
 // Throughput of moe::Layer<FeedForward, NoisyTopK, Cpu<float>> (MATH.md 1-2) at growing expert
-// counts, against a dense ReLU MLP of the same active FLOPs (hidden k*h) and a naive per-expert
-// loop on the layer's own gate, weights and routing, all measured in one run, round-robin.
-// Prints a table and writes JSON. Timings live here, never in the tests.
+// counts, against a dense ReLU MLP of the same active FLOPs (hidden k*h), a naive per-expert
+// loop on the layer's own gate, weights and routing, and the floor max(FLOPs at the dense rate,
+// bytes at the copy bandwidth), all measured in one run, round-robin; then the cost per token
+// up to 4096 experts (fixed rows per expert, fixed T) and small-batch inference on a Mixtral-like
+// SwiGLU block against reading its routed experts' weights. Prints tables and writes JSON
+// (bench/plot_moe_layer.py plots it; scripts/bench-cpu does both). Timings live here, never in
+// the tests.
 //
 //   moe_layer [--quick] [--threads N] [--json PATH]
 
