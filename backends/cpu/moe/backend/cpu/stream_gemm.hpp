@@ -1,12 +1,14 @@
 #pragma once
-// c = a * w for the thin products of an expert that owns a handful of rows: a is m x k with m
-// small, w is k x n row-major. A library GEMM packs w (reads it, writes a copy, reads the copy)
-// to use it for m rows; here w is read once, row by row, in the order it lies in memory, and
-// each of its rows is multiplied into all m rows of c while it is in the cache.
+// c = a * w and c = a * w^T for the thin products of an expert that owns a handful of rows: a
+// is m x k with m small, w row-major. A library GEMM packs w (reads it, writes a copy, reads the
+// copy) to use it for m rows; here w is read once, row by row, in the order it lies in memory:
+// stream_gemm multiplies each row of w into all m rows of c while it is in the cache,
+// stream_gemm_bt takes the dot products of a's rows with each row of w.
 //
-// Every element of c is one chain of multiply-adds over the depth in order 0, 1, ..., k - 1,
-// started from zero: its bits depend on its own row of a and column of w only, never on the
-// column blocks or the thread that ran them.
+// Every element of c is computed in an order fixed by k alone: stream_gemm's is one chain of
+// multiply-adds over the depth in order 0, 1, ..., k - 1 started from zero, stream_gemm_bt's a
+// set of lane sums added in a fixed order. Its bits depend on its own row of a and its own
+// column of w (row of w), never on the column blocks, the other rows or the thread that ran it.
 
 #include <algorithm>
 #include <cstring>
@@ -159,10 +161,6 @@ void stream_gemm(Index m, Index k, Index c0, Index cols, const S* a, Index lda, 
     for (; p < k; ++p) stream::step<1>(m, nc, a + p, lda, w + p * ldw + j0, ldw, c + j0, ldc);
   }
 }
-
-}  // namespace moe::backend::cpu
-
-namespace moe::backend::cpu {
 
 // Columns [c0, c0 + cols) of c = a * w^T: a is m x k, w is n x k (row stride ldw), so that each
 // element is the dot product of a row of a and a row of w, and w is read once, row by row.
