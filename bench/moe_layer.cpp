@@ -53,7 +53,6 @@ struct Shape {
   std::vector<Index> experts;
   int warmup, reps;
   Index copy_floats;  // the bandwidth measurement's buffer: far beyond the 16-32 MB of a last-level cache
-  bool quick_scale;
   Index rows_per_expert;  // the scaling series at fixed rows per expert
   std::vector<Index> scale_experts;
   std::vector<Index> infer_d, infer_tokens;
@@ -71,8 +70,8 @@ struct Shape {
 
 // The paper's expert size (d = 512, h = 1024); with T = 2048 one measurement takes 150-700 ms on 2 cores.
 Shape shape_for(bool quick) {
-  if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1, Index{1} << 20, true, 16, {4, 16}, {64}, {1, 8}};
-  return {2048,         512,  1024, 2, {4, 16, 64, 256}, 1, 7, Index{1} << 26, false, 16, {4, 16, 64, 256, 1024, 4096},
+  if (quick) return {128, 64, 128, 2, {4, 16}, 1, 1, Index{1} << 20, 16, {4, 16}, {64}, {1, 8}};
+  return {2048, 512, 1024, 2, {4, 16, 64, 256}, 1, 7, Index{1} << 26, 16, {4, 16, 64, 256, 1024, 4096},
           {1024, 2048, 4096}, {1, 8, 64}};
 }
 
@@ -381,21 +380,23 @@ struct Result {
   [[nodiscard]] double bytes(const Pass& p) const {
     return p.bytes_scale * param_bytes + p.activation_scale * activation_bytes;
   }
-  // The floor: the pass's FLOPs at the dense layer's measured rate, or its bytes at the measured
-  // copy bandwidth, whichever takes longer.
-  [[nodiscard]] double compute_floor_s(const Pass& p) const {
-    return p.flop_scale * flop / (p.flop_scale * expert_flop / seconds(p.dense));
-  }
+  // The floor: the pass's FLOPs at the dense layer's measured rate (the dense layer does the
+  // experts' FLOPs), or its bytes at the measured copy bandwidth, whichever takes longer.
+  [[nodiscard]] double compute_floor_s(const Pass& p) const { return flop / expert_flop * seconds(p.dense); }
   [[nodiscard]] double memory_floor_s(const Pass& p) const { return bytes(p) / bandwidth(); }
   [[nodiscard]] double floor_s(const Pass& p) const { return std::max(compute_floor_s(p), memory_floor_s(p)); }
-  [[nodiscard]] double share_of_dense(const Pass& p) const {
-    return (flop / seconds(p.moe)) / (expert_flop / seconds(p.dense));
-  }
+  // The MoE's GFLOP/s over the dense layer's.
+  [[nodiscard]] double share_of_dense(const Pass& p) const { return compute_floor_s(p) / seconds(p.moe); }
   [[nodiscard]] double gate_share(const Pass& p) const {
     const double gate = seconds(kGateFwd) + (p.moe == kMoeFwdBwd ? seconds(kGateBwd) : 0.0);
     return gate / seconds(p.moe);
   }
 };
+
+// Experts that got at least one token.
+Index experts_used(const std::vector<Index>& tokens_per_expert) {
+  return Index(std::count_if(tokens_per_expert.begin(), tokens_per_expert.end(), [](Index c) { return c > 0; }));
+}
 
 Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& floor, Copy& copy, const Mat& x,
                    const Mat& dy) {
@@ -410,7 +411,7 @@ Result run_experts(const Shape& s, Index n, int threads, Dense& dense, Floor& fl
   const auto& counts = first.stats().tokens_per_expert;
   r.min_tokens = *std::min_element(counts.begin(), counts.end());
   r.max_tokens = *std::max_element(counts.begin(), counts.end());
-  r.experts_used = Index(std::count_if(counts.begin(), counts.end(), [](Index c) { return c > 0; }));
+  r.experts_used = experts_used(counts);
   // Parameters read by a forward: the gate's two d x n matrices and every expert that got a token.
   r.param_bytes = 4.0 * double(2 * s.d * n + r.experts_used * 2 * s.d * s.h);
   r.activation_bytes = 4.0 * double(2 * s.tokens * s.d);
@@ -459,9 +460,13 @@ struct ScalePoint {
   Index n, tokens, h;
   double bytes_params;  // weights and gradients held
   std::vector<Measured> m;  // moe fwd, moe fwd+bwd, dense fwd, dense fwd+bwd
+
+  // The gate's FLOPs over the experts': 4 T d n over 4 T k d h.
+  [[nodiscard]] double gate_over_expert_flop(Index k) const { return double(n) / double(k * h); }
 };
 
-ScalePoint run_scale_point(const char* series, Index n, Index tokens, Index h, const Shape& s, int threads) {
+ScalePoint run_scale_point(const char* series, Index n, Index tokens, Index h, const Shape& s, int threads,
+                           bool quick) {
   Layer layer(Layer::Config{
       .d_model = s.d, .n_experts = n, .expert = {.hidden = h}, .gate = {.k = s.k}, .seed = 1, .threads = threads});
   const Mat x = Mat::Random(tokens, s.d), dy = Mat::Random(tokens, s.d) * 1e-2f;
@@ -471,7 +476,7 @@ ScalePoint run_scale_point(const char* series, Index n, Index tokens, Index h, c
   Layer::Forward step;
   Layer::Backward grads;
   ScalePoint p{series, n, tokens, h, 4.0 * 2 * double(n * 2 * s.d * h), {}};
-  p.m = measure(1, s.quick_scale ? 1 : 3,
+  p.m = measure(1, quick ? 1 : 3,
                 {[&] { layer.forward_into(step, xv, moe::Mode::train, rng); },
                  [&] {
                    layer.forward_into(step, xv, moe::Mode::train, rng);
@@ -505,8 +510,7 @@ std::vector<InferPoint> run_inference(Index d, const std::vector<Index>& batches
     const moe::ConstMatrixView<float> xv(x);
     InferLayer::Forward f;
     layer.forward_into(f, xv, moe::Mode::inference);
-    const auto& counts = f.stats().tokens_per_expert;
-    const auto used = Index(std::count_if(counts.begin(), counts.end(), [](Index c) { return c > 0; }));
+    const Index used = experts_used(f.stats().tokens_per_expert);
     InferPoint p{d, h, n, k, t, used, 4.0 * double(used * 3 * d * h + d * n), copy.bytes(), 6.0 * double(t * k * d * h),
                  {}, {}};
     const auto m = measure(1, quick ? 1 : 9,
@@ -594,7 +598,7 @@ void print_tables(const Run& run) {
                                    ? "rows/expert " + std::to_string(s.rows_per_expert)
                                    : "T " + std::to_string(s.tokens);
     // The gate's FLOPs count for the layer, as in the main table.
-    const double gate_share = double(p.n) / double(s.k * p.h);  // 4 T d n over 4 T k d h
+    const double gate_share = p.gate_over_expert_flop(s.k);
     std::printf("%-22s %6lld %6lld %5lld %8.1f %10.2f %10.2f %12.2f %12.2f %9.2f %9.2f\n", series.c_str(),
                 (long long)p.n, (long long)p.tokens, (long long)p.h, double(p.tokens * s.k) / double(p.n), us(0), us(1),
                 us(2), us(3), (1 + gate_share) * us(2) / us(0), (1 + gate_share) * us(3) / us(1));
@@ -663,7 +667,7 @@ std::string to_json(const Run& run) {
     j.num("param_and_grad_bytes", p.bytes_params);
     j.num("moe_forward_s", p.m[0].seconds).num("moe_forward_backward_s", p.m[1].seconds);
     j.num("dense_forward_s", p.m[2].seconds).num("dense_forward_backward_s", p.m[3].seconds);
-    j.num("gate_flop_over_expert_flop", double(p.n) / double(s.k * p.h)).close('}');
+    j.num("gate_flop_over_expert_flop", p.gate_over_expert_flop(s.k)).close('}');
   }
   j.close(']');
   j.open("inference", '[');
@@ -713,9 +717,10 @@ int main(int argc, char** argv) {
     Copy copy(s.copy_floats);
     for (const Index n : s.experts) run.results.push_back(run_experts(s, n, run.threads, dense, floor, copy, x, dy));
     for (const Index n : s.scale_experts)
-      run.scaling.push_back(run_scale_point("rows", n, s.rows_per_expert * n / s.k, s.scale_h(n), s, run.threads));
+      run.scaling.push_back(
+          run_scale_point("rows", n, s.rows_per_expert * n / s.k, s.scale_h(n), s, run.threads, run.quick));
     for (const Index n : s.scale_experts)
-      run.scaling.push_back(run_scale_point("tokens", n, s.tokens, s.scale_h(n), s, run.threads));
+      run.scaling.push_back(run_scale_point("tokens", n, s.tokens, s.scale_h(n), s, run.threads, run.quick));
     for (const Index d : s.infer_d)
       for (const InferPoint& p : run_inference(d, s.infer_tokens, run.threads, copy, run.quick))
         run.inference.push_back(p);

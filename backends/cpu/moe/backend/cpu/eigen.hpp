@@ -25,9 +25,15 @@ using ConstMap = Eigen::Map<const RowMatrix<S>, Eigen::Unaligned, Eigen::OuterSt
 template <class S>
 using Map = Eigen::Map<RowMatrix<S>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
+// The distance between a view's rows in elements (a stride of 0 means packed rows).
+template <class T>
+Index row_stride(MatrixView<T> v) {
+  return v.stride > 0 ? v.stride : v.cols;
+}
+
 template <class S>
 ConstMap<S> eigen(ConstMatrixView<S> v) {
-  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.stride > 0 ? v.stride : v.cols)};
+  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(row_stride(v))};
 }
 
 // clang-format off
@@ -35,7 +41,7 @@ template <class S>
   requires(!std::is_const_v<S>)
 Map<S> eigen(MatrixView<S> v) {
   // clang-format on
-  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.stride > 0 ? v.stride : v.cols)};
+  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(row_stride(v))};
 }
 
 }  // namespace moe::backend::cpu

@@ -134,14 +134,13 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
     const Index rows = offsets[g + 1] - offsets[g];
     const ConstMatrixView<S> wg{w.data + g * wr * w.stride, wr, w.cols, w.stride};
     if (thin(g)) {
-      const auto ld = [](auto v) { return v.stride > 0 ? v.stride : v.cols; };
-      const Index c0 = t * kStreamCols;
-      const S* ag = a.data + offsets[g] * ld(a);
-      S* cg = c.data + offsets[g] * ld(c);
+      const Index c0 = t * kStreamCols, lda = row_stride(a), ldw = row_stride(w), ldc = row_stride(c);
+      const S* ag = a.data + offsets[g] * lda;
+      S* cg = c.data + offsets[g] * ldc;
       if (tw == Op::none)
-        stream_gemm(rows, k, c0, std::min(kStreamCols, n - c0), ag, ld(a), wg.data, ld(w), cg, ld(c));
+        stream_gemm(rows, k, c0, std::min(kStreamCols, n - c0), ag, lda, wg.data, ldw, cg, ldc);
       else
-        stream_gemm_bt(rows, k, c0, std::min(kStreamCols, n - c0), ag, ld(a), wg.data, ld(w), cg, ld(c));
+        stream_gemm_bt(rows, k, c0, std::min(kStreamCols, n - c0), ag, lda, wg.data, ldw, cg, ldc);
       return;
     }
     const Index tiles = items_of(g);
