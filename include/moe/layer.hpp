@@ -20,12 +20,14 @@
 #include "moe/communicator.hpp"
 #include "moe/error.hpp"
 #include "moe/expert_group.hpp"
+#include "moe/gate/common.hpp"
 #include "moe/gate/hierarchy.hpp"
 #include "moe/gate_policy.hpp"
 #include "moe/mode.hpp"
 #include "moe/parameter.hpp"
 #include "moe/random.hpp"
 #include "moe/routing_plan.hpp"
+#include "moe/scalar_math.hpp"
 #include "moe/shard.hpp"
 
 namespace moe {
@@ -89,6 +91,33 @@ void shared_rows(typename B::Context& ctx, Index s_count, Index t_count, Index* 
   B::for_each(ctx, s_count * t_count, [=] MOE_HD(Index r) { rows[r] = r % t_count; });
   B::for_each(ctx, s_count + 1, [=] MOE_HD(Index e) { offsets[e] = e * t_count; });
 }
+
+// The shared experts' gate (Qwen2-MoE): g [T x 1] holds x w and becomes sigmoid(x w) in place.
+template <Backend B>
+void sigmoid_in_place(typename B::Context& ctx, MatrixView<typename B::Scalar> g) {
+  typename B::Scalar* v = g.data;
+  B::for_each(ctx, g.rows, [=] MOE_HD(Index t) { v[t] = sigmoid(v[t]); });
+}
+
+// Backward of the shared gate, y_t += g_t * sum_e E_e(x_t): dysh (the shared rows' dy, row r of
+// token r % T) is scaled by g, and dlogit_t = g_t (1 - g_t) <dy_t, sum_e E_e(x_t)>.
+template <Backend B>
+void shared_gate_backward(typename B::Context& ctx, const typename B::Scalar* g, const typename B::Scalar* ysh,
+                          Index s_count, ConstMatrixView<typename B::Scalar> dy, MatrixView<typename B::Scalar> dysh,
+                          typename B::Scalar* dlogit) {
+  using S = typename B::Scalar;
+  const Index t_count = dy.rows, d = dy.cols;
+  for_each_element<B>(ctx, dysh.rows, d, [=] MOE_HD(Index r, Index c) { dysh(r, c) *= g[r % t_count]; });
+  B::for_each(ctx, t_count, [=] MOE_HD(Index t) {
+    S acc = S(0);
+    for (Index c = 0; c < d; ++c) {
+      S sum = S(0);
+      for (Index e = 0; e < s_count; ++e) sum += ysh[(e * t_count + t) * d + c];
+      acc += dy(t, c) * sum;
+    }
+    dlogit[t] = g[t] * (S(1) - g[t]) * acc;
+  });
+}
 }  // namespace detail
 
 // Where the gate's noise z comes from in a training forward: a caller-owned Rng (one step per
@@ -125,7 +154,13 @@ struct LayerConfig {
   Index n_experts = 0;  // n
   typename Expert::Config expert{};
   typename GateFamily::Config gate{};  // at Depth > 1: gate::Hierarchy's Config (one entry per level)
-  Index shared_experts = 0;            // s always-on experts added to every token's output (same Config as `expert`)
+  Index shared_experts = 0;            // s always-on experts added to every token's output
+  // The shared experts' Config when it differs from the routed experts' (e.g. another hidden
+  // width: DeepSeek, Qwen2-MoE); empty: `expert`.
+  std::optional<typename Expert::Config> shared_expert{};
+  // Qwen2-MoE's shared-expert gate: the shared experts' summed output is multiplied by
+  // sigmoid(x w), w [d x 1] a trainable parameter "shared_gate.w_gate" (needs shared_experts >= 1).
+  bool shared_gate = false;
   std::uint64_t seed = 0;              // parameter initialization
   bool check_finite = true;            // reject NaN and Inf in inputs, noise and output gradients
   int threads = 0;                     // CPU threads, 0: all that OpenMP offers; results do not depend on it
@@ -208,6 +243,7 @@ class Layer {
     typename ExpertGroup::Saved expert_saved_;
     struct Shared {  // the shared experts' pass: every token, once per shared expert
       Buffer<Scalar> xs, ys;
+      Buffer<Scalar> gate;  // [T x 1] sigmoid(x w) of the shared gate, when there is one
       Buffer<Index> rows, offsets;
       typename ExpertGroup::Saved saved;
     } shared_;
@@ -238,7 +274,11 @@ class Layer {
         experts_(make_experts(config_, placement_, comm_.rank())),
         id_(next_id()) {
     if (config_.shared_experts > 0)
-      shared_.emplace(config_.expert, config_.d_model, config_.shared_experts, config_.seed ^ kSharedSeed);
+      shared_.emplace(config_.shared_expert.value_or(config_.expert), config_.d_model, config_.shared_experts,
+                      config_.seed ^ kSharedSeed);
+    if (config_.shared_gate)
+      shared_gate_.emplace("shared_gate.w_gate", config_.d_model, Index{1}, Index{1}, config_.seed ^ kSharedGateSeed,
+                           1.0 / std::sqrt(static_cast<double>(config_.d_model)));
     detail::require(experts_.n_experts() == placement_.count(comm_.rank()) && gate_.n_experts() == config_.n_experts,
                     "moe::Layer: gate has ", gate_.n_experts(), " experts and expert group ", experts_.n_experts(),
                     ", expected n_experts = ", config_.n_experts, " and the rank's ", placement_.count(comm_.rank()));
@@ -254,6 +294,7 @@ class Layer {
         gate_(other.gate_),
         experts_(other.experts_),
         shared_(other.shared_),
+        shared_gate_(other.shared_gate_),
         id_(next_id()) {}
   Layer& operator=(const Layer& other) {
     if (this != &other) {
@@ -263,6 +304,7 @@ class Layer {
       gate_ = other.gate_;
       experts_ = other.experts_;
       shared_ = other.shared_;
+      shared_gate_ = other.shared_gate_;
       id_ = next_id();
     }
     return *this;
@@ -275,6 +317,7 @@ class Layer {
         gate_(std::move(other.gate_)),
         experts_(std::move(other.experts_)),
         shared_(std::move(other.shared_)),
+        shared_gate_(std::move(other.shared_gate_)),
         id_(std::exchange(other.id_, 0)) {}
   Layer& operator=(Layer&& other) noexcept {
     if (this != &other) {
@@ -284,6 +327,7 @@ class Layer {
       gate_ = std::move(other.gate_);
       experts_ = std::move(other.experts_);
       shared_ = std::move(other.shared_);
+      shared_gate_ = std::move(other.shared_gate_);
       id_ = std::exchange(other.id_, 0);
     }
     return *this;
@@ -385,6 +429,7 @@ class Layer {
       const Index* ex = f.routing_.expert.data();
       const Index* pos = f.plan_.position.data();
       const Scalar* ysh = shared_ ? f.shared_.ys.data() : nullptr;
+      const Scalar* sg = shared_gate_ ? f.shared_.gate.data() : nullptr;
       const Index s_count = shared_ ? config_.shared_experts : 0;
       Scalar* y = f.y_.data();
       // One item per element of y: consecutive items read consecutive columns of a slot's row.
@@ -394,7 +439,13 @@ class Layer {
           if (ex[t * k + j] == kNotRouted) continue;
           acc += g[t * k + j] * ys[pos[t * k + j] * d + c];
         }
-        for (Index e = 0; e < s_count; ++e) acc += ysh[(e * t_count + t) * d + c];
+        if (sg == nullptr) {
+          for (Index e = 0; e < s_count; ++e) acc += ysh[(e * t_count + t) * d + c];
+        } else {
+          Scalar sum = Scalar(0);
+          for (Index e = 0; e < s_count; ++e) sum += ysh[(e * t_count + t) * d + c];
+          acc += sg[t] * sum;
+        }
         y[t * d + c] = acc;
       });
     }
@@ -512,6 +563,7 @@ class Layer {
         dx[t * d + c] = acc;
       });
     }
+    if (shared_gate_) shared_gate_->backward(ctx, f.x_.view(), nullptr, dshared_gate_.view(), out.dx.view());
     // The gate's own losses (a Switch loss, a z-loss) of a sharded layer are the token-weighted
     // mean of each rank's: this rank's part of their gradient is weighted by its share.
     gate_.backward(ctx, f.x_.view(), nullptr, f.gate_saved_, dgate_.view(),
@@ -520,7 +572,7 @@ class Layer {
   }
 
   // Every trainable tensor, gate first, then the routed experts ("experts.*"), then the shared
-  // experts ("shared_experts.*"), under its stable dotted name.
+  // experts ("shared_experts.*") and their gate ("shared_gate.w_gate"), under its stable dotted name.
   [[nodiscard]] std::vector<Parameter<Scalar>> parameters() {
     std::vector<Parameter<Scalar>> all = gate_.parameters();
     for (auto& p : experts_.parameters()) all.push_back(std::move(p));
@@ -529,6 +581,7 @@ class Layer {
         if (p.name.rfind("experts.", 0) == 0) p.name = "shared_" + p.name;
         all.push_back(std::move(p));
       }
+    if (shared_gate_) all.push_back(shared_gate_->parameter());
     return all;
   }
 
@@ -600,6 +653,11 @@ class Layer {
     detail::require(c.n_experts >= 1, "moe::Layer: n_experts = ", c.n_experts, ", expected at least 1");
     detail::require(c.threads >= 0, "moe::Layer: threads = ", c.threads, ", expected >= 0 (0: all available)");
     detail::require(c.shared_experts >= 0, "moe::Layer: shared_experts = ", c.shared_experts, ", expected >= 0");
+    detail::require(!c.shared_gate || c.shared_experts >= 1,
+                    "moe::Layer: shared_gate = true with shared_experts = 0, expected at least one shared expert");
+    detail::require(!c.shared_expert || c.shared_experts >= 1,
+                    "moe::Layer: shared_expert (the shared experts' Config) is set with shared_experts = 0, expected "
+                    "at least one shared expert");
     return c;
   }
 
@@ -801,7 +859,8 @@ class Layer {
     return h;
   }
 
-  static constexpr std::uint64_t kSharedSeed = 0x5348415245444558ull;  // shared experts' init stream
+  static constexpr std::uint64_t kSharedSeed = 0x5348415245444558ull;      // shared experts' init stream
+  static constexpr std::uint64_t kSharedGateSeed = 0x5348415245444741ull;  // shared gate's init stream
 
   // Shared experts: expert e sees every token, as rows [e T, (e + 1) T) of one grouped pass.
   void shared_forward(typename B::Context& ctx, Forward& f) const {
@@ -814,6 +873,10 @@ class Layer {
     sh.ys.resize(s_count * t_count, d);
     B::gather_rows(ctx, f.x_.view(), sh.rows.data(), sh.xs.view());
     shared_->forward(ctx, sh.xs.view(), sh.offsets.data(), sh.ys.view(), sh.saved);
+    if (!shared_gate_) return;
+    sh.gate.resize(t_count, 1);
+    shared_gate_->logits(ctx, f.x_.view(), nullptr, sh.gate.view());
+    detail::sigmoid_in_place<B>(ctx, sh.gate.view());
   }
 
   void shared_backward(typename B::Context& ctx, const Forward& f, ConstMatrixView<Scalar> dy) {
@@ -821,6 +884,11 @@ class Layer {
     dysh_.resize(rows, d);
     dxsh_.resize(rows, d);
     B::gather_rows(ctx, dy, f.shared_.rows.data(), dysh_.view());
+    if (shared_gate_) {
+      dshared_gate_.resize(dy.rows, 1);
+      detail::shared_gate_backward<B>(ctx, f.shared_.gate.data(), f.shared_.ys.data(), config_.shared_experts, dy,
+                                      dysh_.view(), dshared_gate_.data());
+    }
     shared_->backward(ctx, f.shared_.xs.view(), f.shared_.offsets.data(), f.shared_.saved, dysh_.view(), dxsh_.view());
   }
 
@@ -918,8 +986,9 @@ class Layer {
   GatePolicy gate_;
   ExpertGroup experts_;
   std::optional<ExpertGroup> shared_;
+  std::optional<gate::RouterWeight<B>> shared_gate_;  // w [d x 1] of the shared experts' gate
   std::uint64_t id_;
-  Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_;  // backward workspace, reused across calls
+  Buffer<Scalar> dys_, dxs_, dgate_, dysh_, dxsh_, dshared_gate_;  // backward workspace, reused across calls
   Buffer<Scalar> dimportance_, dload_;  // gradients of the balancing losses
   Buffer<Index> check_;                              // flags of the input and routing checks
   Buffer<Scalar> sum_scratch_;                       // segment_sums' partial sums

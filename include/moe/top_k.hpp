@@ -36,4 +36,20 @@ MOE_HD inline bool is_among(const Index* list, Index count, Index value) {
   return false;
 }
 
+// out[0..kk) = indices of the kk largest of v[0..n) whose group (index / group_size) is one of
+// groups[0..group_count), in descending order (top_k_stable's order restricted to those groups).
+template <class S>
+MOE_HD inline void top_k_in_groups(const S* v, Index n, Index group_size, const Index* groups, Index group_count,
+                                   Index kk, Index* out) {
+  for (Index j = 0; j < kk; ++j) {
+    Index best = -1;
+    for (Index i = 0; i < n; ++i) {
+      if (!is_among(groups, group_count, i / group_size)) continue;
+      if (j > 0 && !ranks_before(v, out[j - 1], i)) continue;  // already picked
+      if (best < 0 || ranks_before(v, i, best)) best = i;
+    }
+    out[j] = best;
+  }
+}
+
 }  // namespace moe

@@ -5,7 +5,8 @@
 //   selection by s_i + b_i: keep the top_groups best of expert_groups contiguous groups (a
 //   group's score: the sum of its best min(2, size) values of s + b), then the k best experts
 //   of the kept groups (ties to the lower index, for groups and experts alike)
-//   gate of a chosen j: scale * s_j / sum over the chosen of s (the bias is not in the gate)
+//   gate of a chosen j: scale * s_j / sum over the chosen of s (the bias is not in the gate), or
+//   scale * s_j with normalize = false (DeepSeek-V3's norm_topk_prob = false)
 // The bias b (one vector per stacked gate group) is not trained by the gradient: every training
 // forward, after its selection, moves it by b_i += bias_rate * sign(mean count - count_i) over
 // the rows of that group, so overloaded experts get chosen less and underloaded ones more
@@ -33,7 +34,8 @@ struct SigmoidBias {
     Index expert_groups = 1;    // contiguous equal groups of experts; must divide n_experts
     Index top_groups = 1;       // groups a token may choose from, 1 <= top_groups <= expert_groups
     double bias_rate = 1e-3;    // bias step per training forward (0: the bias never moves)
-    double scale = 1.0;         // gates of a token sum to this
+    bool normalize = true;      // divide the chosen s by their sum (false: the gates are scale * s_j)
+    double scale = 1.0;         // every gate is multiplied by it (DeepSeek's routed_scaling_factor)
     double init_scale = 1.0;    // W_g uniform in (-s / sqrt(d), s / sqrt(d)]
     double w_importance = 0.0;  // CV^2(Importance) weight; the bias balances without it
     double w_load = 0.0;        // the load is a count: this term is reported but has no gradient
@@ -133,6 +135,7 @@ class SigmoidBias::Policy {
     Index* out_expert = routing.expert.data();
     S* out_gate = routing.gate.data();
     const S scale = static_cast<S>(config_.scale);
+    const bool normalize = config_.normalize;
     B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       S* sr = s + r * n;
       S* vr = v + r * n;
@@ -153,16 +156,9 @@ class SigmoidBias::Policy {
       top_k_stable(gr, eg, tg, kr);
       // The k best biased values among the kept groups' experts (top_k_stable's order, restricted).
       Index* tr = top + r * k;
-      for (Index j = 0; j < k; ++j) {
-        Index pick = -1;
-        for (Index i = 0; i < n; ++i) {
-          if (!is_among(kr, tg, i / size)) continue;
-          if (j > 0 && !ranks_before(vr, tr[j - 1], i)) continue;  // already picked
-          if (pick < 0 || ranks_before(vr, i, pick)) pick = i;
-        }
-        tr[j] = pick;
-      }
-      // Gates from s alone: scale * s_j / sum of the chosen s (scale / k where every s underflowed to 0).
+      top_k_in_groups(vr, n, size, kr, tg, k, tr);
+      // Gates from s alone: scale * s_j / sum of the chosen s (scale / k where every s underflowed
+      // to 0), or scale * s_j unnormalized.
       S sum = 0;
       for (Index j = 0; j < k; ++j) {
         chosen[r * k + j] = sr[tr[j]];
@@ -170,7 +166,9 @@ class SigmoidBias::Policy {
       }
       for (Index j = 0; j < k; ++j) {
         out_expert[r * k + j] = tr[j];
-        out_gate[r * k + j] = sum > S(0) ? scale * (chosen[r * k + j] / sum) : scale / static_cast<S>(k);
+        out_gate[r * k + j] = !normalize   ? scale * chosen[r * k + j]
+                              : sum > S(0) ? scale * (chosen[r * k + j] / sum)
+                                           : scale / static_cast<S>(k);
       }
     });
     routing.load_is_count = true;
@@ -181,8 +179,8 @@ class SigmoidBias::Policy {
   }
 
   // With g_j = scale s_j / S, S = sum of the chosen s: ds_m = scale (dg_m S - sum_j s_j dg_j) / S^2
-  // for a chosen m (0 otherwise; exactly 0 at k = 1, where the gate is the constant scale), then
-  // dlogit_m = ds_m s_m (1 - s_m). The bias has no gradient.
+  // for a chosen m (0 otherwise; exactly 0 at k = 1, where the gate is the constant scale);
+  // unnormalized, ds_m = scale dg_m. Then dlogit_m = ds_m s_m (1 - s_m). The bias has no gradient.
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dgate, const S*, S, MatrixView<S> dx) {
     const Index rows = x.rows, n = n_, k = config_.k;
@@ -192,11 +190,16 @@ class SigmoidBias::Policy {
     const S* dg = dgate.data;
     const Index dg_stride = dgate.stride;
     const S scale = static_cast<S>(config_.scale);
+    const bool normalize = config_.normalize;
     S* dl = dlogits_.data();
     B::for_each(ctx, rows, [=] MOE_HD(Index r) {
       S* dr = dl + r * n;
       for (Index i = 0; i < n; ++i) dr[i] = S(0);
       const S* cr = chosen + r * k;
+      if (!normalize) {
+        for (Index j = 0; j < k; ++j) dr[top[r * k + j]] = scale * dg[r * dg_stride + j] * cr[j] * (S(1) - cr[j]);
+        return;
+      }
       S sum = 0;
       for (Index j = 0; j < k; ++j) sum += cr[j];
       if (!(sum > S(0))) return;  // the constant scale / k of forward
@@ -226,9 +229,7 @@ class SigmoidBias::Policy {
     count_.resize(groups_, n + 1);
     key_.resize(rows * k, 1);
     hist_.resize(groups_ * n, 1);
-    Index* key = key_.data();
-    B::for_each(ctx, rows * k, [=] MOE_HD(Index s) { key[s] = group_of_row(offsets, groups, s / k) * n + top[s]; });
-    B::histogram(ctx, key, rows * k, groups * n, hist_.data());
+    count_slots<B>(ctx, top, rows, k, offsets, groups, n, key_.data(), hist_.data());
     Index* count = count_.data();
     const Index* hist = hist_.data();
     B::for_each(ctx, groups * (n + 1), [=] MOE_HD(Index item) {

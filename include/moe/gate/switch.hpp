@@ -147,26 +147,12 @@ class Switch::Policy {
         out_gate[r] = keep ? p[r * n + e] : S(0);
       });
     }
-    // The group's share of the auxiliary loss: n sum_i f_i P_i * R_g / R
-    // = n sum_i cnt_i (sum_r p_ri) / (R_g R), the column sums by segment_sums.
-    saved.col.resize(groups, n);
-    sum_rows_by_group<B>(ctx, ConstMatrixView<S>(saved.p.view()), offsets, groups, saved.col.data(), &saved.partial);
-    {
-      const S* col = saved.col.data();
-      S* aux = saved.aux.data();
-      B::for_each(ctx, groups, [=] MOE_HD(Index g) {
-        const Index r_g = offsets != nullptr ? offsets[g + 1] - offsets[g] : rows;
-        S total = 0;
-        for (Index i = 0; i < n; ++i) total += static_cast<S>(count[g * n + i]) * col[g * n + i];
-        aux[g] = r_g > 0 ? static_cast<S>(n) * total / (static_cast<S>(r_g) * static_cast<S>(rows)) : S(0);
-      });
-    }
-    // loss_aux = w_aux * the sum of the groups' terms in group order, with the layer's statistics.
+    // The auxiliary loss n sum_i f_i P_i (weighted per group), summed with the layer's statistics.
     routing.load_is_count = true;
     routing.load.resize(0, 0);
     routing.loss_aux = S(0);
-    routing.deferred.push_back(
-        {.values = ConstMatrixView<S>(saved.aux.view()), .squared = false, .weight = static_cast<S>(config_.w_aux), .z = false});
+    switch_loss<B>(ctx, ConstMatrixView<S>(saved.p.view()), offsets, groups, count, config_.w_aux, saved.col,
+                   saved.partial, saved.aux, routing);
     routing.loss_z = S(0);
     z_loss<B>(ctx, saved.logits.view(), config_.w_z, saved.lse.view(), routing);
   }

@@ -60,6 +60,12 @@ void config_fields(gate::NoisyTopK::Config& c, V&& v) {
 template <class V>
 void config_fields(gate::TopK::Config& c, V&& v) {
   v("k", c.k);
+  v("normalize", c.normalize);
+  v("scale", c.scale);
+  v("expert_groups", c.expert_groups);
+  v("top_groups", c.top_groups);
+  v("router_bias", c.router_bias);
+  v("w_aux", c.w_aux);
   v("w_importance", c.w_importance);
   v("w_load", c.w_load);
   v("w_z", c.w_z);
@@ -95,6 +101,7 @@ void config_fields(gate::SigmoidBias::Config& c, V&& v) {
   v("expert_groups", c.expert_groups);
   v("top_groups", c.top_groups);
   v("bias_rate", c.bias_rate);
+  v("normalize", c.normalize);
   v("scale", c.scale);
   v("init_scale", c.init_scale);
   v("w_importance", c.w_importance);
@@ -180,15 +187,14 @@ void write_fields(Metadata& m, const std::string& prefix, C c) {
     config_fields(c, [&](const char* name, auto& field) { m[prefix + name] = format_value(field); });
 }
 
-// Reads every field of c from under prefix; every key must be present.
+// Reads the fields of c present under prefix; a missing one keeps its value (the default).
 template <class C>
 void read_fields(const Metadata& m, const std::string& prefix, C& c) {
   if constexpr (Describable<C>) {
     config_fields(c, [&](const char* name, auto& field) {
       const std::string key = prefix + name;
       const auto it = m.find(key);
-      moe::detail::require(it != m.end(), "moe::io: metadata has no '", key, "', expected every field of the layer's configuration");
-      parse_value(key, it->second, field);
+      if (it != m.end()) parse_value(key, it->second, field);
     });
   } else {
     moe::detail::fail("moe::io: the configuration under '", prefix,
@@ -241,9 +247,11 @@ Metadata describe(const typename L::Config& config) {
   m["config.d_model"] = detail::format_value(config.d_model);
   m["config.n_experts"] = detail::format_value(config.n_experts);
   m["config.shared_experts"] = detail::format_value(config.shared_experts);
+  m["config.shared_gate"] = detail::format_value(config.shared_gate);
   m["config.seed"] = detail::format_value(config.seed);
   m["config.check_finite"] = detail::format_value(config.check_finite);
   detail::write_fields(m, "config.expert.", config.expert);
+  if (config.shared_expert) detail::write_fields(m, "config.shared_expert.", *config.shared_expert);
   if constexpr (L::depth == 1) {
     detail::write_fields(m, "config.gate.", config.gate);
   } else {
@@ -276,29 +284,52 @@ void require_kind(const Metadata& m, const std::string& origin) {
                        "; expected expert ", expert, ", gate ", gate, ", depth ", L::depth);
 }
 
-// The configuration of a layer of type L read back from metadata; every field must be there.
+// The configuration of a layer of type L read back from metadata: config.d_model and
+// config.n_experts must be there; every other field may be missing and then keeps the library's
+// default (so a hand-written configuration names only what it changes). A config.* key that is
+// not a field of L's configuration is an Error naming it.
 template <class L>
 typename L::Config layer_config(const Metadata& m, const std::string& origin = "moe::io") {
   require_kind<L>(m, origin);
   typename L::Config c{};
+  const auto optional = [&](const std::string& key, auto& field) {
+    const auto it = m.find(key);
+    if (it != m.end()) detail::parse_value(key, it->second, field);
+  };
   detail::parse_value("config.d_model", metadata_value(m, "config.d_model"), c.d_model);
   detail::parse_value("config.n_experts", metadata_value(m, "config.n_experts"), c.n_experts);
-  detail::parse_value("config.shared_experts", metadata_value(m, "config.shared_experts"), c.shared_experts);
-  detail::parse_value("config.seed", metadata_value(m, "config.seed"), c.seed);
-  detail::parse_value("config.check_finite", metadata_value(m, "config.check_finite"), c.check_finite);
+  optional("config.shared_experts", c.shared_experts);
+  optional("config.shared_gate", c.shared_gate);
+  optional("config.seed", c.seed);
+  optional("config.check_finite", c.check_finite);
   detail::read_fields(m, "config.expert.", c.expert);
+  const std::string shared_prefix = "config.shared_expert.";
+  const auto after = m.lower_bound(shared_prefix);
+  if (after != m.end() && after->first.rfind(shared_prefix, 0) == 0) {
+    c.shared_expert.emplace();
+    detail::read_fields(m, shared_prefix, *c.shared_expert);
+  }
   if constexpr (L::depth == 1) {
     detail::read_fields(m, "config.gate.", c.gate);
   } else {
     for (int l = 0; l < L::depth; ++l) {
       auto& level = c.gate.levels[static_cast<std::size_t>(l)];
       const std::string prefix = "config.gate.levels." + std::to_string(l) + ".";
-      detail::parse_value(prefix + "branching", metadata_value(m, prefix + "branching"), level.branching);
+      optional(prefix + "branching", level.branching);
       detail::read_fields(m, prefix + "gate.", level.gate);
     }
-    detail::parse_value("config.gate.w_importance", metadata_value(m, "config.gate.w_importance"),
-                        c.gate.w_importance);
-    detail::parse_value("config.gate.w_load", metadata_value(m, "config.gate.w_load"), c.gate.w_load);
+    optional("config.gate.w_importance", c.gate.w_importance);
+    optional("config.gate.w_load", c.gate.w_load);
+  }
+  const Metadata known = describe<L>(c);
+  for (const auto& [key, value] : m) {
+    if (key.rfind("config.", 0) != 0 || known.count(key) != 0) continue;
+    std::string keys;
+    for (const auto& [k, v] : known)
+      if (k.rfind("config.", 0) == 0) keys += (keys.empty() ? "" : ", ") + k;
+    moe::detail::fail(origin, ": configuration key '", key, "' is not a field of this layer's configuration (",
+                      family_name<typename L::ExpertTag>(), ", ", family_name<typename L::GateTag>(), ", depth ",
+                      L::depth, "); expected one of ", keys);
   }
   return c;
 }
