@@ -47,6 +47,22 @@ using Gates = List<moe::gate::NoisyTopK, moe::gate::TopK, moe::gate::Softmax, mo
 using Experts = List<moe::expert::FeedForward, moe::expert::SwiGLU>;
 using Depths = std::integer_sequence<int, 1, 2, 3>;
 
+// Variants with options of their own, each a name of its own (gate_config / expert_config set
+// the options), compared at depth 1 beside the cross product: the routers of today's open models
+// and GPT-OSS's expert.
+struct GptOssSwiGLU : moe::expert::SwiGLU {  // bias, alpha, clamp, up offset
+  static constexpr const char* io_name = "SwiGLU";  // the same family in a checkpoint's metadata
+};
+struct TopKGrouped : moe::gate::TopK {  // DeepSeek-V2: unnormalized, scaled, group-limited; the top-k Switch loss
+  static constexpr const char* io_name = "TopK";
+};
+struct TopKBiased : moe::gate::TopK {  // GPT-OSS: a router bias; the top-k Switch loss
+  static constexpr const char* io_name = "TopK";
+};
+struct SigmoidScaled : moe::gate::SigmoidBias {  // DeepSeek-V3 with norm_topk_prob = false
+  static constexpr const char* io_name = "SigmoidBias";
+};
+
 template <class Gate, class Expert, int Depth>
 struct Case {
   using GateType = Gate;
@@ -73,9 +89,16 @@ template <class... G, class E, class D>
 struct Product<List<G...>, E, D> {
   using type = decltype(std::tuple_cat(std::declval<typename ForGate<G, E, D>::type>()...));
 };
-using Cases = typename Product<Gates, Experts, Depths>::type;
+using VariantCases = std::tuple<Case<TopKGrouped, moe::expert::FeedForward, 1>, Case<TopKBiased, GptOssSwiGLU, 1>,
+                                Case<SigmoidScaled, moe::expert::SwiGLU, 1>>;
+using Cases = decltype(std::tuple_cat(std::declval<typename Product<Gates, Experts, Depths>::type>(),
+                                      std::declval<VariantCases>()));
 template <int Depth>
-using CasesAtDepth = typename Product<Gates, Experts, std::integer_sequence<int, Depth>>::type;
+using CasesAtDepth =
+    std::conditional_t<Depth == 1,
+                       decltype(std::tuple_cat(std::declval<typename Product<Gates, Experts, std::integer_sequence<int, 1>>::type>(),
+                                               std::declval<VariantCases>())),
+                       typename Product<Gates, Experts, std::integer_sequence<int, Depth>>::type>;
 
 template <class T>
 std::string type_name() {
@@ -87,6 +110,10 @@ std::string type_name() {
   if constexpr (std::is_same_v<T, moe::gate::SigmoidBias>) return "SigmoidBias";
   if constexpr (std::is_same_v<T, moe::expert::FeedForward>) return "FeedForward";
   if constexpr (std::is_same_v<T, moe::expert::SwiGLU>) return "SwiGLU";
+  if constexpr (std::is_same_v<T, GptOssSwiGLU>) return "SwiGLU (GPT-OSS)";
+  if constexpr (std::is_same_v<T, TopKGrouped>) return "TopK (grouped, scaled, unnormalized)";
+  if constexpr (std::is_same_v<T, TopKBiased>) return "TopK (router bias)";
+  if constexpr (std::is_same_v<T, SigmoidScaled>) return "SigmoidBias (unnormalized)";
   return "(unnamed)";
 }
 
@@ -97,10 +124,25 @@ typename Gate::Config gate_config(Index n) {
   if constexpr (requires { c.k; }) c.k = std::min<Index>(2, n);
   if constexpr (requires { c.w_z; }) c.w_z = 1e-2;
   if constexpr (requires { c.w_importance; }) c.w_importance = 1e-2;
-  if constexpr (std::is_same_v<Gate, moe::gate::SigmoidBias>) {
+  if constexpr (std::is_base_of_v<moe::gate::SigmoidBias, Gate>) {
     c.expert_groups = n % 2 == 0 && n >= 4 ? 2 : 1;
     c.top_groups = 1;
     c.bias_rate = 1e-2;
+  }
+  if constexpr (std::is_same_v<Gate, SigmoidScaled>) {
+    c.normalize = false;
+    c.scale = 2.5;
+  }
+  if constexpr (std::is_same_v<Gate, TopKGrouped>) {
+    c.normalize = false;
+    c.scale = 2.5;
+    c.expert_groups = n % 4 == 0 ? 4 : 1;
+    c.top_groups = c.expert_groups > 1 ? 2 : 1;
+    c.w_aux = 5e-2;
+  }
+  if constexpr (std::is_same_v<Gate, TopKBiased>) {
+    c.router_bias = true;
+    c.w_aux = 5e-2;
   }
   return c;
 }
@@ -110,6 +152,14 @@ typename Expert::Config expert_config(Index h) {
   typename Expert::Config c{};
   c.hidden = h;
   if constexpr (std::is_same_v<Expert, moe::expert::FeedForward>) c.bias = true;
+  if constexpr (std::is_same_v<Expert, GptOssSwiGLU>) {
+    // GPT-OSS's expert, but the limit 1 rather than 7, so that the suite's pre-activations (of
+    // order 1) reach the clamps on both sides.
+    c.bias = true;
+    c.alpha = 1.702;
+    c.limit = 1.0;
+    c.up_offset = 1.0;
+  }
   return c;
 }
 
@@ -348,10 +398,18 @@ void naive_expert(const Values<S>& p, const std::string& prefix, Index e, const 
   for (Index j = 0; j < h; ++j) {
     double pre = 0, gate = 0;
     for (Index c = 0; c < d; ++c) pre += static_cast<double>(x[c]) * w1[static_cast<std::size_t>((e * d + c) * h + j)];
-    if constexpr (std::is_same_v<Expert, moe::expert::SwiGLU>) {
+    if constexpr (std::is_base_of_v<moe::expert::SwiGLU, Expert>) {
       const auto& w3 = p.at(prefix + "w3");
       for (Index c = 0; c < d; ++c) gate += static_cast<double>(x[c]) * w3[static_cast<std::size_t>((e * d + c) * h + j)];
-      a[static_cast<std::size_t>(j)] = pre / (1 + std::exp(-pre)) * gate;  // silu(x W1) * (x W3)
+      // (a' sigmoid(alpha a')) * (u' + up_offset), a' = min(a, L), u' = clamp(u, -L, L) when L > 0.
+      const auto o = expert_config<Expert>(h);
+      if (p.count(prefix + "b1")) pre += p.at(prefix + "b1")[static_cast<std::size_t>(e * h + j)];
+      if (p.count(prefix + "b3")) gate += p.at(prefix + "b3")[static_cast<std::size_t>(e * h + j)];
+      if (o.limit > 0) {
+        pre = std::min(pre, o.limit);
+        gate = std::clamp(gate, -o.limit, o.limit);
+      }
+      a[static_cast<std::size_t>(j)] = pre / (1 + std::exp(-o.alpha * pre)) * (gate + o.up_offset);
     } else {
       static_assert(std::is_same_v<Expert, moe::expert::FeedForward>, "naive_expert: an expert without a reference");
       if (p.count(prefix + "b1")) pre += p.at(prefix + "b1")[static_cast<std::size_t>(e * h + j)];
@@ -361,8 +419,7 @@ void naive_expert(const Values<S>& p, const std::string& prefix, Index e, const 
   for (Index c = 0; c < d; ++c) {
     double acc = 0;
     for (Index j = 0; j < h; ++j) acc += a[static_cast<std::size_t>(j)] * w2[static_cast<std::size_t>((e * h + j) * d + c)];
-    if constexpr (std::is_same_v<Expert, moe::expert::FeedForward>)
-      if (p.count(prefix + "b2")) acc += p.at(prefix + "b2")[static_cast<std::size_t>(e * d + c)];
+    if (p.count(prefix + "b2")) acc += p.at(prefix + "b2")[static_cast<std::size_t>(e * d + c)];
     out[c] += scale * acc;
   }
 }

@@ -199,3 +199,17 @@ TEST_CASE("a Mixtral block into a layer with shared experts is refused before an
   std::size_t i = 0;
   for (auto& p : layer.parameters()) CHECK(std::vector<float>(p.value.data, p.value.data + p.size()) == before[i++]);
 }
+
+TEST_CASE("a Mixtral block into a layer with other options is refused") {
+  const Block block(24);
+  const auto file = block.file(moe::io::Dtype::F32);
+  for (int which = 0; which < 3; ++which) {
+    auto config = moe::io::mixtral_config<Mixtral<float>>(file, prefix);
+    if (which == 0) config.expert.limit = 7;
+    if (which == 1) config.gate.normalize = false;
+    if (which == 2) config.gate.router_bias = true;
+    Mixtral<float> layer(config);
+    CHECK_THROWS_WITH_AS(moe::io::load_mixtral(layer, file, prefix), doctest::Contains("options are not Mixtral's"),
+                         moe::Error);
+  }
+}

@@ -9,6 +9,14 @@
 // GEMM; the elementwise gate runs per element. With Precision::bf16 the GEMMs' operands are kept
 // as BFloat16 (moe/expert/narrow.hpp) and w1, w3 are copied side by side, [w1 | w3], so one
 // grouped GEMM computes x W1 and x W3 (x read once), and one computes dx = [dh1 | dh3] [w1 | w3]^T.
+//
+// Config's options make it GPT-OSS's expert (Hugging Face's GptOssExperts): with a = x W1 + b1,
+// u = x W3 + b3, L = limit, a' = min(a, L), u' = clamp(u, -L, L) (no clamp when L = 0),
+//   E(x) = (a' * sigmoid(alpha a') * (u' + up_offset)) W2 + b2,
+// GPT-OSS: bias, alpha = 1.702, limit = 7, up_offset = 1. The defaults (no bias, alpha 1, no
+// clamp, no offset) are Mixtral's expert, computed by its own expressions, bit for bit.
+// The biases "experts.b1" [n, h], "experts.b3" [n, h], "experts.b2" [n, d] start at zero and
+// are added in fp32 after the GEMMs with every precision.
 
 #include <cmath>
 #include <cstdint>
@@ -21,11 +29,47 @@
 #include "moe/precision.hpp"
 #include "moe/scalar_math.hpp"
 
+namespace moe::detail {
+
+// The elementwise step of SwiGLU with its options, on a = x W1 + b1 and u = x W3 + b3:
+// value(a, u) = a' sigmoid(alpha a') (u' + offset), a' = min(a, limit), u' = clamp(u, -limit,
+// limit) when clamp is set. The derivative through a clamp is 0 where the input lies strictly
+// beyond the bound, 1 elsewhere (at the bound too, as PyTorch's clamp).
+template <class S>
+struct SwiGLUStep {
+  S alpha, limit, offset;
+  bool clamp;
+
+  struct Grad {
+    S da, du;
+  };
+
+  MOE_HD S gate_in(S a) const { return clamp && a > limit ? limit : a; }
+  MOE_HD S up_in(S u) const { return clamp ? (u > limit ? limit : (u < -limit ? -limit : u)) : u; }
+  MOE_HD S value(S a, S u) const {
+    const S g = gate_in(a);
+    return g * sigmoid(alpha * g) * (up_in(u) + offset);
+  }
+  // dv times the partial derivatives of value at (a, u).
+  MOE_HD Grad grad(S a, S u, S dv) const {
+    const S g = gate_in(a), s = sigmoid(alpha * g);
+    const S da = clamp && a > limit ? S(0) : dv * (up_in(u) + offset) * s * (S(1) + alpha * g * (S(1) - s));
+    const S du = clamp && (u > limit || u < -limit) ? S(0) : dv * g * s;
+    return {da, du};
+  }
+};
+
+}  // namespace moe::detail
+
 namespace moe::expert {
 
 struct SwiGLU {
   struct Config {
-    Index hidden = 0;  // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
+    Index hidden = 0;        // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
+    bool bias = false;       // b1, b3 [n, h] and b2 [n, d] (GPT-OSS); Mixtral has none
+    double alpha = 1.0;      // the gate's activation a * sigmoid(alpha a): 1 is silu (GPT-OSS: 1.702)
+    double limit = 0.0;      // > 0: a clamped to at most limit, u to [-limit, limit] (GPT-OSS: 7); 0: none
+    double up_offset = 0.0;  // the linear branch is u + up_offset, after the clamp (GPT-OSS: 1)
     Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
   };
   template <Backend B>
@@ -40,10 +84,10 @@ class SwiGLU::Group {
 
  public:
   struct Saved {
-    Buffer<S> h1;   // [rows x h] x W1, the gate's pre-activation
-    Buffer<S> h3;   // [rows x h] x W3, the linear branch
-    Buffer<S> act;  // [rows x h] silu(h1) * h3, the input of W2
-    // Precision::bf16 (float) instead: x [W1 | W3] as one matrix, and the narrow operands.
+    Buffer<S> h1;   // [rows x h] x W1 (+ b1), the gate's pre-activation, before the clamp
+    Buffer<S> h3;   // [rows x h] x W3 (+ b3), the linear branch, before the clamp
+    Buffer<S> act;  // [rows x h] silu(h1) * h3 (with the options: as in the header), the input of W2
+    // Precision::bf16 (float) instead: x [W1 | W3] (+ [b1 | b3]) as one matrix, and the narrow operands.
     Buffer<S> h13;           // [rows x 2h]
     Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
     Buffer<BFloat16> act16;  // [rows x h]
@@ -60,6 +104,12 @@ class SwiGLU::Group {
                     ", expected at least 1 (set Config::hidden)");
     detail::require(d_model >= 1, "expert::SwiGLU: d_model = ", d_model, ", expected at least 1");
     detail::require(n_experts >= 1, "expert::SwiGLU: n_experts = ", n_experts, ", expected at least 1");
+    detail::require(std::isfinite(config.alpha), "expert::SwiGLU: alpha = ", config.alpha,
+                    ", expected a finite number (1: silu, GPT-OSS: 1.702)");
+    detail::require(std::isfinite(config.limit) && config.limit >= 0, "expert::SwiGLU: limit = ", config.limit,
+                    ", expected a finite number >= 0 (0: no clamp, GPT-OSS: 7)");
+    detail::require(std::isfinite(config.up_offset), "expert::SwiGLU: up_offset = ", config.up_offset,
+                    ", expected a finite number (GPT-OSS: 1)");
     const Index h = config.hidden;
     w1_.resize(n_ * d_, h);
     w3_.resize(n_ * d_, h);
@@ -67,6 +117,14 @@ class SwiGLU::Group {
     g1_.resize(n_ * d_, h, S(0));
     g3_.resize(n_ * d_, h, S(0));
     g2_.resize(n_ * h, d_, S(0));
+    if (config.bias) {
+      b1_.resize(n_, h, S(0));
+      b3_.resize(n_, h, S(0));
+      b2_.resize(n_, d_, S(0));
+      gb1_.resize(n_, h, S(0));
+      gb3_.resize(n_, h, S(0));
+      gb2_.resize(n_, d_, S(0));
+    }
     // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
     typename B::Context ctx;
     const double bound_in = 1.0 / std::sqrt(static_cast<double>(d_));
@@ -102,16 +160,39 @@ class SwiGLU::Group {
     saved.act.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.h1.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w3_.view(), saved.h3.view(), config_.precision);
-    const S* h1 = saved.h1.data();
-    const S* h3 = saved.h3.data();
-    S* act = saved.act.data();
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
+    if (plain()) {
+      const S* h1 = saved.h1.data();
+      const S* h3 = saved.h3.data();
+      S* act = saved.act.data();
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
+    } else {
+      S* h1 = saved.h1.data();
+      S* h3 = saved.h3.data();
+      S* act = saved.act.data();
+      const detail::SwiGLUStep<S> step = glu_step();
+      const S* b1 = config_.bias ? b1_.data() : nullptr;
+      const S* b3 = config_.bias ? b3_.data() : nullptr;
+      const Index n = n_;
+      for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
+        const Index i = r * h + c;
+        if (b1 != nullptr) {
+          const Index at = segment_of_row(offsets, n, r) * h + c;
+          h1[i] += b1[at];
+          h3[i] += b3[at];
+        }
+        act[i] = step.value(h1[i], h3[i]);
+      });
+    }
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys, config_.precision);
+    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
   }
 
   // With g = dys W2^T and s = sigmoid(h1):
   //   d h3 = g * silu(h1),   d h1 = g * h3 * s * (1 + h1 (1 - s)),
   //   dW2 += act^T dys,  dW1 += xs^T d h1,  dW3 += xs^T d h3,  dxs = d h1 W1^T + d h3 W3^T.
+  // With the options (a' = min(h1, L), u' = clamp(h3, -L, L), s = sigmoid(alpha a')):
+  //   d h3 = g * a' s, 0 where |h3| > L;   d h1 = g * (u' + up_offset) * s * (1 + alpha a' (1 - s)),
+  //   0 where h1 > L;   db1 += rows of d h1, db3 += rows of d h3, db2 += rows of dys, per expert.
   void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
     if constexpr (std::is_same_v<S, float>) {
@@ -131,12 +212,21 @@ class SwiGLU::Group {
       const S* h3 = saved.h3.data();
       S* dh1 = dh1_.data();
       S* dh3 = dh3_.data();
-      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-        const S a = h1[i], g = dh1[i];
-        const S s = detail::sigmoid(a);
-        dh3[i] = g * a * s;
-        dh1[i] = g * h3[i] * s * (S(1) + a * (S(1) - s));
-      });
+      if (plain()) {
+        B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+          const S a = h1[i], g = dh1[i];
+          const S s = detail::sigmoid(a);
+          dh3[i] = g * a * s;
+          dh1[i] = g * h3[i] * s * (S(1) + a * (S(1) - s));
+        });
+      } else {
+        const detail::SwiGLUStep<S> step = glu_step();
+        B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+          const auto d_in = step.grad(h1[i], h3[i], dh1[i]);
+          dh1[i] = d_in.da;
+          dh3[i] = d_in.du;
+        });
+      }
     }
     const ConstMatrixView<S> dh1 = dh1_.view(), dh3 = dh3_.view();
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view(), config_.precision);
@@ -145,14 +235,22 @@ class SwiGLU::Group {
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh3, w3_.view(), dx3_.view(), config_.precision);
     const S* dx3 = dx3_.data();
     for_each_element<B>(ctx, rows, d, [=] MOE_HD(Index r, Index c) { dxs(r, c) += dx3[r * d + c]; });
+    if (config_.bias) bias_gradients(ctx, offsets, dh1, dh3, dys);
   }
 
-  // In the order w1, w3, w2 (the order of the Hugging Face Mixtral expert).
+  // In the order w1, w3, w2 (the order of the Hugging Face Mixtral expert), then, with bias,
+  // b1, b3, b2.
   [[nodiscard]] std::vector<Parameter<S>> parameters() {
     const Index h = config_.hidden;
-    return version_.hand_out<S>({{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
-                                 {"experts.w3", {n_, d_, h}, w3_.view(), g3_.view()},
-                                 {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}});
+    std::vector<Parameter<S>> p{{"experts.w1", {n_, d_, h}, w1_.view(), g1_.view()},
+                                {"experts.w3", {n_, d_, h}, w3_.view(), g3_.view()},
+                                {"experts.w2", {n_, h, d_}, w2_.view(), g2_.view()}};
+    if (config_.bias) {
+      p.push_back({"experts.b1", {n_, h}, b1_.view(), gb1_.view()});
+      p.push_back({"experts.b3", {n_, h}, b3_.view(), gb3_.view()});
+      p.push_back({"experts.b2", {n_, d_}, b2_.view(), gb2_.view()});
+    }
+    return version_.hand_out(std::move(p));
   }
 
   // Precision::bf16 on float: the same math with BFloat16 operands, x [W1 | W3] as one GEMM.
@@ -163,17 +261,37 @@ class SwiGLU::Group {
     saved.h13.resize(rows, 2 * h);
     saved.act16.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w13(ctx), saved.h13.view(), config_.precision);
-    const S* h13 = saved.h13.data();
-    BFloat16* act = saved.act16.data();
-    B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-      const S h1 = h13[i / h * 2 * h + i % h], h3 = h13[i / h * 2 * h + h + i % h];
-      act[i] = to_bfloat16(h1 * detail::sigmoid(h1) * h3);
-    });
+    if (plain()) {
+      const S* h13 = saved.h13.data();
+      BFloat16* act = saved.act16.data();
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+        const S h1 = h13[i / h * 2 * h + i % h], h3 = h13[i / h * 2 * h + h + i % h];
+        act[i] = to_bfloat16(h1 * detail::sigmoid(h1) * h3);
+      });
+    } else {
+      S* h13 = saved.h13.data();
+      BFloat16* act = saved.act16.data();
+      const detail::SwiGLUStep<S> step = glu_step();
+      const S* b1 = config_.bias ? b1_.data() : nullptr;
+      const S* b3 = config_.bias ? b3_.data() : nullptr;
+      const Index n = n_;
+      for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
+        const Index at = r * 2 * h + c;
+        if (b1 != nullptr) {
+          const Index b = segment_of_row(offsets, n, r) * h + c;
+          h13[at] += b1[b];
+          h13[at + h] += b3[b];
+        }
+        act[r * h + c] = to_bfloat16(step.value(h13[at], h13[at + h]));
+      });
+    }
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<BFloat16>(saved.act16.view()),
                     w2n_.get(ctx, version_.value(), w2_.view()), ys, config_.precision);
+    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
   }
 
   // As backward, with dh1 and dh3 written side by side and narrow: dx = [dh1 | dh3] [W1 | W3]^T.
+  // With bias, dh1 and dh3 are also kept in fp32 for the bias gradients.
   void backward_narrow(typename B::Context& ctx, const Index* offsets, const Saved& saved, ConstMatrixView<S> dys_wide,
                        MatrixView<S> dxs) {
     const Index rows = dys_wide.rows, h = config_.hidden;
@@ -184,7 +302,7 @@ class SwiGLU::Group {
                           config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dys, w2n_.get(ctx, version_.value(), w2_.view()), dh1_.view(),
                     config_.precision);  // g
-    {
+    if (plain()) {
       const S* h13 = saved.h13.data();
       const S* g_of = dh1_.data();
       BFloat16* dh13 = dh13_.data();
@@ -195,19 +313,68 @@ class SwiGLU::Group {
         dh13[at] = to_bfloat16(g * b * s * (S(1) + a * (S(1) - s)));
         dh13[at + h] = to_bfloat16(g * a * s);
       });
+    } else {
+      const S* h13 = saved.h13.data();
+      S* g_of = dh1_.data();  // g in, d h1 out (with bias)
+      S* dh3_wide = nullptr;
+      if (config_.bias) {
+        dh3_.resize(rows, h);
+        dh3_wide = dh3_.data();
+      }
+      BFloat16* dh13 = dh13_.data();
+      const detail::SwiGLUStep<S> step = glu_step();
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+        const Index at = i / h * 2 * h + i % h;
+        const auto d_in = step.grad(h13[at], h13[at + h], g_of[i]);
+        dh13[at] = to_bfloat16(d_in.da);
+        dh13[at + h] = to_bfloat16(d_in.du);
+        if (dh3_wide != nullptr) {
+          g_of[i] = d_in.da;
+          dh3_wide[i] = d_in.du;
+        }
+      });
     }
     const ConstMatrixView<BFloat16> dh13 = dh13_.view();
     const ConstMatrixView<BFloat16> dh1{dh13.data, rows, h, 2 * h}, dh3{dh13.data + h, rows, h, 2 * h};
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh1, S(1), g1_.view(), config_.precision);
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dh3, S(1), g3_.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dh13, w13(ctx), dxs, config_.precision);
+    if (config_.bias) bias_gradients(ctx, offsets, dh1_.view(), dh3_.view(), dys_wide);
+  }
+
+  // Steps of forward and backward; public only because a CUDA device lambda cannot live in a
+  // private member function.
+  // ys[r, :] += bias[expert of row r, :].
+  void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
+    const Index n = n_, cols = ys.cols;
+    for_each_element<B>(ctx, ys.rows, cols,
+                        [=] MOE_HD(Index r, Index c) { ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c]; });
+  }
+
+  // grad[e, :] += sum of the rows of m owned by expert e, in row order.
+  void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
+    const Index cols = m.cols;
+    B::for_each(ctx, n_ * cols, [=] MOE_HD(Index i) {
+      const Index e = i / cols, c = i % cols;
+      S acc = grad[i];
+      for (Index r = offsets[e]; r < offsets[e + 1]; ++r) acc += m(r, c);
+      grad[i] = acc;
+    });
+  }
+
+  // db1, db3 and db2 from the fp32 d h1, d h3 and dys.
+  void bias_gradients(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> dh1, ConstMatrixView<S> dh3,
+                      ConstMatrixView<S> dys) {
+    sum_rows_per_expert(ctx, offsets, dh1, gb1_.data());
+    sum_rows_per_expert(ctx, offsets, dh3, gb3_.data());
+    sum_rows_per_expert(ctx, offsets, dys, gb2_.data());
   }
 
  private:
   Config config_;
   Index d_, n_;
-  Buffer<S> w1_, w3_, w2_;
-  Buffer<S> g1_, g3_, g2_;
+  Buffer<S> w1_, w3_, w2_, b1_, b3_, b2_;  // the biases allocated only with Config::bias
+  Buffer<S> g1_, g3_, g2_, gb1_, gb3_, gb2_;
   Buffer<S> dh1_, dh3_, dx3_;  // backward workspace, reused across calls
   Buffer<BFloat16> dys16_, dh13_;
   ParameterVersion version_;
@@ -215,6 +382,15 @@ class SwiGLU::Group {
 
   ConstMatrixView<BFloat16> w13(typename B::Context& ctx) const {
     return w13n_.get(ctx, version_.value(), w1_.view(), w3_.view());
+  }
+
+  // Mixtral's expert: no bias, silu, no clamp, no offset (the expressions without options).
+  [[nodiscard]] bool plain() const {
+    return !config_.bias && config_.alpha == 1.0 && config_.limit == 0.0 && config_.up_offset == 0.0;
+  }
+  [[nodiscard]] detail::SwiGLUStep<S> glu_step() const {
+    return {static_cast<S>(config_.alpha), static_cast<S>(config_.limit), static_cast<S>(config_.up_offset),
+            config_.limit > 0.0};
   }
 };
 

@@ -136,6 +136,13 @@ class RouterWeight {
     });
   }
 
+  // logits [R x n] as logits() computes them, and p [R x n] the softmax of each row.
+  void softmax_scores(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, MatrixView<S> out,
+                      MatrixView<S> p) const {
+    logits(ctx, x, offsets, out);
+    softmax_rows<B>(ctx, ConstMatrixView<S>(out), p);
+  }
+
   // Given dlogits [R x n]: adds x_g^T dlogits_g into the gradient (and the column sums of
   // dlogits_g into the bias's) and dlogits W_g^T into dx.
   void backward(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, ConstMatrixView<S> dlogits,

@@ -231,6 +231,12 @@ class ExpertChoice::Policy {
     w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);
   }
 
+  // The router's logits and probabilities softmax(logits) [R x n] of the rows x (for inspection).
+  void scores(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, MatrixView<S> logits,
+              MatrixView<S> probabilities) const {
+    w_gate_.softmax_scores(ctx, x, offsets, logits, probabilities);
+  }
+
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
   // Sorts the entries e = t * n + i of prob (row t, expert i) into order_ by (group of t, i,

@@ -199,6 +199,12 @@ class NoisyTopK::Policy {
     if (active) w_noise_.backward(ctx, x, offsets, draw_.view(), dx);
   }
 
+  // The router's clean logits x W_g (no noise) and softmax(logits) [R x n] of the rows x (for inspection).
+  void scores(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, MatrixView<S> logits,
+              MatrixView<S> probabilities) const {
+    w_gate_.softmax_scores(ctx, x, offsets, logits, probabilities);
+  }
+
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter(), w_noise_.parameter()}; }
 
  private:

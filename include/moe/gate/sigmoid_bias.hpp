@@ -214,6 +214,17 @@ class SigmoidBias::Policy {
     w_gate_.backward(ctx, x, offsets, dlogits_.view(), dx);
   }
 
+  // The router's logits [R x n] and its scores sigmoid(logits) [R x n] (without the selection
+  // bias) of the rows x (for inspection and comparison with other implementations).
+  void scores(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, MatrixView<S> logits,
+              MatrixView<S> probabilities) const {
+    w_gate_.logits(ctx, x, offsets, logits);
+    S* p = probabilities.data;
+    const Index cols = logits.cols, stride = probabilities.stride;
+    for_each_element<B>(ctx, logits.rows, cols,
+                        [=] MOE_HD(Index r, Index c) { p[r * stride + c] = detail::sigmoid(logits(r, c)); });
+  }
+
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return {w_gate_.parameter()}; }
 
   // In a layer sharded across processes: the bias moves by the counts of the global batch, so it

@@ -221,8 +221,7 @@ class TopK::Policy {
   // the rows x, as forward computes them (for inspection and comparison with other implementations).
   void scores(typename B::Context& ctx, ConstMatrixView<S> x, const Index* offsets, MatrixView<S> logits,
               MatrixView<S> probabilities) const {
-    w_gate_.logits(ctx, x, offsets, logits);
-    softmax_rows<B>(ctx, ConstMatrixView<S>(logits), probabilities);
+    w_gate_.softmax_scores(ctx, x, offsets, logits, probabilities);
   }
 
   [[nodiscard]] std::vector<Parameter<S>> parameters() { return w_gate_.parameters(); }

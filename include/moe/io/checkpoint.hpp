@@ -8,7 +8,8 @@
 // by the same name whatever the expert placement of the run that wrote it.
 //   gate.w_gate [d, n]           (a hierarchy: gate.0.w_gate [d, a], gate.1.w_gate [a, d, b], ...)
 //   gate.bias [1, n]             (SigmoidBias: the selection bias; gate.<l>.bias [groups, b] per level)
-//   experts.<i>.<weight>         (FeedForward: w1 [d, h], w2 [h, d], b1 [h], b2 [d]; SwiGLU: w1, w3, w2)
+//   experts.<i>.<weight>         (FeedForward: w1 [d, h], w2 [h, d], b1 [h], b2 [d]; SwiGLU: w1, w3, w2,
+//                                 with bias also b1 [h], b3 [h], b2 [d])
 //
 //   moe::io::save(layer, "layer.safetensors");             // atomic: temp file, fsync, rename
 //   moe::io::load(layer, "layer.safetensors");             // every tensor checked, see LoadOptions

@@ -46,6 +46,10 @@ void config_fields(expert::FeedForward::Config& c, V&& v) {
 template <class V>
 void config_fields(expert::SwiGLU::Config& c, V&& v) {
   v("hidden", c.hidden);
+  v("bias", c.bias);
+  v("alpha", c.alpha);
+  v("limit", c.limit);
+  v("up_offset", c.up_offset);
   v("precision", c.precision);
 }
 template <class V>
@@ -284,10 +288,10 @@ void require_kind(const Metadata& m, const std::string& origin) {
                        "; expected expert ", expert, ", gate ", gate, ", depth ", L::depth);
 }
 
-// The configuration of a layer of type L read back from metadata: config.d_model and
-// config.n_experts must be there; every other field may be missing and then keeps the library's
-// default (so a hand-written configuration names only what it changes). A config.* key that is
-// not a field of L's configuration is an Error naming it.
+// The configuration of a layer of type L read back from metadata: config.d_model,
+// config.n_experts and each level's branching must be there; every other field may be missing
+// and then keeps the library's default (so a hand-written configuration names only what it
+// changes). A config.* key that is not a field of L's configuration is an Error naming it.
 template <class L>
 typename L::Config layer_config(const Metadata& m, const std::string& origin = "moe::io") {
   require_kind<L>(m, origin);
@@ -315,7 +319,7 @@ typename L::Config layer_config(const Metadata& m, const std::string& origin = "
     for (int l = 0; l < L::depth; ++l) {
       auto& level = c.gate.levels[static_cast<std::size_t>(l)];
       const std::string prefix = "config.gate.levels." + std::to_string(l) + ".";
-      optional(prefix + "branching", level.branching);
+      detail::parse_value(prefix + "branching", metadata_value(m, prefix + "branching"), level.branching);
       detail::read_fields(m, prefix + "gate.", level.gate);
     }
     optional("config.gate.w_importance", c.gate.w_importance);

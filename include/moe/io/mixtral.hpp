@@ -86,6 +86,16 @@ void load_mixtral(L& layer, const SafeTensors& file, std::string_view prefix, bo
   const std::string p(prefix);
   const auto& c = layer.config();
   const std::int64_t d = c.d_model, n = c.n_experts, h = c.expert.hidden;
+  // Every option must be Mixtral's, or the loaded layer would compute another block.
+  const auto& e = c.expert;
+  const auto& g = c.gate;
+  moe::detail::require(!e.bias && e.alpha == 1.0 && e.limit == 0.0 && e.up_offset == 0.0 && g.normalize &&
+                           g.scale == 1.0 && g.expert_groups == 1 && !g.router_bias,
+                       "moe::io::load_mixtral: the layer's options are not Mixtral's (expert bias = ", e.bias,
+                       ", alpha = ", e.alpha, ", limit = ", e.limit, ", up_offset = ", e.up_offset,
+                       "; gate normalize = ", g.normalize, ", scale = ", g.scale, ", expert_groups = ", g.expert_groups,
+                       ", router_bias = ", g.router_bias,
+                       "), expected the defaults; use moe::io::load_hf for the other families");
   const auto read = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
     return detail::transposed(file.read<S>(name, Expect{std::vector<std::int64_t>{rows, cols}, check_finite}), rows, cols);
   };
