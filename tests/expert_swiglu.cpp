@@ -21,6 +21,18 @@ using moe::test::Matrix;
 
 namespace {
 
+// d objective / d *value by central differences with step 1e-6.
+template <class F>
+double central_difference(F&& objective, double* value) {
+  const double keep = *value, step = 1e-6;
+  *value = keep + step;
+  const double up = objective();
+  *value = keep - step;
+  const double down = objective();
+  *value = keep;
+  return (up - down) / (2 * step);
+}
+
 using B = backend::Cpu<double>;
 using Group = expert::SwiGLU::Group<B>;
 using Dense = test::Dense<double>;
@@ -193,15 +205,7 @@ TEST_CASE("SwiGLU backward on a tiny group: finite differences, an empty expert 
       for (Index i = 0; i < y.size(); ++i) s += dy[i] * y[i];
       return s;
     };
-    auto numeric = [&](double* value) {
-      const double keep = *value, step = 1e-6;
-      *value = keep + step;
-      const double up = objective();
-      *value = keep - step;
-      const double down = objective();
-      *value = keep;
-      return (up - down) / (2 * step);
-    };
+    auto numeric = [&](double* value) { return central_difference(objective, value); };
     Matrix<double> y(3, 2), dx(3, 2, 99.0);
     Group::Saved saved;
     g.forward(ctx, x.view(), offsets.data(), y.view(), saved);
@@ -568,15 +572,7 @@ TEST_CASE("SwiGLU with GPT-OSS's options: backward against finite differences, e
     for (Index i = 0; i < y.size(); ++i) s += dy[i] * y[i];
     return s;
   };
-  auto numeric = [&](double* value) {
-    const double keep = *value, step = 1e-6;
-    *value = keep + step;
-    const double up = objective();
-    *value = keep - step;
-    const double down = objective();
-    *value = keep;
-    return (up - down) / (2 * step);
-  };
+  auto numeric = [&](double* value) { return central_difference(objective, value); };
   const auto run = run_options(g, x);
   std::vector<double> num;
   for (Index i = 0; i < x.size(); ++i) num.push_back(numeric(&x[i]));

@@ -78,4 +78,28 @@ inline Index shard_first(const ExpertShard& shard, Index n_local, const char* wh
 }
 }  // namespace detail
 
+// Per-expert biases of a group of n experts over expert-contiguous rows (offsets [n + 1]):
+// ys[r, :] += bias[expert of row r, :] (bias [n x ys.cols]).
+template <Backend B>
+void add_expert_bias(typename B::Context& ctx, const Index* offsets, Index n, const typename B::Scalar* bias,
+                     MatrixView<typename B::Scalar> ys) {
+  const Index cols = ys.cols;
+  for_each_element<B>(ctx, ys.rows, cols,
+                      [=] MOE_HD(Index r, Index c) { ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c]; });
+}
+
+// grad[e, :] += the sum of the rows of m owned by expert e, in row order (the bias gradient).
+template <Backend B>
+void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, Index n,
+                         ConstMatrixView<typename B::Scalar> m, typename B::Scalar* grad) {
+  using S = typename B::Scalar;
+  const Index cols = m.cols;
+  B::for_each(ctx, n * cols, [=] MOE_HD(Index i) {
+    const Index e = i / cols, c = i % cols;
+    S acc = grad[i];
+    for (Index r = offsets[e]; r < offsets[e + 1]; ++r) acc += m(r, c);
+    grad[i] = acc;
+  });
+}
+
 }  // namespace moe

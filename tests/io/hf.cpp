@@ -49,7 +49,8 @@ std::vector<Family> families() {
             {"shared_expert_intermediate_size", 10}, {"norm_topk_prob", false}, {"mlp_only_layers", json::array({0})}},
        3, 10, true},
       {"qwen3_moe",
-       json{{"num_experts", n}, {"num_experts_per_tok", 2}, {"moe_intermediate_size", h}, {"norm_topk_prob", true}}, 2},
+       // The expert count under the name transformers 5 writes (the released configs: num_experts).
+       json{{"num_local_experts", n}, {"num_experts_per_tok", 2}, {"moe_intermediate_size", h}, {"norm_topk_prob", true}}, 2},
       {"olmoe", json{{"num_experts", n}, {"num_experts_per_tok", 3}, {"intermediate_size", h}}, 3},
       {"deepseek_v2",
        json{{"n_routed_experts", n}, {"num_experts_per_tok", 3}, {"moe_intermediate_size", h}, {"n_shared_experts", 2},

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """moe-run end to end: a Mixtral-style block written from Python under Hugging Face's names,
 run by moe-run, against a reference of the block written here (y, gates, routing), its gradients
-against finite differences of moe-run's own outputs, a layer given by --config, and the errors a
-user can make. With --cuda, only the CUDA backend against the CPU one on the same block: it exits
+against finite differences of moe-run's own outputs, a layer given by --config (in full and in part), configuration
+overrides (--set), a Hugging Face model directory (--hf), and the errors a user can make (bad options, inputs moe-run does not read,
+noise where no gate draws it, --set keys the layer does not have). With --cuda, only the CUDA backend against the CPU one on the same block: it exits
 77 (Meson: SKIP) when no CUDA device answers or moe-run was built without CUDA, so a check that
 could not run never shows as a pass.
 
 usage: moe_run_test.py MOE_RUN [--cuda]"""
+import json
 import math
 import os
 import random
@@ -185,7 +187,6 @@ with tempfile.TemporaryDirectory() as tmp:
                            ("w_load", 0.0), ("w_z", 0.0)):
             config[f"config.gate.levels.{level}.gate.{key}"] = value
     with open(path("config.json"), "w") as f:
-        import json
         json.dump(config, f)
     w2 = {"gate.0.w_gate": ("F64", [D, 2], rand(rng, D * 2)), "gate.0.w_noise": ("F64", [D, 2], rand(rng, D * 2)),
           "gate.1.w_gate": ("F64", [2, D, 2], rand(rng, 2 * D * 2)),
@@ -245,6 +246,164 @@ with tempfile.TemporaryDirectory() as tmp:
             "--output", path("x.safetensors"), expect=1)
     check("experts.3.w2" in p.stderr, "a missing weight is named")
     check(not os.path.exists(path("x.safetensors")), "no output is written when the run fails")
+
+    # 5. Input tensors: only x, noise and dy; noise only where a gate draws it.
+    mix = ["--weights", path("w.safetensors"), "--mixtral", PREFIX]
+    hier = ["--weights", path("w2.safetensors"), "--config", path("config.json")]
+    st.write(path("in_z.safetensors"), {"x": ("F64", [T, D], x), "z": ("F64", [T, 6], noise)})
+    p = run(*hier, "--input", path("in_z.safetensors"), "--output", path("x.safetensors"), expect=1)
+    check("'z'" in p.stderr and all(n in p.stderr for n in ("x [T, d]", "noise [", "dy [T, d]")),
+          "an input tensor moe-run does not read is refused, naming it and the accepted names")
+    st.write(path("in_dY.safetensors"), {"x": ("F64", [T, D], x), "dY": ("F64", [T, D], dy)})
+    p = run(*mix, "--input", path("in_dY.safetensors"), "--output", path("x.safetensors"), expect=1)
+    check("'dY'" in p.stderr, "a misspelt dy is refused, naming it")
+    p = run(*hier, "--input", path("in2.safetensors"), "--output", path("x.safetensors"), "--mode", "inference",
+            expect=1)
+    check("'noise'" in p.stderr and "--mode inference" in p.stderr, "noise with --mode inference is refused")
+    st.write(path("in_noise.safetensors"), {"x": ("F64", [T, D], x), "noise": ("F64", [T, N], rand(rng, T * N))})
+    p = run(*mix, "--input", path("in_noise.safetensors"), "--output", path("x.safetensors"), expect=1)
+    check("'noise'" in p.stderr and "TopK" in p.stderr and "draws no noise" in p.stderr,
+          "noise for a gate that reads none is refused, naming the gate")
+    check(not os.path.exists(path("x.safetensors")), "no output is written when an input is refused")
+
+    # 6. --set: configuration keys over any source of the layer.
+    mixin = [*mix, "--input", path("in.safetensors"), "--dtype", "double"]
+    run(*mixin, "--output", path("s0.safetensors"))
+    s0 = st.read(path("s0.safetensors"))[0]
+    check(s0["loss_z"][2] == [0.0] and s0["loss"][2] == [0.0], "the Mixtral block has no balancing or z-loss weights")
+    run(*mixin, "--output", path("s1.safetensors"), "--set", "gate.w_z=1e-3")
+    s1, sm1 = st.read(path("s1.safetensors"))
+    check(s1["loss_z"][2][0] > 0 and sm1.get("config.gate.w_z") == "0.001",
+          f"--set gate.w_z=1e-3 turns the z-loss on (loss_z {s1['loss_z'][2][0]:.3g})")
+    check(s1["y"][2] == s0["y"][2], "--set gate.w_z leaves the forward pass as it was")
+    check(s1["grad.gate.w_gate"][2] != s0["grad.gate.w_gate"][2], "the z-loss reaches the router's gradient")
+    run(*mixin, "--output", path("s2.safetensors"), "--set", "gate.w_importance=0.5", "--set", "gate.w_z=0")
+    s2 = st.read(path("s2.safetensors"))[0]
+    check(s2["loss"][2][0] > 0 and s2["loss_importance"][2][0] > 0 and s2["loss_z"][2] == [0.0],
+          f"--set gate.w_importance adds the importance loss to loss ({s2['loss'][2][0]:.3g}); the last --set wins")
+    run(*mixin, "--output", path("s3.safetensors"), "--set", "gate.k=1")
+    check(st.read(path("s3.safetensors"))[0]["gates"][1] == [T, 1], "--set gate.k=1 routes each token to one expert")
+    # On a hierarchy from --config, and on weights that carry their configuration (checked
+    # against the layer with --set applied to both).
+    run(*hier, "--input", path("in2.safetensors"), "--output", path("s4.safetensors"),
+        "--set", "gate.w_importance=0.5", "--set", "gate.levels.1.gate.w_load=0.25")
+    s4, sm4 = st.read(path("s4.safetensors"))
+    check(s4["loss"][2] != o1["loss"][2] and sm4.get("config.gate.levels.1.gate.w_load") == "0.25",
+          "--set reaches a hierarchy's keys given by --config")
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+    meta["format"] = "moe.layer/1"
+    st.write(path("w2meta.safetensors"), w2, metadata=meta)
+    run("--weights", path("w2meta.safetensors"), "--input", path("in2.safetensors"), "--output", path("s5.safetensors"),
+        "--set", "gate.w_importance=0.5", "--set", "gate.levels.1.gate.w_load=0.25")
+    with open(path("s4.safetensors"), "rb") as a, open(path("s5.safetensors"), "rb") as b:
+        check(a.read() == b.read(), "--set on weights that carry their configuration: the same run as with --config")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "gate.w_zz=1", expect=1)
+    check("gate.w_zz" in p.stderr and "gate.w_z," in p.stderr and "gate.w_importance" in p.stderr
+          and "expert.hidden" in p.stderr, "--set with an unknown key is refused, listing the layer's keys")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "config.gate.w_z=1", expect=1)
+    check("without the 'config.' prefix" in p.stderr, "--set with the config. prefix says to drop it")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "seed=3", expect=1)
+    check("seed" in p.stderr and "weights replace" in p.stderr, "--set seed is refused: the weights replace it")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "gate.w_z=lots", expect=1)
+    check("gate.w_z=lots" in p.stderr and "expected a number" in p.stderr, "--set with a bad value names the key")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "gate.k=2.5", expect=1)
+    check("gate.k=2.5" in p.stderr and "integer" in p.stderr, "--set with a non-integer k names the key")
+    p = run(*mixin, "--output", path("x.safetensors"), "--set", "gate.w_z", expect=2)
+    check("--set gate.w_z: expected KEY=VALUE" in p.stderr, "--set without = is a usage error")
+    check(not os.path.exists(path("x.safetensors")), "no output is written when --set is refused")
+
+    # 7. A partial --config: only what differs from the library's defaults; unknown keys refused.
+    partial = {"moe.expert": "FeedForward", "moe.gate": "NoisyTopK", "moe.depth": 2, "moe.scalar": "double",
+               "config.d_model": D, "config.n_experts": 4, "config.expert.hidden": H,
+               "config.gate.levels.0.branching": 2, "config.gate.levels.1.branching": 2,
+               "config.gate.levels.0.gate.k": 1, "config.gate.levels.1.gate.k": 1}
+    with open(path("partial.json"), "w") as f:
+        json.dump(partial, f)
+    run("--weights", path("w2.safetensors"), "--config", path("partial.json"), "--input", path("in2.safetensors"),
+        "--output", path("p1.safetensors"))
+    p1 = st.read(path("p1.safetensors"))[0]
+    full = st.read(path("o1.safetensors"))[0]
+    check(p1["y"][2] == full["y"][2], "a partial --config takes the defaults: the same output as the full one")
+    partial["config.gate.levels.0.gate.kk"] = 1
+    with open(path("partial.json"), "w") as f:
+        json.dump(partial, f)
+    p = run("--weights", path("w2.safetensors"), "--config", path("partial.json"), "--input", path("in2.safetensors"),
+            "--output", path("p2.safetensors"), expect=1)
+    check("config.gate.levels.0.gate.kk" in p.stderr and "not a field" in p.stderr,
+          "an unknown --config key is refused, naming it")
+
+    # 8. --hf: a Qwen2-MoE model directory (config.json, two shards and their index), against the
+    # block's math written here: softmax top 2 unnormalized, SwiGLU experts, one shared expert of
+    # its own width gated by sigmoid(x w); the router's logits and probabilities; --set over it.
+    HS = 4
+    hf = path("qwen2")
+    os.makedirs(hf)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen2_moe", "hidden_size": D, "num_hidden_layers": 2, "num_experts": N,
+                   "num_experts_per_tok": 2, "moe_intermediate_size": H, "shared_expert_intermediate_size": HS,
+                   "norm_topk_prob": False, "mlp_only_layers": [0]}, f)
+    qp = "model.layers.1.mlp."
+    qw = {qp + "gate.weight": ("F32", [N, D], rand(rng, N * D)),
+          qp + "shared_expert.gate_proj.weight": ("F32", [HS, D], rand(rng, HS * D)),
+          qp + "shared_expert.up_proj.weight": ("F32", [HS, D], rand(rng, HS * D)),
+          qp + "shared_expert.down_proj.weight": ("F32", [D, HS], rand(rng, D * HS)),
+          qp + "shared_expert_gate.weight": ("F32", [1, D], rand(rng, D))}
+    for e in range(N):
+        qw[f"{qp}experts.{e}.gate_proj.weight"] = ("F32", [H, D], rand(rng, H * D))
+        qw[f"{qp}experts.{e}.up_proj.weight"] = ("F32", [H, D], rand(rng, H * D))
+        qw[f"{qp}experts.{e}.down_proj.weight"] = ("F32", [D, H], rand(rng, D * H))
+    names = sorted(qw)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        st.write(os.path.join(hf, file), {k: qw[k] for k in part})
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: file for file, part in shards.items() for k in part}}, f)
+
+    def swiglu(wg, wu, wd, hidden, xt):
+        a = [sum(wg[i * D + j] * xt[j] for j in range(D)) for i in range(hidden)]
+        u = [sum(wu[i * D + j] * xt[j] for j in range(D)) for i in range(hidden)]
+        act = [a[i] / (1 + math.exp(-a[i])) * u[i] for i in range(hidden)]
+        return [sum(wd[j * hidden + i] * act[i] for i in range(hidden)) for j in range(D)]
+
+    q_y, q_logits, q_p, q_f = [], [], [], [0.0] * N
+    for t in range(T):
+        xt = x[t * D : (t + 1) * D]
+        logits = [sum(qw[qp + "gate.weight"][2][e * D + j] * xt[j] for j in range(D)) for e in range(N)]
+        m = max(logits)
+        p = [math.exp(v - m) for v in logits]
+        p = [v / sum(p) for v in p]
+        top = sorted(range(N), key=lambda e: (-p[e], e))[:2]
+        y = [0.0] * D
+        for e in top:
+            q_f[e] += 1.0 / T
+            o = swiglu(*(qw[f"{qp}experts.{e}.{k}_proj.weight"][2] for k in ("gate", "up", "down")), H, xt)
+            y = [a + p[e] * b for a, b in zip(y, o)]
+        so = swiglu(*(qw[f"{qp}shared_expert.{k}_proj.weight"][2] for k in ("gate", "up", "down")), HS, xt)
+        g = 1 / (1 + math.exp(-sum(qw[qp + "shared_expert_gate.weight"][2][j] * xt[j] for j in range(D))))
+        q_y += [a + g * b for a, b in zip(y, so)]
+        q_logits += logits
+        q_p += p
+    hf_args = ["--hf", hf, "--layer", 1, "--input", path("in.safetensors"), "--dtype", "double"]
+    run(*hf_args, "--output", path("hf.safetensors"), "--mode", "inference")
+    h = st.read(path("hf.safetensors"))[0]
+    check(rel_err(h["y"][2], q_y) < 1e-12, f"--hf: y matches the Qwen2-MoE block ({rel_err(h['y'][2], q_y):.2e})")
+    check(h["router_logits"][1] == [T, N] and rel_err(h["router_logits"][2], q_logits) < 1e-12,
+          "--hf: router_logits [T, n] written")
+    check(rel_err(h["router_probabilities"][2], q_p) < 1e-12, "--hf: router_probabilities [T, n] written")
+    check("grad.shared_gate.w_gate" in h and "grad.shared_experts.0.w1" in h, "--hf: every gradient written with dy")
+    run(*hf_args, "--output", path("hf2.safetensors"), "--mode", "inference", "--set", "gate.w_aux=0.01")
+    h2 = st.read(path("hf2.safetensors"))[0]
+    p_mean = [sum(q_p[t * N + e] for t in range(T)) / T for e in range(N)]
+    expect_aux = 0.01 * N * sum(q_f[e] * p_mean[e] for e in range(N))
+    check(abs(h2["loss_aux"][2][0] - expect_aux) < 1e-12 and h2["y"][2] == h["y"][2],
+          f"--hf with --set gate.w_aux: the top-k balancing loss n sum f_i P_i ({h2['loss_aux'][2][0]:.6g})")
+    p = run("--hf", hf, "--layer", 0, "--input", path("in.safetensors"), "--output", path("x.safetensors"), expect=1)
+    check("dense MLP" in p.stderr and "mlp_only_layers" in p.stderr, "--hf on a dense layer says so")
+    p = run("--hf", hf, "--input", path("in.safetensors"), "--output", path("x.safetensors"), expect=2)
+    check("--layer" in p.stderr, "--hf without --layer is a usage error")
+    p = run("--hf", hf, "--layer", 1, "--weights", path("w.safetensors"), "--input", path("in.safetensors"),
+            "--output", path("x.safetensors"), expect=2)
+    check("drop --weights" in p.stderr, "--hf with --weights is a usage error")
 
 if failures:
     print(f"{len(failures)} check(s) failed")

@@ -19,13 +19,15 @@
 namespace {
 
 constexpr const char* usage = R"(usage: moe-run --weights FILE --input FILE --output FILE [options]
+       moe-run --hf DIR --layer N --input FILE --output FILE [options]
 
 Runs a moe::Layer forward (and backward when the input has `dy`) and writes y, the gates, the
 routing, the balancing losses and statistics and, with dy, dx and every gradient to FILE.
 
   --weights FILE      safetensors weights: a file written by moe::io::save (its metadata is the
                       layer's configuration), or one with --config, or a Mixtral block (--mixtral)
-  --input FILE        safetensors with x [T, d]; optional noise [T, noise columns], dy [T, d]
+  --input FILE        safetensors with x [T, d]; optional noise [T, noise columns] (train mode,
+                      NoisyTopK only), dy [T, d]; any other tensor is refused
   --output FILE       safetensors to write (atomically)
   --config FILE       the layer's configuration as a JSON object of moe::io metadata keys
                       ("moe.expert", "moe.gate", "moe.depth", "config.d_model", ...); default:
@@ -33,14 +35,24 @@ routing, the balancing losses and statistics and, with dy, dx and every gradient
   --mixtral PREFIX    the weights are a Hugging Face Mixtral-style block under PREFIX
                       (PREFIX + "gate.weight", PREFIX + "experts.0.w1.weight", ...)
   --k N               experts per token of the Mixtral block (default 2)
+  --hf DIR            instead of --weights: a Hugging Face model directory (config.json and its
+                      safetensors, sharded or not); the MoE block of layer --layer N, of a
+                      Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4-MoE or GPT-OSS
+                      model
+  --layer N           the layer of --hf
+  --set KEY=VALUE     override one configuration key, as in the metadata without "config."
+                      (--set gate.w_z=1e-3 --set gate.w_importance=0); repeatable, the last of a
+                      key wins; on top of the metadata, --config, --mixtral or --hf
   --mode M            train (default) or inference
   --backend B         cpu (default) or cuda
-  --dtype T           float or double (default: the configuration's "moe.scalar"; float for --mixtral)
+  --dtype T           float or double (default: the configuration's "moe.scalar"; float for
+                      --mixtral and --hf)
   --noise-seed N      seed of the gate's noise when the input has no `noise` (default 0)
   --threads N         CPU threads (default 0: all)
   --no-check-finite   do not reject NaN or Inf in weights and inputs
 
-Exit status: 0 done, 1 an error (printed), 2 a usage error, 77 --backend cuda without a device.
+Exit status: 0 done, 1 an error (printed; also a --set key the layer does not have or a value that
+does not parse), 2 a usage error, 77 --backend cuda without a device.
 )";
 
 struct UsageError {
@@ -95,7 +107,7 @@ int run(int argc, char** argv) {
     }
     static constexpr std::string_view with_value[] = {"--weights", "--input",  "--output",     "--config", "--mixtral",
                                                       "--k",       "--mode",   "--backend",    "--dtype",  "--noise-seed",
-                                                      "--threads"};
+                                                      "--threads", "--set",    "--hf",         "--layer"};
     if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value))
       throw UsageError{"unknown option " + std::string(flag)};
     if (i + 1 >= argc) throw UsageError{std::string(flag) + ": expected a value after it"};
@@ -105,6 +117,8 @@ int run(int argc, char** argv) {
     else if (flag == "--output") job.output = value;
     else if (flag == "--config") config_path = value;
     else if (flag == "--mixtral") job.mixtral = value;
+    else if (flag == "--hf") job.hf = value;
+    else if (flag == "--layer") job.hf_layer = parse_number<moe::Index>(flag, value);
     else if (flag == "--k") {
       job.mixtral_k = parse_number<moe::Index>(flag, value);
       k_given = true;
@@ -121,10 +135,24 @@ int run(int argc, char** argv) {
       dtype = value;
     } else if (flag == "--noise-seed") job.noise_seed = parse_number<std::uint64_t>(flag, value);
     else if (flag == "--threads") job.threads = parse_number<int>(flag, value);
+    else if (flag == "--set") {
+      const auto eq = value.find('=');
+      if (eq == std::string::npos || eq == 0)
+        throw UsageError{"--set " + value + ": expected KEY=VALUE, a configuration key such as gate.w_z=1e-3"};
+      job.settings.emplace_back(value.substr(0, eq), value.substr(eq + 1));
+    }
     else throw UsageError{"unknown option " + std::string(flag)};
   }
-  if (job.weights.empty() || job.input.empty() || job.output.empty())
-    throw UsageError{"--weights, --input and --output are required"};
+  if (job.hf) {
+    if (!job.weights.empty() || job.mixtral || !config_path.empty())
+      throw UsageError{"--hf reads the weights and the configuration from the model directory; drop --weights, "
+                       "--mixtral and --config"};
+    if (job.hf_layer < 0) throw UsageError{"--hf needs --layer N, the layer whose MoE block to run"};
+  } else if (job.hf_layer >= 0) {
+    throw UsageError{"--layer is the layer of --hf"};
+  }
+  if ((job.weights.empty() && !job.hf) || job.input.empty() || job.output.empty())
+    throw UsageError{"--weights (or --hf), --input and --output are required"};
   if (job.mixtral && !config_path.empty()) throw UsageError{"--mixtral takes the configuration from the weights' shapes; drop --config"};
   if (k_given && !job.mixtral) throw UsageError{"--k is the Mixtral block's k; other layers take k from their configuration"};
   if (job.mixtral_k < 1) throw UsageError{"--k " + std::to_string(job.mixtral_k) + ": expected at least 1"};
@@ -138,7 +166,10 @@ int run(int argc, char** argv) {
   }
 
   moe::io::LayerKind kind;
-  if (job.mixtral) {
+  if (job.hf) {
+    const auto block = moe::io::HfModel::open(*job.hf).block(job.hf_layer);
+    kind = {"SwiGLU", block.gate, 1, dtype.empty() ? "float" : dtype};
+  } else if (job.mixtral) {
     kind = {"SwiGLU", "TopK", 1, dtype.empty() ? "float" : dtype};
   } else {
     job.config = config_path.empty() ? moe::io::SafeTensors::open(job.weights).metadata() : read_config(config_path);

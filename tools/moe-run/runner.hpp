@@ -8,12 +8,14 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "moe/backend.hpp"
 #include "moe/io/checkpoint.hpp"
 #include "moe/io/config.hpp"
+#include "moe/io/hf.hpp"
 #include "moe/io/mixtral.hpp"
 #include "moe/io/safetensors.hpp"
 #include "moe/layer.hpp"
@@ -28,6 +30,10 @@ struct Job {
   std::filesystem::path weights, input, output;
   Metadata config;                     // the layer's description (moe::io::describe's keys)
   std::optional<std::string> mixtral;  // set: the weights are a Mixtral-style block under this prefix
+  std::optional<std::filesystem::path> hf;  // set: a Hugging Face model directory (--hf), its layer hf_layer
+  Index hf_layer = -1;
+  // --set KEY=VALUE, in order: configuration keys without "config." ("gate.w_z"), over any source.
+  std::vector<std::pair<std::string, std::string>> settings;
   Index mixtral_k = 2;                 // experts per token of the Mixtral block
   moe::Mode mode = moe::Mode::train;
   std::uint64_t noise_seed = 0;  // the gate's noise when the input has no `noise` tensor
@@ -35,6 +41,12 @@ struct Job {
   std::string backend = "cpu";
   bool check_finite = true;
 };
+
+// Whether L is a layer a Hugging Face MoE block loads into (moe/io/hf.hpp).
+template <class L>
+inline constexpr bool is_hf_layer =
+    std::is_same_v<typename L::ExpertTag, moe::expert::SwiGLU> && L::depth == 1 &&
+    (std::is_same_v<typename L::GateTag, moe::gate::TopK> || std::is_same_v<typename L::GateTag, moe::gate::SigmoidBias>);
 
 namespace detail {
 
@@ -66,6 +78,62 @@ moe::ConstMatrixView<typename B::Scalar> upload(typename B::Context& ctx, const 
   return {buf.view().data, info.shape[0], cols};
 }
 
+// The input tensors moe-run reads; any other name is refused (a misspelt `noise` or `dy` would
+// otherwise be ignored without a word).
+inline constexpr const char* input_names[] = {"x", "noise", "dy"};
+
+inline void check_input_names(const moe::io::SafeTensors& in) {
+  for (const auto& t : in.tensors()) {
+    bool known = false;
+    for (const char* name : input_names) known = known || t.name == name;
+    moe::detail::require(known, in.origin(), ": tensor '", t.name,
+                         "' is not an input of moe-run, expected x [T, d], noise [T, noise columns] or dy [T, d]");
+  }
+}
+
+// The configuration keys --set takes: describe()'s "config." keys without the prefix, but the
+// seed (the weights replace the values it chose) and check_finite (--no-check-finite).
+inline bool settable(const std::string& key) { return key != "seed" && key != "check_finite"; }
+
+// The configuration with the --set values applied, one after the other: written as metadata by
+// moe::io::describe, the key's value replaced, read back by moe::io::layer_config, so a value
+// is parsed as in a weights file's metadata. An unknown key or a value that does not parse is an
+// Error naming it.
+template <class L>
+typename L::Config apply_settings(typename L::Config config,
+                                  const std::vector<std::pair<std::string, std::string>>& settings) {
+  for (const auto& [key, value] : settings) {
+    Metadata m = moe::io::describe<L>(config);
+    const std::string full = "config." + key;
+    if (!m.contains(full) || !settable(key)) {
+      std::string keys;
+      for (const auto& entry : m) {
+        if (entry.first.rfind("config.", 0) != 0) continue;
+        const std::string k = entry.first.substr(7);
+        if (settable(k)) keys += (keys.empty() ? "" : ", ") + k;
+      }
+      const char* why = "";
+      if (key == "seed") why = " (the seed only chose initial values, which the weights replace)";
+      else if (key == "check_finite") why = " (use --no-check-finite)";
+      else if (key.rfind("config.", 0) == 0) why = " (write keys without the 'config.' prefix)";
+      moe::detail::fail("moe-run: --set ", key, "=", value, ": '", key, "' is not a key --set takes for this layer",
+                        why, "; expected one of: ", keys);
+    }
+    m[full] = value;
+    try {
+      config = moe::io::layer_config<L>(m, "moe-run: --set");
+    } catch (const moe::Error& e) {
+      // layer_config's message is "moe::io: metadata '<key>' = '<value>', expected ...": keep the
+      // expectation, under the name the user wrote.
+      std::string what = e.what();
+      const std::string head = "moe::io: metadata '" + full + "' = '" + value + "', ";
+      if (what.rfind(head, 0) == 0) what = what.substr(head.size());
+      moe::detail::fail("moe-run: --set ", key, "=", value, ": ", what);
+    }
+  }
+  return config;
+}
+
 }  // namespace detail
 
 // Runs the job on a layer of type L. Output tensors (see docs/interop.md):
@@ -78,28 +146,60 @@ template <class L>
 void run(const Job& job) {
   using B = typename L::Backend;
   using S = typename L::Scalar;
-  const moe::io::SafeTensors weights = moe::io::SafeTensors::open(job.weights);
+  const moe::io::SafeTensors in = moe::io::SafeTensors::open(job.input);
+  detail::check_input_names(in);
+  const bool has_noise = in.contains("noise");
+  moe::detail::require(!has_noise || job.mode == moe::Mode::train, in.origin(), ": tensor 'noise' with --mode ",
+                       "inference, where no gate draws noise; drop it or run --mode train");
+
+  // The layer's configuration and weights: a Hugging Face directory, a Mixtral block, or a file
+  // with the library's names (its own metadata or --config).
+  std::optional<moe::io::HfModel> model;
+  std::optional<moe::io::HfBlock> block;
+  std::optional<moe::io::SafeTensors> weights;
   typename L::Config config{};
-  if constexpr (moe::io::is_mixtral_layer<L>) {
-    if (job.mixtral) config = moe::io::mixtral_config<L>(weights, *job.mixtral, job.mixtral_k);
+  if (job.hf) {
+    if constexpr (is_hf_layer<L>) {
+      model.emplace(moe::io::HfModel::open(*job.hf));
+      block.emplace(model->block(job.hf_layer));
+      config = moe::io::hf_config<L>(*block);
+    }
+  } else {
+    weights.emplace(moe::io::SafeTensors::open(job.weights));
+    if constexpr (moe::io::is_mixtral_layer<L>) {
+      if (job.mixtral) config = moe::io::mixtral_config<L>(*weights, *job.mixtral, job.mixtral_k);
+    }
+    if (!job.mixtral) config = moe::io::layer_config<L>(job.config, "configuration");
   }
-  if (!job.mixtral) config = moe::io::layer_config<L>(job.config, "configuration");
+  config = detail::apply_settings<L>(config, job.settings);
   config.threads = job.threads;
   config.check_finite = job.check_finite;
   L layer(config);
-  if constexpr (moe::io::is_mixtral_layer<L>) {
-    if (job.mixtral) moe::io::load_mixtral(layer, weights, *job.mixtral, job.check_finite);
+  if (job.hf) {
+    if constexpr (is_hf_layer<L>) moe::io::load_hf(layer, *model, *block, job.check_finite);
+  } else if (job.mixtral) {
+    if constexpr (moe::io::is_mixtral_layer<L>) moe::io::load_mixtral(layer, *weights, *job.mixtral, job.check_finite);
+  } else {
+    // The weights' own configuration (when they have one) must be the layer's, --set applied to
+    // both: what --set changes is the run's choice, the rest must match.
+    Metadata theirs = weights->metadata();
+    for (const auto& [key, value] : job.settings) theirs["config." + key] = value;
+    moe::io::detail::check_layer_metadata(layer, theirs, weights->origin(), {.check_config = true});
+    moe::io::load(layer, *weights, {.check_finite = job.check_finite, .check_config = false});
   }
-  if (!job.mixtral) moe::io::load(layer, weights, {.check_finite = job.check_finite, .check_config = true});
 
-  const moe::io::SafeTensors in = moe::io::SafeTensors::open(job.input);
+  const bool reads_noise = layer.gate().needs_noise(moe::Mode::train);
+  moe::detail::require(!has_noise || reads_noise, in.origin(), ": tensor 'noise', but this layer's gate (",
+                       moe::io::family_name<typename L::GateTag>(),
+                       ") draws no noise: only NoisyTopK with noisy = true reads it; drop the tensor");
   typename B::Context ctx;
   typename B::template Buffer<S> x_buf, noise_buf, dy_buf;
   const auto x = detail::upload<B>(ctx, in, "x", config.d_model, x_buf, job.check_finite);
   const Index t = x.rows;
   moe::Rng rng(job.noise_seed);
   moe::Noise<S> noise(rng);
-  if (in.contains("noise")) noise = moe::Noise<S>(detail::upload<B>(ctx, in, "noise", layer.noise_columns(), noise_buf, job.check_finite));
+  if (has_noise)
+    noise = moe::Noise<S>(detail::upload<B>(ctx, in, "noise", layer.noise_columns(), noise_buf, job.check_finite));
   const auto f = layer.forward(x, job.mode, noise);
 
   moe::io::SafeTensorsWriter out;
@@ -112,6 +212,17 @@ void run(const Job& job) {
   detail::add_matrix(out, "y", moe::to_host<B>(ctx, f.y()), t, d);
   detail::add_matrix(out, "gates", moe::to_host<B>(ctx, f.gates()), t, f.gates().cols);
   detail::add_matrix(out, "experts", moe::to_host<B>(ctx, f.expert_index()), t, f.expert_index().cols);
+  if constexpr (L::depth == 1 && requires(typename L::GatePolicy& g) {
+                  g.scores(ctx, x, nullptr, moe::MatrixView<S>{}, moe::MatrixView<S>{});
+                }) {
+    // The router's logits and its scores over all n experts (softmax; sigmoid for SigmoidBias).
+    const Index n = config.n_experts;
+    typename B::template Buffer<S> logits(t, n), probabilities(t, n);
+    layer.gate().scores(ctx, x, nullptr, logits.view(), probabilities.view());
+    detail::add_matrix(out, "router_logits", moe::to_host<B>(ctx, moe::ConstMatrixView<S>(logits.view())), t, n);
+    detail::add_matrix(out, "router_probabilities",
+                       moe::to_host<B>(ctx, moe::ConstMatrixView<S>(probabilities.view())), t, n);
+  }
   const auto& st = f.stats();
   detail::add_scalar(out, "loss", st.loss);
   detail::add_scalar(out, "loss_importance", st.loss_importance);

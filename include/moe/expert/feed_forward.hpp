@@ -139,7 +139,7 @@ class FeedForward::Group {
       B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0)); });
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<T>(act_out.view()), weight<T>(ctx, w2_, w2n_), ys,
                     config_.precision);
-    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
+    if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
   }
 
   // dys_t: dys stored as T; dys itself feeds the bias gradient. dpre_t: the masked dpre as T
@@ -168,8 +168,8 @@ class FeedForward::Group {
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dp, S(1), g1_.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dp, weight<T>(ctx, w1_, w1n_), dxs, config_.precision);
     if (config_.bias) {
-      sum_rows_per_expert(ctx, offsets, ConstMatrixView<S>(dpre_.view()), gb1_.data());
-      sum_rows_per_expert(ctx, offsets, dys, gb2_.data());
+      sum_rows_per_expert<B>(ctx, offsets, n_, ConstMatrixView<S>(dpre_.view()), gb1_.data());
+      sum_rows_per_expert<B>(ctx, offsets, n_, dys, gb2_.data());
     }
   }
 
@@ -181,26 +181,6 @@ class FeedForward::Group {
     else
       return copy.get(ctx, version_.value(), w.view());
   }
-
-  // Steps of forward and backward; public only because a CUDA device lambda cannot live in a
-  // private member function.
-  void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
-    const Index n = n_, cols = ys.cols;
-    for_each_element<B>(ctx, ys.rows, cols,
-                        [=] MOE_HD(Index r, Index c) { ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c]; });
-  }
-
-  // grad[e, :] += sum of the rows of m owned by expert e, in row order.
-  void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
-    const Index cols = m.cols;
-    B::for_each(ctx, n_ * cols, [=] MOE_HD(Index i) {
-      const Index e = i / cols, c = i % cols;
-      S acc = grad[i];
-      for (Index r = offsets[e]; r < offsets[e + 1]; ++r) acc += m(r, c);
-      grad[i] = acc;
-    });
-  }
-
 
  private:
   Config config_;

@@ -184,7 +184,7 @@ class SwiGLU::Group {
       });
     }
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys, config_.precision);
-    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
+    if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
   }
 
   // With g = dys W2^T and s = sigmoid(h1):
@@ -287,7 +287,7 @@ class SwiGLU::Group {
     }
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<BFloat16>(saved.act16.view()),
                     w2n_.get(ctx, version_.value(), w2_.view()), ys, config_.precision);
-    if (config_.bias) add_row_bias(ctx, offsets, b2_.data(), ys);
+    if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
   }
 
   // As backward, with dh1 and dh3 written side by side and narrow: dx = [dh1 | dh3] [W1 | W3]^T.
@@ -342,32 +342,12 @@ class SwiGLU::Group {
     if (config_.bias) bias_gradients(ctx, offsets, dh1_.view(), dh3_.view(), dys_wide);
   }
 
-  // Steps of forward and backward; public only because a CUDA device lambda cannot live in a
-  // private member function.
-  // ys[r, :] += bias[expert of row r, :].
-  void add_row_bias(typename B::Context& ctx, const Index* offsets, const S* bias, MatrixView<S> ys) const {
-    const Index n = n_, cols = ys.cols;
-    for_each_element<B>(ctx, ys.rows, cols,
-                        [=] MOE_HD(Index r, Index c) { ys(r, c) += bias[segment_of_row(offsets, n, r) * cols + c]; });
-  }
-
-  // grad[e, :] += sum of the rows of m owned by expert e, in row order.
-  void sum_rows_per_expert(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> m, S* grad) const {
-    const Index cols = m.cols;
-    B::for_each(ctx, n_ * cols, [=] MOE_HD(Index i) {
-      const Index e = i / cols, c = i % cols;
-      S acc = grad[i];
-      for (Index r = offsets[e]; r < offsets[e + 1]; ++r) acc += m(r, c);
-      grad[i] = acc;
-    });
-  }
-
   // db1, db3 and db2 from the fp32 d h1, d h3 and dys.
   void bias_gradients(typename B::Context& ctx, const Index* offsets, ConstMatrixView<S> dh1, ConstMatrixView<S> dh3,
                       ConstMatrixView<S> dys) {
-    sum_rows_per_expert(ctx, offsets, dh1, gb1_.data());
-    sum_rows_per_expert(ctx, offsets, dh3, gb3_.data());
-    sum_rows_per_expert(ctx, offsets, dys, gb2_.data());
+    sum_rows_per_expert<B>(ctx, offsets, n_, dh1, gb1_.data());
+    sum_rows_per_expert<B>(ctx, offsets, n_, dh3, gb3_.data());
+    sum_rows_per_expert<B>(ctx, offsets, n_, dys, gb2_.data());
   }
 
  private:

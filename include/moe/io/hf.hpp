@@ -35,6 +35,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -200,6 +201,13 @@ inline HfBlock HfModel::block(Index layer) const {
   const auto get_string = [&](const std::string& key, std::optional<std::string> fallback = std::nullopt) {
     return detail::hf_value<std::string>(c, mt, key, std::move(fallback));
   };
+  // The expert count under the first of its names config.json has (transformers' attribute
+  // aliases: a config written by transformers 5 may use another than the released one).
+  const auto get_experts = [&](std::initializer_list<const char*> keys, Index fallback) {
+    for (const char* key : keys)
+      if (c.contains(key) && !c[key].is_null()) return get_int(key);
+    return fallback;
+  };
 
   static const char* const supported =
       "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe or gpt_oss";
@@ -239,7 +247,7 @@ inline HfBlock HfModel::block(Index layer) const {
   };
 
   if (mt == "mixtral") {
-    b.n_experts = get_int("num_local_experts", 8);
+    b.n_experts = get_experts({"num_local_experts", "num_experts"}, 8);
     b.expert.hidden = get_int("intermediate_size", 14336);
     b.top_k.k = get_int("num_experts_per_tok", 2);
     b.aux_loss_coef = get_real("router_aux_loss_coef", 0.001);
@@ -252,7 +260,7 @@ inline HfBlock HfModel::block(Index layer) const {
     // The released checkpoints name the block block_sparse_moe; transformers 5 writes mlp.
     if (contains(layer_prefix + "block_sparse_moe.gate.weight")) block_name = "block_sparse_moe.";
   } else if (mt == "qwen2_moe" || mt == "qwen3_moe") {
-    b.n_experts = get_int("num_experts", mt == "qwen2_moe" ? 60 : 128);
+    b.n_experts = get_experts({"num_experts", "num_local_experts"}, mt == "qwen2_moe" ? 60 : 128);
     b.expert.hidden = get_int("moe_intermediate_size", mt == "qwen2_moe" ? 1408 : 768);
     b.top_k.k = get_int("num_experts_per_tok", mt == "qwen2_moe" ? 4 : 8);
     b.top_k.normalize = get_bool("norm_topk_prob", false);
@@ -271,14 +279,15 @@ inline HfBlock HfModel::block(Index layer) const {
       b.shared_prefix = "shared_expert.";
     }
   } else if (mt == "olmoe") {
-    b.n_experts = get_int("num_experts", 64);
+    b.n_experts = get_experts({"num_experts", "num_local_experts"}, 64);
     b.expert.hidden = get_int("intermediate_size", 2048);
     b.top_k.k = get_int("num_experts_per_tok", 8);
     b.top_k.normalize = get_bool("norm_topk_prob", false);
     b.aux_loss_coef = get_real("router_aux_loss_coef", 0.01);
   } else if (mt == "deepseek_v2" || mt == "deepseek_v3" || mt == "glm4_moe") {
     const bool v2 = mt == "deepseek_v2";
-    b.n_experts = get_int("n_routed_experts", v2 ? 64 : (mt == "deepseek_v3" ? 256 : 128));
+    b.n_experts = get_experts({"n_routed_experts", "num_local_experts", "num_experts"},
+                              v2 ? 64 : (mt == "deepseek_v3" ? 256 : 128));
     b.expert.hidden = get_int("moe_intermediate_size", v2 ? 1407 : (mt == "deepseek_v3" ? 2048 : 1408));
     const Index k = get_int("num_experts_per_tok", v2 ? std::optional<Index>{} : std::optional<Index>{8});
     if (layer < get_int("first_k_dense_replace", v2 ? 0 : (mt == "deepseek_v3" ? 3 : 1)))
@@ -318,7 +327,7 @@ inline HfBlock HfModel::block(Index layer) const {
                                                  .scale = scale};
     }
   } else {  // gpt_oss
-    b.n_experts = get_int("num_local_experts", 128);
+    b.n_experts = get_experts({"num_local_experts", "num_experts"}, 128);
     b.expert = expert::SwiGLU::Config{.hidden = get_int("intermediate_size", 2880),
                                       .bias = true,
                                       .alpha = get_real("swiglu_alpha", 1.702),

@@ -1,0 +1,5 @@
+#!/usr/bin/env python3
+"""transformers' qwen2_moe MoE block against moe-run --hf: hf_blocks.py --family qwen2_moe [--moe-run PATH] [--tokens N]."""
+import pathlib, runpy, sys  # noqa: E401
+sys.argv[1:1] = ["--family", "qwen2_moe"]
+runpy.run_path(str(pathlib.Path(__file__).with_name("hf_blocks.py")), run_name="__main__")
