@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/io/checkpoint.hpp"
 #include "moe/io/config.hpp"
 #include "support.hpp"
 
@@ -249,23 +250,64 @@ TEST_CASE("TopK's configuration checks name the bad value") {
   for (Index i = 0; i < 8; ++i) CHECK(params[1].value(0, i) == 0.0);
 }
 
-TEST_CASE("SigmoidBias without renormalization: gates scale * s_j, and its gradients") {
-  using L = Layer<expert::FeedForward, gate::SigmoidBias, backend::Cpu<double>>;
-  const Index t_count = 21, d = 5, n = 8;
-  const gate::SigmoidBias::Config gc{.k = 3, .expert_groups = 4, .top_groups = 2, .bias_rate = 0.0, .normalize = false, .scale = 2.5};
-  L layer({.d_model = d, .n_experts = n, .expert = {.hidden = 4, .bias = true}, .gate = gc, .seed = 1});
+namespace {
+
+const gate::SigmoidBias::Config sigmoid_config{
+    .k = 3, .expert_groups = 4, .top_groups = 2, .bias_rate = 0.0, .normalize = false, .scale = 2.5};
+
+// DeepSeek-V3's router with norm_topk_prob = false, written out: s = sigmoid(l), choice = s + b,
+// groups scored by the sum of their best two choices, the k best choices of the top_groups best
+// groups, gate = scale * s.
+template <class S>
+void check_sigmoid_against_reference() {
+  using L = Layer<expert::FeedForward, gate::SigmoidBias, backend::Cpu<S>>;
+  const Index t_count = 21, d = 5, n = 8, size = n / sigmoid_config.expert_groups;
+  L layer({.d_model = d, .n_experts = n, .expert = {.hidden = 4, .bias = true}, .gate = sigmoid_config, .seed = 1});
   test::randomize_parameters(layer, 3);
-  Matrix<double> bias = test::random_matrix<double>(1, n, 77, -0.3, 0.3);
+  Matrix<S> bias = test::random_matrix<S>(1, n, 77, -0.3, 0.3);
   layer.gate().set_bias(bias.view());
-  const auto x = test::random_matrix<double>(t_count, d, 8);
+  const auto x = test::random_matrix<S>(t_count, d, 8);
   const auto f = layer.forward(x.view(), Mode::inference);
-  const auto logits = linear(values(ConstMatrixView<double>(x.view())), t_count, d, parameter_values(layer, "gate.w_gate"), n, nullptr);
-  for (Index t = 0; t < t_count; ++t)
-    for (Index j = 0; j < gc.k; ++j) {
-      const Index e = f.expert_index()(t, j);
-      const double s = 1.0 / (1.0 + std::exp(-logits[static_cast<std::size_t>(t * n + e)]));
-      CHECK(f.gates()(t, j) == doctest::Approx(gc.scale * s).epsilon(1e-14));
+  const auto logits = linear(values(ConstMatrixView<S>(x.view())), t_count, d, parameter_values(layer, "gate.w_gate"), n, nullptr);
+  const double tol = std::is_same_v<S, float> ? 2e-6 : 1e-14;
+  for (Index t = 0; t < t_count; ++t) {
+    std::vector<double> sig(static_cast<std::size_t>(n)), choice(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      sig[static_cast<std::size_t>(i)] = 1.0 / (1.0 + std::exp(-logits[static_cast<std::size_t>(t * n + i)]));
+      choice[static_cast<std::size_t>(i)] = sig[static_cast<std::size_t>(i)] + static_cast<double>(bias.view()(0, i));
     }
+    std::vector<double> group_score;
+    std::vector<Index> groups;
+    for (Index g = 0; g < sigmoid_config.expert_groups; ++g) {
+      std::vector<Index> members(static_cast<std::size_t>(size));
+      std::iota(members.begin(), members.end(), g * size);
+      const auto best = ranked(choice, members);
+      group_score.push_back(choice[static_cast<std::size_t>(best[0])] + choice[static_cast<std::size_t>(best[1])]);
+      groups.push_back(g);
+    }
+    const auto kept = ranked(group_score, groups);
+    std::vector<Index> candidates;
+    for (Index i = 0; i < n; ++i)
+      if (std::find(kept.begin(), kept.begin() + sigmoid_config.top_groups, i / size) != kept.begin() + sigmoid_config.top_groups)
+        candidates.push_back(i);
+    const auto chosen = ranked(choice, candidates);
+    for (Index j = 0; j < sigmoid_config.k; ++j) {
+      const Index e = chosen[static_cast<std::size_t>(j)];
+      CHECK(f.expert_index()(t, j) == e);
+      CHECK(std::abs(static_cast<double>(f.gates()(t, j)) - sigmoid_config.scale * sig[static_cast<std::size_t>(e)]) < tol);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("SigmoidBias without renormalization: gates scale * s_j (float and double), and its gradients") {
+  using L = Layer<expert::FeedForward, gate::SigmoidBias, backend::Cpu<double>>;
+  const Index n = 8;
+  const auto gc = sigmoid_config;
+  check_sigmoid_against_reference<double>();
+  check_sigmoid_against_reference<float>();
+  Matrix<double> bias = test::random_matrix<double>(1, n, 77, -0.3, 0.3);
   for (const Index k : {1, 3}) {
     CAPTURE(k);
     auto c = gc;
@@ -303,13 +345,26 @@ std::vector<double> feed_forward(const std::vector<double>& x, Index d, Index h,
 
 }  // namespace
 
-TEST_CASE("Shared experts of their own width, with Qwen2-MoE's sigmoid gate") {
-  using L = Layer<expert::FeedForward, gate::TopK, backend::Cpu<double>>;
-  const Index t_count = 13, d = 6, n = 4, h = 3, hs = 7, s_count = 2;
-  L::Config c{.d_model = d, .n_experts = n, .expert = {.hidden = h, .bias = true}, .gate = {.k = 2, .normalize = false},
-              .shared_experts = s_count, .shared_expert = expert::FeedForward::Config{.hidden = hs, .bias = true},
-              .shared_gate = true, .seed = 5};
-  L layer(c);
+namespace {
+
+template <class S>
+using SharedLayer = Layer<expert::FeedForward, gate::TopK, backend::Cpu<S>>;
+
+constexpr Index shared_d = 6, shared_h = 3, shared_hs = 7, shared_count = 2;
+
+template <class S>
+typename SharedLayer<S>::Config shared_config() {
+  return {.d_model = shared_d, .n_experts = 4, .expert = {.hidden = shared_h, .bias = true}, .gate = {.k = 2, .normalize = false},
+          .shared_experts = shared_count, .shared_expert = expert::FeedForward::Config{.hidden = shared_hs, .bias = true},
+          .shared_gate = true, .seed = 5};
+}
+
+// y = sum of the routed slots + sigmoid(x w) * the sum of the shared experts, written out.
+template <class S>
+void check_shared_against_reference() {
+  using L = SharedLayer<S>;
+  const Index t_count = 13, d = shared_d, h = shared_h, hs = shared_hs, s_count = shared_count;
+  L layer(shared_config<S>());
   test::randomize_parameters(layer, 6);
   {
     const auto params = layer.parameters();
@@ -320,9 +375,9 @@ TEST_CASE("Shared experts of their own width, with Qwen2-MoE's sigmoid gate") {
     REQUIRE(sg != nullptr);
     CHECK(sg->shape == std::vector<Index>{d, 1});
   }
-  const auto x = test::random_matrix<double>(t_count, d, 2);
+  const auto x = test::random_matrix<S>(t_count, d, 2);
   const auto f = layer.forward(x.view(), Mode::inference);
-  const auto xv = values(ConstMatrixView<double>(x.view()));
+  const auto xv = values(ConstMatrixView<S>(x.view()));
   const auto rw1 = parameter_values(layer, "experts.w1"), rb1 = parameter_values(layer, "experts.b1"),
              rw2 = parameter_values(layer, "experts.w2"), rb2 = parameter_values(layer, "experts.b2");
   const auto sw1 = parameter_values(layer, "shared_experts.w1"), sb1 = parameter_values(layer, "shared_experts.b1"),
@@ -335,7 +390,7 @@ TEST_CASE("Shared experts of their own width, with Qwen2-MoE's sigmoid gate") {
     for (Index j = 0; j < 2; ++j) {
       const auto e = f.expert_index()(t, j);
       const auto out = feed_forward(xt, d, h, e, rw1, rb1, rw2, rb2);
-      for (Index col = 0; col < d; ++col) y[static_cast<std::size_t>(col)] += f.gates()(t, j) * out[static_cast<std::size_t>(col)];
+      for (Index col = 0; col < d; ++col) y[static_cast<std::size_t>(col)] += static_cast<double>(f.gates()(t, j)) * out[static_cast<std::size_t>(col)];
     }
     for (Index e = 0; e < s_count; ++e) {
       const auto out = feed_forward(xt, d, hs, e, sw1, sb1, sw2, sb2);
@@ -345,9 +400,18 @@ TEST_CASE("Shared experts of their own width, with Qwen2-MoE's sigmoid gate") {
     for (Index col = 0; col < d; ++col) logit += xt[static_cast<std::size_t>(col)] * wg[static_cast<std::size_t>(col)];
     const double g = 1.0 / (1.0 + std::exp(-logit));
     for (Index col = 0; col < d; ++col)
-      worst = std::max(worst, std::abs(f.y()(t, col) - (y[static_cast<std::size_t>(col)] + g * shared[static_cast<std::size_t>(col)])));
+      worst = std::max(worst, std::abs(static_cast<double>(f.y()(t, col)) - (y[static_cast<std::size_t>(col)] + g * shared[static_cast<std::size_t>(col)])));
   }
-  CHECK(worst < 1e-13);
+  CHECK(worst < (std::is_same_v<S, float> ? 1e-5 : 1e-13));
+}
+
+}  // namespace
+
+TEST_CASE("Shared experts of their own width, with Qwen2-MoE's sigmoid gate (float and double)") {
+  using L = SharedLayer<double>;
+  check_shared_against_reference<double>();
+  check_shared_against_reference<float>();
+  const auto c = shared_config<double>();
 
   CHECK(gradients_match(
       [&](std::uint64_t seed) {
@@ -393,4 +457,23 @@ TEST_CASE("The new fields read back from metadata; a partial configuration takes
   partial.erase("config.gate.kk");
   partial.erase("config.d_model");
   CHECK(test::contains(test::error_of([&] { (void)io::layer_config<L>(partial); }), "'config.d_model'"));
+}
+
+TEST_CASE("A checkpoint holds the router bias, the shared experts of their own width and their gate") {
+  using L = Layer<expert::SwiGLU, gate::TopK, backend::Cpu<double>>;
+  L::Config c{.d_model = 6, .n_experts = 8, .expert = {.hidden = 3},
+              .gate = {.k = 2, .normalize = false, .scale = 2.0, .expert_groups = 4, .top_groups = 2, .router_bias = true},
+              .shared_experts = 1, .shared_expert = expert::SwiGLU::Config{.hidden = 5}, .shared_gate = true, .seed = 3};
+  L layer(c);
+  test::randomize_parameters(layer, 8);
+  const auto file = io::SafeTensors::parse(io::checkpoint(layer).bytes());
+  CHECK(file.info("gate.b_gate").shape == std::vector<std::int64_t>{8});
+  CHECK(file.info("shared_experts.0.w1").shape == std::vector<std::int64_t>{6, 5});
+  CHECK(file.info("shared_gate.w_gate").shape == std::vector<std::int64_t>{6, 1});
+  L copy(io::layer_config<L>(file.metadata()));
+  io::load(copy, file);
+  const auto x = test::random_matrix<double>(10, 6, 4);
+  const auto a = layer.forward(x.view(), Mode::inference);
+  const auto b = copy.forward(x.view(), Mode::inference);
+  CHECK(test::same_bits(a.y(), b.y()));
 }

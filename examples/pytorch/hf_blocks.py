@@ -16,9 +16,9 @@ reports both: the block as transformers runs it, and with those casts kept in fl
 which is what a float64 comparison of the arithmetic means.
 
   pip install torch transformers safetensors numpy
-  meson setup build && ninja -C build tools/moe-run/moe-run
-  python3 examples/pytorch/hf_blocks.py --moe-run build/tools/moe-run/moe-run --family qwen2_moe
-  python3 examples/pytorch/hf_blocks.py --moe-run build/tools/moe-run/moe-run --all --json errors.json
+  meson setup build && ninja -C build tools/moe-run
+  python3 examples/pytorch/hf_blocks.py --moe-run build/tools/moe-run --family qwen2_moe
+  python3 examples/pytorch/hf_blocks.py --moe-run build/tools/moe-run --all --json errors.json
 
 Exits non-zero when a difference exceeds the tolerance (1e-5 in float32; in float64 1e-12 with
 --exact, 1e-5 as transformers runs it) or the routing differs."""
@@ -212,7 +212,7 @@ def compare(family, moe_run, dtype, tokens, backend="cpu"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--moe-run", default="build/tools/moe-run/moe-run")
+    ap.add_argument("--moe-run", default="build/tools/moe-run")
     ap.add_argument("--family", choices=sorted(FAMILIES))
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--tokens", type=int, default=64)
