@@ -12,8 +12,8 @@ router's and the experts' gradients, and whether the routing is the same.
 
 transformers computes the routing of these families in float32 whatever the model's dtype
 (softmax(..., dtype=torch.float), .float(), a float32 router for DeepSeek). In float64 the script
-reports both: the block as transformers runs it, and with those casts kept in float64 (--exact),
-which is what a float64 comparison of the arithmetic means.
+reports both: the block as transformers runs it, and with those casts kept in float64 (the rows
+whose routing column says float64), which is what a float64 comparison of the arithmetic means.
 
   pip install torch transformers safetensors numpy
   meson setup build && ninja -C build tools/moe-run
@@ -21,7 +21,7 @@ which is what a float64 comparison of the arithmetic means.
   python3 examples/pytorch/hf_blocks.py --moe-run build/tools/moe-run --all --json errors.json
 
 Exits non-zero when a difference exceeds the tolerance (1e-5 in float32; in float64 1e-12 with
---exact, 1e-5 as transformers runs it) or the routing differs."""
+the routing kept in float64, 1e-5 as transformers runs it) or the routing differs."""
 import argparse
 import contextlib
 import json
