@@ -369,51 +369,14 @@ void load_sharded(L& layer, const std::filesystem::path& where, const LoadOption
   namespace fs = std::filesystem;
   const fs::path index_path = fs::is_directory(where) ? where / shard_index_name : where;
   const std::string origin = index_path.string();
-  std::string text;
-  {
-    std::FILE* f = std::fopen(index_path.c_str(), "rb");
-    moe::detail::require(f != nullptr, "moe::io::load_sharded: ", origin, ": cannot open: ",
-                         detail::errno_text(errno));
-    char buffer[65536];
-    std::size_t got = 0;
-    while ((got = std::fread(buffer, 1, sizeof buffer, f)) > 0) text.append(buffer, got);
-    std::fclose(f);
-  }
-  nlohmann::json index;
-  try {
-    index = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    moe::detail::fail("moe::io::load_sharded: ", origin, ": not valid JSON: ", e.what());
-  }
-  moe::detail::require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(), origin,
-                       ": expected a JSON object with a \"weight_map\" object (a sharded checkpoint's index)");
+  const nlohmann::json index = detail::read_json_file(index_path);
+  const ShardedFiles files = ShardedFiles::from_index(index, index_path.parent_path(), origin);
   Metadata metadata;
   if (index.contains("metadata") && index["metadata"].is_object())
     for (const auto& [key, value] : index["metadata"].items())
       if (value.is_string()) metadata[key] = value.template get<std::string>();
   detail::check_layer_metadata(layer, metadata, origin, options);
-  std::map<std::string, std::string> file_of;
-  for (const auto& [name, file] : index["weight_map"].items()) {
-    moe::detail::require(file.is_string(), origin, ": weight_map[\"", name, "\"] is not a file name");
-    const std::string f = file.template get<std::string>();
-    // A file next to the index: no directories, so an index cannot point outside its checkpoint.
-    moe::detail::require(!f.empty() && f.find('/') == std::string::npos && f.find('\\') == std::string::npos &&
-                             f != "." && f != "..",
-                         origin, ": weight_map[\"", name, "\"] = \"", f, "\", expected a file name in the index's directory");
-    file_of[name] = f;
-  }
-  std::map<std::string, SafeTensors> open;
-  const auto source = [&](const std::string& name) -> const SafeTensors& {
-    const auto it = file_of.find(name);
-    moe::detail::require(it != file_of.end(), origin, ": no tensor '", name,
-                         "' in the weight map, expected every tensor of the layer");
-    auto found = open.find(it->second);
-    if (found == open.end())
-      found = open.emplace(it->second, SafeTensors::open(index_path.parent_path() / it->second)).first;
-    moe::detail::require(found->second.contains(name), found->second.origin(), ": no tensor '", name,
-                         "', which the index ", origin, " places there");
-    return found->second;
-  };
+  const auto source = [&](const std::string& name) -> const SafeTensors& { return files.file_of(name); };
   detail::read_tensors(layer, source, options);
 }
 

@@ -36,10 +36,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <initializer_list>
-#include <fstream>
 #include <map>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -84,31 +82,20 @@ class HfModel {
     HfModel m;
     m.dir_ = dir;
     const auto config_path = dir / "config.json";
-    m.config_ = read_json(config_path);
+    m.config_ = detail::read_json_file(config_path);
     moe::detail::require(m.config_.is_object(), config_path.string(), ": expected a JSON object");
     moe::detail::require(m.config_.contains("model_type") && m.config_["model_type"].is_string(), config_path.string(),
                          ": no \"model_type\" string, expected a Hugging Face model's config.json");
     m.model_type_ = m.config_["model_type"].get<std::string>();
     const auto index_path = dir / "model.safetensors.index.json";
     if (std::filesystem::exists(index_path)) {
-      const nlohmann::json index = read_json(index_path);
-      moe::detail::require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
-                           index_path.string(), ": expected a JSON object with a \"weight_map\" object");
-      for (const auto& [name, file] : index["weight_map"].items()) {
-        moe::detail::require(file.is_string(), index_path.string(), ": weight_map[\"", name, "\"] is not a file name");
-        const std::string f = file.get<std::string>();
-        moe::detail::require(!f.empty() && f.find('/') == std::string::npos && f != "." && f != "..",
-                             index_path.string(), ": weight_map[\"", name, "\"] = \"", f,
-                             "\", expected a file name in the model's directory");
-        m.file_of_[name] = f;
-      }
+      m.files_ = ShardedFiles::from_index(detail::read_json_file(index_path), dir, index_path.string());
     } else {
       const auto single = dir / "model.safetensors";
       moe::detail::require(std::filesystem::exists(single), dir.string(),
                            ": neither model.safetensors nor model.safetensors.index.json, expected the weights of a "
                            "Hugging Face model");
-      m.files_.emplace("model.safetensors", SafeTensors::open(single));
-      for (const auto& t : m.files_.at("model.safetensors").tensors()) m.file_of_[t.name] = "model.safetensors";
+      m.files_ = ShardedFiles::from_file(single);
     }
     return m;
   }
@@ -116,18 +103,9 @@ class HfModel {
   [[nodiscard]] const std::filesystem::path& directory() const { return dir_; }
   [[nodiscard]] const nlohmann::json& config() const { return config_; }
   [[nodiscard]] const std::string& model_type() const { return model_type_; }
-  [[nodiscard]] bool contains(const std::string& name) const { return file_of_.count(name) != 0; }
-
+  [[nodiscard]] bool contains(const std::string& name) const { return files_.contains(name); }
   // The file holding tensor `name` (opened on first use); an Error naming the tensor if none does.
-  [[nodiscard]] const SafeTensors& file_of(const std::string& name) const {
-    const auto it = file_of_.find(name);
-    moe::detail::require(it != file_of_.end(), dir_.string(), ": no tensor '", name, "' in the model's weights");
-    auto found = files_.find(it->second);
-    if (found == files_.end()) found = files_.emplace(it->second, SafeTensors::open(dir_ / it->second)).first;
-    moe::detail::require(found->second.contains(name), found->second.origin(), ": no tensor '", name,
-                         "', which model.safetensors.index.json places there");
-    return found->second;
-  }
+  [[nodiscard]] const SafeTensors& file_of(const std::string& name) const { return files_.file_of(name); }
 
   // Tensor `name` as S, checked against `shape` (and for NaN / Inf with check_finite).
   template <class S>
@@ -139,23 +117,10 @@ class HfModel {
   [[nodiscard]] HfBlock block(Index layer) const;
 
  private:
-  static nlohmann::json read_json(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    moe::detail::require(static_cast<bool>(in), path.string(), ": cannot open");
-    std::stringstream text;
-    text << in.rdbuf();
-    try {
-      return nlohmann::json::parse(text.str());
-    } catch (const nlohmann::json::exception& e) {
-      moe::detail::fail(path.string(), ": not valid JSON: ", e.what());
-    }
-  }
-
   std::filesystem::path dir_;
   nlohmann::json config_;
   std::string model_type_;
-  std::map<std::string, std::string> file_of_;
-  mutable std::map<std::string, SafeTensors> files_;
+  ShardedFiles files_;
 };
 
 namespace detail {

@@ -21,6 +21,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -786,6 +787,84 @@ class SafeTensorsWriter {
   Metadata metadata_;
   std::vector<Entry> tensors_;
   std::set<std::string, std::less<>> names_;
+};
+
+namespace detail {
+
+// The JSON file at `path`, parsed; errors name the file.
+inline nlohmann::json read_json_file(const std::filesystem::path& path) {
+  const std::string origin = path.string();
+  std::string text;
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  moe::detail::require(f != nullptr, origin, ": cannot open: ", errno_text(errno));
+  char buffer[65536];
+  std::size_t got = 0;
+  while ((got = std::fread(buffer, 1, sizeof buffer, f)) > 0) text.append(buffer, got);
+  std::fclose(f);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    moe::detail::fail(origin, ": not valid JSON: ", e.what());
+  }
+}
+
+}  // namespace detail
+
+// The safetensors files of a checkpoint split over several files: which file holds each tensor
+// (the "weight_map" of a model.safetensors.index.json), each file opened and validated on first use.
+class ShardedFiles {
+ public:
+  ShardedFiles() = default;
+
+  // From an index (already parsed) read from `origin`; the files lie in `dir`. Every file name
+  // must be a plain name in that directory, so an index cannot point outside its checkpoint.
+  static ShardedFiles from_index(const nlohmann::json& index, std::filesystem::path dir, std::string origin) {
+    moe::detail::require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(), origin,
+                         ": expected a JSON object with a \"weight_map\" object (a sharded checkpoint's index)");
+    ShardedFiles s;
+    s.dir_ = std::move(dir);
+    s.origin_ = std::move(origin);
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      moe::detail::require(file.is_string(), s.origin_, ": weight_map[\"", name, "\"] is not a file name");
+      const std::string f = file.template get<std::string>();
+      moe::detail::require(!f.empty() && f.find('/') == std::string::npos && f.find('\\') == std::string::npos &&
+                               f != "." && f != "..",
+                           s.origin_, ": weight_map[\"", name, "\"] = \"", f,
+                           "\", expected a file name in the index's directory");
+      s.file_of_[name] = f;
+    }
+    return s;
+  }
+
+  // One file holding every tensor (opened now).
+  static ShardedFiles from_file(const std::filesystem::path& path) {
+    ShardedFiles s;
+    s.dir_ = path.parent_path();
+    s.origin_ = path.string();
+    const std::string name = path.filename().string();
+    auto& file = s.files_.emplace(name, SafeTensors::open(path)).first->second;
+    for (const auto& t : file.tensors()) s.file_of_[t.name] = name;
+    return s;
+  }
+
+  [[nodiscard]] bool contains(const std::string& name) const { return file_of_.count(name) != 0; }
+
+  // The file holding tensor `name`; an Error naming the tensor when none does.
+  [[nodiscard]] const SafeTensors& file_of(const std::string& name) const {
+    const auto it = file_of_.find(name);
+    moe::detail::require(it != file_of_.end(), origin_, ": no tensor '", name, "' in the weight map");
+    auto found = files_.find(it->second);
+    if (found == files_.end()) found = files_.emplace(it->second, SafeTensors::open(dir_ / it->second)).first;
+    moe::detail::require(found->second.contains(name), found->second.origin(), ": no tensor '", name,
+                         "', which the index ", origin_, " places there");
+    return found->second;
+  }
+
+ private:
+  std::filesystem::path dir_;
+  std::string origin_;
+  std::map<std::string, std::string> file_of_;
+  mutable std::map<std::string, SafeTensors> files_;
 };
 
 }  // namespace moe::io
