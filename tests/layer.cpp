@@ -354,6 +354,31 @@ TEST_CASE("Eigen row-major matrices, maps and blocks pass as views without a cop
   CHECK(wide(4, 5) == 42.0);
 }
 
+TEST_CASE("the library's HostMatrix and Buffers pass as views: forward(x), backward(f, dy)") {
+  NoisyLayer layer({.d_model = 3, .n_experts = 4, .expert = {.hidden = 2}, .gate = {.k = 2}});
+  test::randomize_parameters(layer, 3);
+  auto x = test::random_matrix<double>(5, 3, 1);
+  const auto dy = test::random_matrix<double>(5, 3, 2);
+  const auto by_view = layer.forward(x.view(), Mode::inference);
+  const auto by_matrix = layer.forward(x, Mode::inference);  // a non-const HostMatrix
+  const backend::HostMatrix<double>& cx = x;
+  const auto by_const = layer.forward(cx, Mode::inference);  // a const one
+  CHECK(test::same_bits(by_view.y(), by_matrix.y()));
+  CHECK(test::same_bits(by_view.y(), by_const.y()));
+  const auto grad_by_view = layer.backward(by_view, dy.view());
+  const auto grad_by_matrix = layer.backward(by_matrix, dy);
+  CHECK(test::same_bits(grad_by_view.dx.view(), grad_by_matrix.dx.view()));
+  // No copy: the view points into the matrix; a backend Buffer (Backward::dx) converts too.
+  const ConstMatrixView<double> v = cx;
+  CHECK(v.data == x.data());
+  CHECK(v.stride == 3);
+  const MatrixView<double> writable = x;
+  writable(0, 0) = 7.0;
+  CHECK(x(0, 0) == 7.0);
+  const ConstMatrixView<double> dx = grad_by_view.dx;
+  CHECK(dx.data == grad_by_view.dx.data());
+}
+
 TEST_CASE("forward_into reuses a Forward's buffers and gives the same bits as a fresh forward") {
   NoisyLayer layer({.d_model = 6, .n_experts = 8, .expert = {.hidden = 5}, .gate = {.k = 2}});
   test::randomize_parameters(layer, 4);

@@ -56,6 +56,14 @@ struct MatrixView {
   MatrixView(M& m)  // NOLINT(google-explicit-constructor)
       : data(m.data()), rows(m.rows()), cols(m.cols()), stride(m.cols() == 0 ? 0 : m.outerStride()) {}
 
+  // Wraps the library's own matrices (backend::HostMatrix, a backend's Buffer): anything whose
+  // view() is a view convertible to this one.
+  template <class M>
+    requires(!detail::RowMajorDense<M> && requires(M& m) {
+      { m.view() } -> std::convertible_to<MatrixView>;
+    })
+  MatrixView(M& m) : MatrixView(static_cast<MatrixView>(m.view())) {}  // NOLINT(google-explicit-constructor)
+
   // Column-major Eigen storage is refused with a message rather than silently transposed.
   template <class M>
     requires(requires { std::remove_cvref_t<M>::IsRowMajor; } && !std::remove_cvref_t<M>::IsRowMajor &&
