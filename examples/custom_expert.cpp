@@ -1,6 +1,7 @@
 // A user-defined expert: the gated linear unit E(x) = (x W_a * sigmoid(x W_b)) W_o (Dauphin et al.,
 // 2017), written for one expert with Eigen; moe::expert::PerExpert turns it into an expert group.
-// Checks its backward against central finite differences, then trains it on a toy regression.
+// Checks its backward with the installed gradient checker (moe/testing/gradcheck.hpp), then
+// trains it on a toy regression.
 
 #include <cmath>
 #include <cstdint>
@@ -14,10 +15,11 @@
 #include "moe/gate/noisy_top_k.hpp"
 #include "moe/layer.hpp"
 #include "moe/optim/adam.hpp"
+#include "moe/testing/gradcheck.hpp"
 
 namespace {
 
-using example::eigen, example::expect, example::Matrix, example::random_matrix, example::relative_error;
+using example::eigen, example::expect, example::Matrix, example::random_matrix;
 using moe::Index;
 using moe::expert::Grads, moe::expert::In, moe::expert::Out, moe::expert::Weights;
 template <class S>
@@ -62,32 +64,17 @@ int main() {
   try {
     constexpr Index kD = 8, kExperts = 4, kTokens = 16;
     Model layer({.d_model = kD, .n_experts = kExperts, .expert = {.hidden = 6}, .gate = {.k = 2}, .seed = 7});
-    // Noise held fixed, and random gate weights (they start at zero) so that routing depends on x
-    // and the input's gradient has a gate share beside the experts' share.
+    // Random gate weights (they start at zero, so every logit would tie), so that routing depends
+    // on x and the input's gradient has a gate share beside the experts' share. The installed
+    // gradient checker compares backward with central differences for the input and every
+    // parameter, the gate's noise drawn once and held fixed.
+    for (auto& p : layer.parameters())
+      if (p.name == "gate.w_gate") eigen(p.value) = eigen(random_matrix(kD, kExperts, 4, 0.5).view());
     Matrix x = random_matrix(kTokens, kD, 1);
-    const Matrix z = random_matrix(kTokens, kExperts, 2), r = random_matrix(kTokens, kD, 3);
-    const auto parameter = [&](const std::string& name) {
-      for (const auto& p : layer.parameters())
-        if (p.name == name) return p;
-      throw moe::Error("no parameter named " + name);
-    };
-    eigen(parameter("gate.w_gate").value) = eigen(random_matrix(kD, kExperts, 4, 0.5).view());
-    const auto objective = [&] {  // sum(r .* y) + balancing loss: backward(r) with aux_scale = 1
-      const auto f = layer.forward(x.view(), moe::Mode::train, z.view());
-      return (eigen(r.view()).array() * eigen(f.y()).array()).sum() + f.loss();
-    };
-    layer.zero_grad();
-    const auto back = layer.backward(layer.forward(x.view(), moe::Mode::train, z.view()), r.view());
-    bool ok = true;
-    const auto check = [&](const char* what, moe::MatrixView<double> v, moe::ConstMatrixView<double> grad) {
-      const double e = relative_error(v, grad, objective);
-      std::printf("finite differences: %-11s relative error %.2e\n", what, e);
-      ok = ok && e < 1e-6;
-    };
-    const auto w_b = parameter("experts.w_b");  // [n_experts * d x hidden], every expert's W_b
-    check("experts.w_b", w_b.value, w_b.grad);
-    check("input x", x.view(), back.dx.view());
-    if (!expect(ok, "relative errors below 1e-6")) return 1;
+    const Matrix r = random_matrix(kTokens, kD, 3);
+    const moe::testing::GradCheckReport report = moe::testing::check_gradients(layer, x.view(), r.view());
+    std::printf("%s", report.to_string().c_str());
+    if (!expect(report.passed(), "relative errors below 1e-6")) return 1;
 
     // Toy regression y = tanh(x M) on a fixed batch, from a fresh layer.
     constexpr Index kBatch = 512;

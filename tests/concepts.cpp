@@ -1,5 +1,6 @@
 // The concepts accept the built-in types and reject a type missing a member.
 
+#include "moe/io/checkpoint.hpp"
 #include "support.hpp"
 
 using namespace moe;
@@ -107,6 +108,30 @@ struct Scale {
   }
 };
 static_assert(ExpertFamily<expert::PerExpert<Scale>, B>);
+
+// The same expert, named and with a configuration, so that checkpoints can describe it.
+struct NamedScale : Scale {
+  static constexpr const char* io_name = "NamedScale";
+  struct Config {
+    double init = 1.0;
+    Index copies = 1;
+  };
+  static std::vector<expert::ParamSpec> parameters(const Config&, Index d) { return {{"s", 1, d}}; }
+  template <class S>
+  static void forward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::Out<S> y) {
+    Scale::forward<S>({}, std::move(w), x, y);
+  }
+  template <class S>
+  static void backward(const Config&, expert::Weights<S> w, expert::In<S> x, expert::In<S> dy, expert::Out<S> dx,
+                       expert::Grads<S> g) {
+    Scale::backward<S>({}, std::move(w), x, dy, dx, std::move(g));
+  }
+};
+template <class V>
+void config_fields(NamedScale::Config& c, V&& v) {
+  v("init", c.init);
+  v("copies", c.copies);
+}
 }  // namespace
 
 TEST_CASE("the communicator Local is the identity") {
@@ -171,4 +196,21 @@ TEST_CASE("a per-expert expert trains inside a layer: its gradients match finite
   CAPTURE(before);
   CAPTURE(after);
   CHECK(after < 1e-2 * before);
+}
+
+TEST_CASE("a per-expert expert with io_name and config_fields is saved and loaded under its name") {
+  using L = Layer<expert::PerExpert<NamedScale>, gate::TopK, backend::Cpu<double>>;
+  L layer({.d_model = 3, .n_experts = 4, .expert = {.init = 0.5, .copies = 3}, .gate = {.k = 2}, .seed = 2});
+  test::randomize_parameters(layer, 5);
+  const io::SafeTensors file = io::SafeTensors::parse(io::checkpoint(layer).bytes());
+  const io::Metadata& meta = file.metadata();
+  CHECK(io::metadata_value(meta, "moe.expert") == "NamedScale");
+  CHECK(io::metadata_value(meta, "config.expert.copies") == "3");
+  const L::Config config = io::layer_config<L>(meta);
+  CHECK(config.expert.init == 0.5);
+  CHECK(config.expert.copies == 3);
+  L other(config);
+  io::load(other, file);
+  const auto x = test::random_matrix<double>(6, 3, 1);
+  CHECK(test::same_bits(layer.forward(x, Mode::inference).y(), other.forward(x, Mode::inference).y()));
 }

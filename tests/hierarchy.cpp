@@ -434,6 +434,11 @@ struct WideNoise {
 };
 }  // namespace
 
+TEST_CASE_TEMPLATE("a gate routing a token twice to one expert, or giving a NaN gate value, is a moe::Error", BB,
+                   backend::Cpu<double>, backend::Cpu<float>) {
+  test::check_routing_refused<BB>();
+}
+
 TEST_CASE("a gate routing outside its experts, or reading other noise columns, is a moe::Error") {
   using test::contains;
   using test::error_of;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,52 @@ std::string error_of(F&& f) {
 }
 
 inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// A top-k gate with a bug in its routing of row 0: it names its first expert again in slot 1
+// (kTwice), or gives slot 0 a NaN gate value (kNotFinite). Backends with host memory only.
+enum class RoutingBug { kTwice, kNotFinite };
+template <RoutingBug Bug>
+struct BuggyGate {
+  using Config = gate::TopK::Config;
+  template <Backend BB>
+  struct Policy : gate::TopK::Policy<BB> {
+    using Base = gate::TopK::Policy<BB>;
+    using Base::Base;
+    void forward(typename BB::Context& ctx, ConstMatrixView<typename BB::Scalar> x, const Index* offsets, Mode mode,
+                 const GateNoise<typename BB::Scalar>& noise, GateRouting<BB>& routing, typename Base::Saved& saved) {
+      Base::forward(ctx, x, offsets, mode, noise, routing, saved);
+      if constexpr (Bug == RoutingBug::kTwice)
+        routing.expert.data()[1] = routing.expert.data()[0];
+      else
+        routing.gate.data()[0] = std::numeric_limits<typename BB::Scalar>::quiet_NaN();
+    }
+  };
+};
+
+// The layer refuses a gate that routes a token twice to one expert or gives a NaN gate value, at
+// depth 1 and at a hierarchy's level, with a message naming the row, the slot and the value.
+template <Backend BB>
+void check_routing_refused() {
+  using S = typename BB::Scalar;
+  const auto x = random_matrix<S>(6, 4, 1);
+  Layer<expert::FeedForward, BuggyGate<RoutingBug::kTwice>, BB> twice(
+      {.d_model = 4, .n_experts = 3, .expert = {.hidden = 2}, .gate = {.k = 2}});
+  const std::string e_twice = error_of([&] { (void)twice.forward(x.view()); });
+  CHECK_MESSAGE(contains(e_twice, "moe::Layer::forward: the gate routed row 0 to expert "), e_twice);
+  CHECK_MESSAGE(contains(e_twice, " twice (slot 1 repeats an earlier slot)"), e_twice);
+  Layer<expert::FeedForward, BuggyGate<RoutingBug::kNotFinite>, BB> nan(
+      {.d_model = 4, .n_experts = 3, .expert = {.hidden = 2}, .gate = {.k = 2}});
+  const std::string e_nan = error_of([&] { (void)nan.forward(x.view()); });
+  CHECK_MESSAGE(contains(e_nan, "moe::Layer::forward: the gate gave row 0, slot 0 (expert "), e_nan);
+  CHECK_MESSAGE(contains(e_nan, "the gate value nan, expected a finite number"), e_nan);
+  // A hierarchy checks every level's routing against the level's width.
+  const typename gate::Hierarchy<BuggyGate<RoutingBug::kTwice>, 2>::Config levels{
+      .levels = {{{.branching = 2, .gate = {.k = 2}}, {.branching = 3, .gate = {.k = 1}}}}};
+  Layer<expert::FeedForward, BuggyGate<RoutingBug::kTwice>, BB, 2> tree(
+      {.d_model = 4, .n_experts = 6, .expert = {.hidden = 2}, .gate = levels});
+  const std::string e_tree = error_of([&] { (void)tree.forward(x.view()); });
+  CHECK_MESSAGE(contains(e_tree, "gate::Hierarchy: levels[0]: the gate routed row 0 to expert "), e_tree);
+}
 
 // The library's finite-difference check (moe/testing/gradcheck.hpp) with the noise held at
 // `noise` (none: drawn by the check when the gate needs it), as the tests call it.

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend_compare.hpp"
+#include "support.hpp"
 #include "moe/backend/thrust_host.hpp"
 
 #ifndef MOE_COMPARE_DEPTH
@@ -22,6 +23,10 @@ TEST_CASE_TEMPLATE_DEFINE("ThrustHost matches the CPU reference", Case, thrust_h
   compare::check_case<moe::backend::ThrustHost<float>, Case>(0.0);
 }
 TEST_CASE_TEMPLATE_APPLY(thrust_host_cases, compare::CasesAtDepth<MOE_COMPARE_DEPTH>);
+
+TEST_CASE("ThrustHost refuses a gate routing a token twice to one expert, or giving a NaN gate value") {
+  moe::test::check_routing_refused<moe::backend::ThrustHost<float>>();
+}
 
 namespace {
 using moe::Index;

@@ -168,31 +168,53 @@ concept GateFamily = requires { typename Gate::Config; typename Gate::template P
 
 namespace detail {
 // At the call boundary: every slot of a gate's routing [R x k] is an expert in [0, n) or
-// kNotRouted. The check runs on the backend (one flag per row in `scratch`); only the flags come
-// to the host.
+// kNotRouted, no row names an expert twice (its gradient would be wrong: MATH.md 5 differentiates
+// each expert's gate once), and, when `gate` [R x k] is given, every routed slot's gate value is
+// finite. The check runs on the backend (one flag per row in `scratch`); only the flags come to
+// the host. Throws a moe::Error naming the first bad row, slot and value.
 template <Backend B>
 void check_routing(typename B::Context& ctx, const typename B::template Buffer<Index>& expert, Index n,
-                   const char* who, typename B::template Buffer<Index>& scratch) {
+                   const char* who, typename B::template Buffer<Index>& scratch,
+                   const typename B::template Buffer<typename B::Scalar>* gate = nullptr) {
+  using S = typename B::Scalar;
   const Index rows = expert.rows(), k = expert.cols();
   if (rows == 0 || k == 0) return;
   scratch.resize(rows, 1);
   const Index* e = expert.data();
+  const S* g = gate != nullptr ? gate->data() : nullptr;
   Index* bad = scratch.data();
+  // bad[r] = 3 j + reason for the first bad slot j of row r (reason 0: out of range, 1: an
+  // expert named again, 2: a non-finite gate value), -1 when the row is valid.
   B::for_each(ctx, rows, [=] MOE_HD(Index r) {
     Index first = -1;
-    for (Index j = k - 1; j >= 0; --j) {
+    for (Index j = 0; j < k && first < 0; ++j) {
       const Index v = e[r * k + j];
-      if (v != kNotRouted && (v < 0 || v >= n)) first = j;
+      if (v == kNotRouted) continue;
+      if (v < 0 || v >= n) {
+        first = 3 * j;
+        continue;
+      }
+      for (Index i = 0; i < j; ++i)
+        if (e[r * k + i] == v) first = 3 * j + 1;
+      if (first < 0 && g != nullptr && !is_finite(g[r * k + j])) first = 3 * j + 2;
     }
     bad[r] = first;
   });
   const std::vector<Index> flags = to_host<B>(ctx, ConstMatrixView<Index>(scratch.view()));
   for (Index r = 0; r < rows; ++r) {
-    const Index j = flags[static_cast<std::size_t>(r)];
-    if (j < 0) continue;
+    const Index code = flags[static_cast<std::size_t>(r)];
+    if (code < 0) continue;
+    const Index j = code / 3;
     const Index v = to_host<B>(ctx, ConstMatrixView<Index>{e + r * k + j, 1, 1})[0];
-    detail::fail(who, ": the gate routed row ", r, ", slot ", j, " to expert ", v, ", expected an expert in [0, ", n,
-                 ") or kNotRouted (-1)");
+    if (code % 3 == 0)
+      detail::fail(who, ": the gate routed row ", r, ", slot ", j, " to expert ", v, ", expected an expert in [0, ",
+                   n, ") or kNotRouted (-1)");
+    if (code % 3 == 1)
+      detail::fail(who, ": the gate routed row ", r, " to expert ", v, " twice (slot ", j,
+                   " repeats an earlier slot), expected each expert at most once per row");
+    const S value = to_host<B>(ctx, ConstMatrixView<S>{g + r * k + j, 1, 1})[0];
+    detail::fail(who, ": the gate gave row ", r, ", slot ", j, " (expert ", v, ") the gate value ", value,
+                 ", expected a finite number");
   }
 }
 }  // namespace detail

@@ -391,11 +391,12 @@ class Layer {
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
-    // The plan counts out-of-range indices; only then is the routing read to name the first.
-    f.plan_.build(ctx, f.routing_.expert.view(), n);
+    // The plan counts the invalid slots (an index out of range, an expert twice for one token, a
+    // non-finite gate value); only then is the routing read to name the first.
+    f.plan_.build(ctx, f.routing_.expert.view(), n, f.routing_.gate.view());
     if (f.plan_.invalid() > 0) {
-      detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_);
-      detail::fail("moe::Layer::forward: the gate routed ", f.plan_.invalid(), " slots out of range");
+      detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_, &f.routing_.gate);
+      detail::fail("moe::Layer::forward: the gate's routing has ", f.plan_.invalid(), " invalid slots");
     }
 
     // Dispatch: gather each routed slot's token into the expert-contiguous buffer; sharded, the

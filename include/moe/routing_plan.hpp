@@ -4,8 +4,10 @@
 // tokens keep their batch order, and the plan is a pure function of the gate's choices.
 // Slots routed nowhere (kNotRouted) sort after every expert's rows: the first offsets[n]
 // sorted rows are the ones the experts compute. An index that is neither an expert nor
-// kNotRouted sorts last, in a bin of its own: invalid() counts them, and the layer refuses the
-// routing when it is not 0 (so the check costs no read of its own on a device backend).
+// kNotRouted sorts last, in a bin of its own, and so does a slot that names the same expert as
+// an earlier slot of its row, or (when the gate values are given) whose gate value is NaN or
+// infinite: invalid() counts them, and the layer refuses the routing when it is not 0 (so the
+// check costs no read of its own on a device backend).
 
 #include <vector>
 
@@ -29,9 +31,11 @@ struct RoutingPlan {
   Buffer<Index> counts;    // [n + 2] tokens routed to each expert; [n]: slots routed nowhere; [n + 1]: invalid
   Buffer<Index> offsets;   // [n + 3] expert e owns sorted rows [offsets[e], offsets[e+1])
 
-  // expert: [T x k] expert index of each slot, in [0, n) or kNotRouted (anything else is
-  // counted by invalid()).
-  void build(typename B::Context& ctx, ConstMatrixView<Index> expert, Index n_experts) {
+  // expert: [T x k] expert index of each slot, in [0, n) or kNotRouted, no expert twice in a
+  // row; gate: [T x k] the slots' gate values, finite where routed, or empty (not checked).
+  // Anything else is counted by invalid().
+  void build(typename B::Context& ctx, ConstMatrixView<Index> expert, Index n_experts,
+             ConstMatrixView<typename B::Scalar> gate = {}) {
     tokens = expert.rows;
     k = expert.cols;
     experts = n_experts;
@@ -44,11 +48,19 @@ struct RoutingPlan {
     key_.resize(slots, 1);
     {
       const Index* e = expert.data;
-      const Index stride = expert.stride, kk = k, n = n_experts;
+      const typename B::Scalar* g = gate.data;
+      const Index stride = expert.stride, g_stride = gate.stride, kk = k, n = n_experts;
       Index* key = key_.data();
       B::for_each(ctx, slots, [=] MOE_HD(Index s) {
-        const Index v = e[(s / kk) * stride + s % kk];
-        key[s] = v == kNotRouted ? n : (v >= 0 && v < n ? v : n + 1);
+        const Index t = s / kk, j = s % kk;
+        const Index v = e[t * stride + j];
+        Index bin = v == kNotRouted ? n : (v >= 0 && v < n ? v : n + 1);
+        if (bin < n) {
+          for (Index i = 0; i < j; ++i)
+            if (e[t * stride + i] == v) bin = n + 1;
+          if (g != nullptr && !is_finite(g[t * g_stride + j])) bin = n + 1;
+        }
+        key[s] = bin;
       });
     }
     B::histogram(ctx, key_.data(), slots, n_experts + 2, counts.data());
@@ -68,7 +80,8 @@ struct RoutingPlan {
 
   // Rows the experts compute (slots routed to an expert).
   [[nodiscard]] Index routed() const { return host_offsets_[static_cast<std::size_t>(experts)]; }
-  // Slots whose index was neither an expert nor kNotRouted.
+  // Slots refused: an index neither an expert nor kNotRouted, an expert named twice in a row, a
+  // non-finite gate value.
   [[nodiscard]] Index invalid() const {
     const auto n = static_cast<std::size_t>(experts);
     return host_offsets_[n + 2] - host_offsets_[n + 1];

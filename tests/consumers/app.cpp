@@ -1,10 +1,12 @@
 // A program built outside moe's own build, the way a user's is: a layer's forward and backward
-// through the installed headers (or the subproject's), and a checkpoint round trip in memory
-// (moe/io, which needs nlohmann-json from the same flags). Exits non-zero when an output has the
-// wrong shape or is not finite, or the reloaded layer computes something else.
+// through the installed headers (or the subproject's), a checkpoint round trip in memory
+// (moe/io, which needs nlohmann-json from the same flags), and the gradient checker
+// (moe/testing/gradcheck.hpp) on a double layer. Exits non-zero when an output has the wrong
+// shape or is not finite, the reloaded layer computes something else, or the check fails.
 #include <moe/backend/cpu.hpp>
 #include <moe/io/checkpoint.hpp>
 #include <moe/moe.hpp>
+#include <moe/testing/gradcheck.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -60,6 +62,19 @@ int main() {
                        double(y1.y()(t, c)));
           ok = false;
         }
+    // The installed gradient checker on a small double layer (the gate's noise drawn and held).
+    using Checked = moe::Layer<moe::expert::FeedForward, moe::gate::NoisyTopK, moe::backend::Cpu<double>>;
+    Checked small({.d_model = 3, .n_experts = 4, .expert = {.hidden = 4}, .gate = {.k = 2}, .seed = 3});
+    moe::backend::HostMatrix<double> xs(6, 3), dys(6, 3);
+    for (moe::Index i = 0; i < 18; ++i) {
+      xs[i] = std::sin(double(i) + 0.5);
+      dys[i] = std::cos(double(i));
+    }
+    const moe::testing::GradCheckReport report = moe::testing::check_gradients(small, xs, dys);
+    if (!report.passed()) {
+      std::fprintf(stderr, "%s", report.to_string().c_str());
+      ok = false;
+    }
     if (!ok) return 1;
     std::printf("moe consumer: forward and backward of a %td x %td input, balance loss %g\n", tokens, d,
                 double(f.loss()));

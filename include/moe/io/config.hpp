@@ -184,9 +184,20 @@ void parse_value(const std::string& key, const std::string& text, T& out) {
 template <class C>
 concept Describable = requires(C& c) { config_fields(c, [](const char*, auto&) {}); };
 
+// A Config without a field list does not compile where a layer is saved or loaded: a file
+// written without the configuration could not be loaded.
+template <class C>
+constexpr void require_field_list() {
+  static_assert(Describable<C>,
+                "moe::io: this expert's or gate's Config has no field list, so a checkpoint could not describe it; "
+                "declare `template <class V> void config_fields(Config& c, V&& v) { v(\"name\", c.name); ... }` "
+                "beside the Config (an empty body for a Config without fields), see docs/custom_expert.md");
+}
+
 // Writes every field of c under prefix.
 template <class C>
 void write_fields(Metadata& m, const std::string& prefix, C c) {
+  require_field_list<C>();
   if constexpr (Describable<C>)
     config_fields(c, [&](const char* name, auto& field) { m[prefix + name] = format_value(field); });
 }
@@ -194,16 +205,13 @@ void write_fields(Metadata& m, const std::string& prefix, C c) {
 // Reads the fields of c present under prefix; a missing one keeps its value (the default).
 template <class C>
 void read_fields(const Metadata& m, const std::string& prefix, C& c) {
-  if constexpr (Describable<C>) {
+  require_field_list<C>();
+  if constexpr (Describable<C>)
     config_fields(c, [&](const char* name, auto& field) {
       const std::string key = prefix + name;
       const auto it = m.find(key);
       if (it != m.end()) parse_value(key, it->second, field);
     });
-  } else {
-    moe::detail::fail("moe::io: the configuration under '", prefix,
-                      "' has no field list (config_fields), so it cannot be read from metadata");
-  }
 }
 
 template <class L>

@@ -13,7 +13,9 @@
 // x, dy: [m x d] the expert's tokens; y, dx: [m x d] to overwrite; g[i] is the gradient of
 // parameter i, to add into. The adapter stacks every parameter over the experts as
 // "experts.<name>" with shape [n, rows, cols], and runs the experts in parallel. backward
-// recomputes from x what it needs (no state is kept between the calls).
+// recomputes from x what it needs (no state is kept between the calls). To be saved and loaded
+// (moe/io/checkpoint.hpp), E names itself (static constexpr const char* io_name) and its Config
+// has a field list (config_fields, moe/io/config.hpp).
 
 #include <cmath>
 #include <cstdint>
@@ -63,8 +65,17 @@ class Grads {
   std::vector<Out<S>> maps_;
 };
 
+// PerExpert<E> is saved and loaded under E's name (E::io_name), when E has one.
 template <class E>
-struct PerExpert {
+struct PerExpertName {};
+template <class E>
+  requires requires { E::io_name; }
+struct PerExpertName<E> {
+  static constexpr const char* io_name = E::io_name;
+};
+
+template <class E>
+struct PerExpert : PerExpertName<E> {
   using Config = typename E::Config;
   template <Backend B>
   class Group;
