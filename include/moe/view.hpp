@@ -1,6 +1,7 @@
 #pragma once
 // Views: a pointer, a shape and a row stride, the one currency every primitive takes.
-// They never own memory. A CPU user can pass an Eigen row-major matrix, Map or Ref directly.
+// They never own memory. A CPU user can pass an Eigen row-major matrix, Map or Ref directly,
+// and anyone the library's own matrices (HostMatrix, a backend's Buffer).
 
 #include <concepts>
 #include <cstddef>
