@@ -119,7 +119,9 @@ struct StagingOf<B> {
 //   reads.wait();                          // one B::synchronize; the vectors hold the values
 // A backend whose copies into pageable memory would each wait on their own (CUDA) names a
 // page-locked staging pool, B::Staging: the copies go there, asynchronously, and wait() copies
-// them out. A vector is written only by wait(): reads abandoned by an exception write nothing.
+// them out. add() sizes the vector at once; a backend without staging copies the values then, one
+// with staging only at wait(). So read the vectors after wait(), and keep each view valid and
+// each vector unresized until then.
 template <Backend B>
 class HostReads {
   using Staging = typename StagingOf<B>::type;

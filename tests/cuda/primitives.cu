@@ -1,9 +1,9 @@
 // The CUDA backend's device-only primitives: every template instantiated, the host-side errors
 // checked, and with a device gemm / grouped_gemm / grouped_gemm_wgrad compared with host loops
-// (odd sizes, empty groups, transposes, strides), in fp32, fp64, bf16 and tf32 (the tensor-core
-// kernels, also against the exact kernels that round the same operands), DeviceMatrix, the
-// Thrust policy and the error messages. Exits 77 (Meson: SKIP), naming itself, when no CUDA
-// device answers.
+// (odd sizes, empty groups, transposes, strides; an empty group's weight-gradient block bit for
+// bit), in fp32, fp64, bf16 and tf32 (the tensor-core kernels, also against the exact kernels
+// that round the same operands), DeviceMatrix, the Thrust policy and the error messages. Exits
+// 77 (Meson: SKIP), naming itself, when no CUDA device answers.
 #include <cuda_bf16.h>
 #include <thrust/reduce.h>
 #include <thrust/sort.h>
@@ -260,12 +260,31 @@ void test_wgrad(std::mt19937& rng, const std::vector<Index>& sizes, Index d, Ind
   const Index rows = offsets.back();
   Buffer<S> a(rows, d, stride_for(d, 1, aligned), rng), b(rows, n, stride_for(n, 3, aligned), rng);
   Buffer<S> w(groups * d, n, stride_for(n, 2, aligned), rng, std::numeric_limits<S>::quiet_NaN(), beta != S(0));
+  // An empty group's block starts with a -0 (beta != 0), which beta * w_g keeps.
+  if (beta != S(0)) {
+    for (Index g = 0; g < groups; ++g)
+      if (offsets[g + 1] == offsets[g]) w.host[static_cast<std::size_t>(g * d * w.stride)] = S(-0.0);
+    w.upload();
+  }
   Buffer<Index> off(groups + 1, 1, 1, rng, 0, false);
   off.host = offsets;
   off.upload();
   mc::grouped_gemm_wgrad<S>(ctx, off.dev, groups, a.cview(), b.cview(), beta, w.view(), precision);
   ctx.synchronize();
   const auto got = w.download();
+  // An empty group's block is beta * w_g with no product added, bit for bit, as on the CPU:
+  // +0 for beta 0 (over NaN), its own bits for beta 1.
+  bool empty_exact = true;
+  for (Index g = 0; g < groups; ++g) {
+    if (offsets[g + 1] != offsets[g]) continue;
+    for (Index i = 0; i < d; ++i)
+      for (Index j = 0; j < n; ++j) {
+        const auto at = static_cast<std::size_t>((g * d + i) * w.stride + j);
+        const S want = beta == S(0) ? S(0) : static_cast<S>(beta * w.host[at]);
+        empty_exact = empty_exact && std::memcmp(&got[at], &want, sizeof(S)) == 0;
+      }
+  }
+  expect(empty_exact, "grouped_gemm_wgrad: an empty group's block is not beta * w_g bit for bit");
   // Determinism: with beta 0, a second run from the same w gives the same bits.
   if (beta == S(0)) {
     w.upload();

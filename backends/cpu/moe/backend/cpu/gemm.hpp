@@ -88,6 +88,7 @@ HostMatrix<S> rounded_operand(ConstMatrixView<S> m, Precision p, const char* who
 
 // For each group g with rows [offsets[g], offsets[g+1]) of a and c:
 //   c_g = a_g * op(w_g), where w stacks the groups' matrices along its rows (groups * K x N).
+// Writes the groups' rows of c, all N columns, without reading c; an empty group writes nothing.
 // With Precision::bf16 or Precision::tf32, a and w are rounded to bfloat16 or TF32 first (into
 // temporary copies): an emulation of the tensor-core GEMM's numerics, for reference and tests.
 template <class S>
@@ -149,12 +150,14 @@ void grouped_gemm(int threads, const Index* offsets, Index groups, Op tw, ConstM
   });
 }
 
-// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b. Work items
-// are (group, tile of kWgradTileRows x kWgradTileCols of w_g): each item's reduction over the
-// group's rows is one Eigen GEMM run by one thread in full, so the summation order is fixed, and
-// a single busy expert still spreads over the threads. Eigen packs a_g's and b_g's shares once
-// per tile: wide tiles pack b_g fewer times (measured at 1024 rows per expert: 64-column tiles
-// 78, 256 x 512 tiles 118 GFLOP/s).
+// For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b; beta 0
+// overwrites (w_g not read), and a group with no rows gets beta * w_g with no product added:
+// zeros for beta 0, its block untouched for beta 1 (the reference every backend follows).
+// Work items are (group, tile of kWgradTileRows x kWgradTileCols of w_g): each item's reduction
+// over the group's rows is one Eigen GEMM run by one thread in full, so the summation order is
+// fixed, and a single busy expert still spreads over the threads. Eigen packs a_g's and b_g's
+// shares once per tile: wide tiles pack b_g fewer times (measured at 1024 rows per expert:
+// 64-column tiles 78, 256 x 512 tiles 118 GFLOP/s).
 // With Precision::bf16 or Precision::tf32, a and b are rounded to bfloat16 or TF32 first; w
 // accumulates in S.
 template <class S>

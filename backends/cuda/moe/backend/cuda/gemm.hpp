@@ -247,6 +247,17 @@ __global__ void __launch_bounds__(kThreads)
     Index begin = 0;
     Index end = 0;
     group_rows(offsets, g, a.rows, begin, end);
+    // As on the CPU, an empty group's block is beta * w_g with no product added: beta 1 leaves it
+    // as it is (not read, not written), another beta scales it (-0 stays -0); beta 0 writes the
+    // zero product below. The branch is the same for the whole block.
+    if (begin == end && beta != Acc(0)) {
+      if (beta != Acc(1))
+        for (int e = tid; e < mi * nj; e += kThreads) {
+          T* p = w.data + (g * a.cols + i0 + e / nj) * w.stride + j0 + e % nj;
+          *p = static_cast<T>(mul_rn(beta, static_cast<Acc>(*p)));
+        }
+      continue;
+    }
     Acc acc[kMicro][kMicro];
 #pragma unroll
     for (int i = 0; i < kMicro; ++i)
@@ -454,8 +465,9 @@ void grouped_gemm(const Context& ctx, const Index* offsets, Index groups, Op tw,
 
 // For each group g: w_g = beta * w_g + a_g^T * b_g over the group's rows of a and b (w is
 // groups * a.cols x b.cols). beta 0 overwrites (NaN included), beta 1 adds; an empty group gets
-// beta * w_g. offsets is device memory, read only by the kernel: offsets[groups] == a.rows is not
-// checked (rows are clamped into [0, a.rows)); the other checks are cpu::grouped_gemm_wgrad's.
+// beta * w_g with no product added, as on the CPU: zeros for beta 0, untouched for beta 1.
+// offsets is device memory, read only by the kernel: offsets[groups] == a.rows is not checked
+// (rows are clamped into [0, a.rows)); the other checks are cpu::grouped_gemm_wgrad's.
 // One launch; each output element is reduced over its group's rows in order by one thread (one
 // warp on tensor cores). Precisions as grouped_gemm's.
 template <class S>

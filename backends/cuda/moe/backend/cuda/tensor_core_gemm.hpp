@@ -446,6 +446,16 @@ __global__ void __launch_bounds__(kTcThreads)
     Index begin = 0;
     Index end = 0;
     group_rows(offsets, g, a.rows, begin, end);
+    // An empty group's block is beta * w_g, as in the exact kernel: untouched for beta 1, scaled
+    // with no product added for another beta, the zero product written for beta 0 (below).
+    if (begin == end && beta != 0.0f) {
+      if (beta != 1.0f)
+        for (int e = tid; e < mi * nj; e += kTcThreads) {
+          float* p = w.data + (g * a.cols + i0 + e / nj) * w.stride + j0 + e % nj;
+          *p = __fmul_rn(beta, *p);
+        }
+      continue;
+    }
     const Index slices = (end - begin + kTcDepth - 1) / kTcDepth;
     TcAccumulator<P> acc[kTcFragRows][kTcFragCols];
 #pragma unroll
