@@ -48,8 +48,9 @@ using Experts = List<moe::expert::FeedForward, moe::expert::SwiGLU>;
 using Depths = std::integer_sequence<int, 1, 2, 3>;
 
 // Variants with options of their own, each a name of its own (gate_config / expert_config set
-// the options), compared at depth 1 beside the cross product: the routers of today's open models
-// and GPT-OSS's expert.
+// the options), compared at depth 1 beside the cross product: the routers of today's open models,
+// GPT-OSS's expert, and the feed-forward expert over another activation than ReLU (GELU: erf on
+// the device).
 struct GptOssSwiGLU : moe::expert::SwiGLU {  // bias, alpha, clamp, up offset
   static constexpr const char* io_name = "SwiGLU";  // the same family in a checkpoint's metadata
 };
@@ -89,8 +90,9 @@ template <class... G, class E, class D>
 struct Product<List<G...>, E, D> {
   using type = decltype(std::tuple_cat(std::declval<typename ForGate<G, E, D>::type>()...));
 };
+using GeluFeedForward = moe::expert::FeedForwardWith<moe::activation::Gelu>;
 using VariantCases = std::tuple<Case<TopKGrouped, moe::expert::FeedForward, 1>, Case<TopKBiased, GptOssSwiGLU, 1>,
-                                Case<SigmoidScaled, moe::expert::SwiGLU, 1>>;
+                                Case<SigmoidScaled, moe::expert::SwiGLU, 1>, Case<moe::gate::TopK, GeluFeedForward, 1>>;
 // Every case of the cross product (the checkpoint tests; the variants' options round-trip in
 // their own tests: tests/expert_swiglu.cpp, tests/gate_open_models.cpp).
 using Cases = typename Product<Gates, Experts, Depths>::type;
@@ -112,6 +114,7 @@ std::string type_name() {
   if constexpr (std::is_same_v<T, moe::expert::FeedForward>) return "FeedForward";
   if constexpr (std::is_same_v<T, moe::expert::SwiGLU>) return "SwiGLU";
   if constexpr (std::is_same_v<T, GptOssSwiGLU>) return "SwiGLU (GPT-OSS)";
+  if constexpr (std::is_same_v<T, GeluFeedForward>) return "FeedForward<gelu>";
   if constexpr (std::is_same_v<T, TopKGrouped>) return "TopK (grouped, scaled, unnormalized)";
   if constexpr (std::is_same_v<T, TopKBiased>) return "TopK (router bias)";
   if constexpr (std::is_same_v<T, SigmoidScaled>) return "SigmoidBias (unnormalized)";
@@ -152,7 +155,8 @@ template <class Expert>
 typename Expert::Config expert_config(Index h) {
   typename Expert::Config c{};
   c.hidden = h;
-  if constexpr (std::is_same_v<Expert, moe::expert::FeedForward>) c.bias = true;
+  if constexpr (std::is_same_v<Expert, moe::expert::FeedForward> || std::is_same_v<Expert, GeluFeedForward>)
+    c.bias = true;
   if constexpr (std::is_same_v<Expert, GptOssSwiGLU>) {
     // GPT-OSS's expert, but the limit 1 rather than 7, so that the suite's pre-activations (of
     // order 1) reach the clamps on both sides.
@@ -412,9 +416,13 @@ void naive_expert(const Values<S>& p, const std::string& prefix, Index e, const 
       }
       a[static_cast<std::size_t>(j)] = pre / (1 + std::exp(-o.alpha * pre)) * (gate + o.up_offset);
     } else {
-      static_assert(std::is_same_v<Expert, moe::expert::FeedForward>, "naive_expert: an expert without a reference");
+      static_assert(std::is_same_v<Expert, moe::expert::FeedForward> || std::is_same_v<Expert, GeluFeedForward>,
+                    "naive_expert: an expert without a reference");
       if (p.count(prefix + "b1")) pre += p.at(prefix + "b1")[static_cast<std::size_t>(e * h + j)];
-      a[static_cast<std::size_t>(j)] = std::max(pre, 0.0);
+      if constexpr (std::is_same_v<Expert, GeluFeedForward>)
+        a[static_cast<std::size_t>(j)] = 0.5 * pre * (1 + std::erf(pre / std::sqrt(2.0)));  // pre * Phi(pre)
+      else
+        a[static_cast<std::size_t>(j)] = std::max(pre, 0.0);
     }
   }
   for (Index c = 0; c < d; ++c) {

@@ -1,13 +1,16 @@
 #pragma once
-// moe::expert::FeedForward: the paper's expert (MATH.md 1), E(x) = relu(x W1 + b1) W2 + b2,
-// W1: d x h, W2: h x d, biases optional and off by default. Parameters are stacked over the
+// moe::expert::FeedForwardWith<A>: the paper's expert (MATH.md 1) with the activation A
+// (moe/activation.hpp), E(x) = A(x W1 + b1) W2 + b2, W1: d x h, W2: h x d, biases optional and
+// off by default. expert::FeedForward is the paper's, with ReLU. Parameters are stacked over the
 // experts ("experts.w1" is [n, d, h]) and each weight is applied by one grouped GEMM.
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "moe/activation.hpp"
 #include "moe/error.hpp"
 #include "moe/expert/narrow.hpp"
 #include "moe/expert_group.hpp"
@@ -15,41 +18,64 @@
 
 namespace moe::expert {
 
-struct FeedForward {
-  struct Config {
-    Index hidden = 0;   // h, the hidden width of each expert
-    bool bias = false;  // the reference implementation has none
-    Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
-  };
+// The Config of every FeedForwardWith<A>.
+struct FeedForwardConfig {
+  Index hidden = 0;   // h, the hidden width of each expert
+  bool bias = false;  // the reference implementation has none
+  Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
+};
+
+template <class Act>
+struct FeedForwardWith {
+  static_assert(Activation<Act>,
+                "moe::expert::FeedForwardWith<Act>: Act is not an activation; it needs `static constexpr const char* "
+                "name` and static MOE_HD member templates `S f(S x)` and `S df(S x)` for float and double "
+                "(moe/activation.hpp, docs/experts.md \"Activations\")");
+  using Config = FeedForwardConfig;
+  using ActivationType = Act;
+
+ private:
+  static constexpr auto named_ = detail::family_with_activation<Act>("FeedForward");
+
+ public:
+  // The name in a checkpoint's metadata ("moe.expert"): "FeedForward" with ReLU (the paper's
+  // expert), else from the activation's name, "FeedForward<gelu>" with Gelu.
+  static constexpr const char* io_name = std::is_same_v<Act, activation::Relu> ? "FeedForward" : named_.data();
+
   template <Backend B>
   class Group;
 };
 
+// The paper's expert, relu(x W1 + b1) W2 + b2.
+using FeedForward = FeedForwardWith<activation::Relu>;
+
+template <class Act>
 template <Backend B>
-class FeedForward::Group {
+class FeedForwardWith<Act>::Group {
   using S = typename B::Scalar;
   template <class T>
   using Buffer = typename B::template Buffer<T>;
 
  public:
   struct Saved {
-    Buffer<S> pre;  // [rows x h] x W1 + b1, before the ReLU
-    Buffer<S> act;  // [rows x h] relu(pre)
+    Buffer<S> pre;  // [rows x h] x W1 + b1, before the activation
+    Buffer<S> act;  // [rows x h] Act::f(pre)
     // Precision::bf16 (float): the operands kept narrow instead of act.
     Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
-    Buffer<BFloat16> act16;  // [rows x h] relu(pre)
+    Buffer<BFloat16> act16;  // [rows x h] Act::f(pre)
     bool xs16_gathered = false;  // xs16 written by gather_rows, for the next forward
   };
 
   // shard: which experts of a sharded layer this group holds (default: all of them).
   Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, ExpertShard shard = {})
       : config_(config), d_(d_model), n_(n_experts) {
-    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::FeedForward: precision = ",
+    const std::string who = std::string("expert::") + FeedForwardWith::io_name;
+    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, who, ": precision = ",
                     to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
                     "-bit floating point");
-    detail::require(config.hidden >= 1, "expert::FeedForward: hidden = ", config.hidden,
+    detail::require(config.hidden >= 1, who, ": hidden = ", config.hidden,
                     ", expected at least 1 (set Config::hidden)");
-    detail::require(n_experts >= 1, "expert::FeedForward: n_experts = ", n_experts, ", expected at least 1");
+    detail::require(n_experts >= 1, who, ": n_experts = ", n_experts, ", expected at least 1");
     const Index h = config.hidden;
     w1_.resize(n_ * d_, h);
     w2_.resize(n_ * h, d_);
@@ -61,7 +87,7 @@ class FeedForward::Group {
     gb2_.resize(n_, d_, S(0));
     // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
     typename B::Context ctx;
-    const Index first = detail::shard_first(shard, n_, "expert::FeedForward");
+    const Index first = detail::shard_first(shard, n_, who.c_str());
     detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", 1.0 / std::sqrt(static_cast<double>(d_)), first * d_ * h);
     detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)), first * h * d_);
   }
@@ -79,7 +105,7 @@ class FeedForward::Group {
   }
 
   // With Precision::bf16 the GEMMs' operands are kept as BFloat16 (moe/expert/narrow.hpp): the
-  // gathered rows narrowed once, relu(pre) written narrow, the weights' copies made again only
+  // gathered rows narrowed once, Act::f(pre) written narrow, the weights' copies made again only
   // after the parameters changed. The results are those of fp32 operands rounded by the GEMMs.
   void forward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, MatrixView<S> ys,
                Saved& saved) const {
@@ -133,17 +159,17 @@ class FeedForward::Group {
       for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
         const Index i = r * h + c;
         pre[i] += b1[segment_of_row(off, n, r) * h + c];
-        act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0));
+        act[i] = detail::stored<T>(Act::f(pre[i]));
       });
     else
-      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = detail::stored<T>(pre[i] > S(0) ? pre[i] : S(0)); });
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = detail::stored<T>(Act::f(pre[i])); });
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<T>(act_out.view()), weight<T>(ctx, w2_, w2n_), ys,
                     config_.precision);
     if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
   }
 
-  // dys_t: dys stored as T; dys itself feeds the bias gradient. dpre_t: the masked dpre as T
-  // (dpre_ itself when T is S).
+  // dys_t: dys stored as T; dys itself feeds the bias gradient. dpre_t: dpre = (dys W2^T) *
+  // Act::df(pre) as T (dpre_ itself when T is S).
   template <class T>
   void backward_as(typename B::Context& ctx, ConstMatrixView<T> xs, const Index* offsets, const Saved& saved,
                    ConstMatrixView<T> act, ConstMatrixView<T> dys_t, ConstMatrixView<S> dys, MatrixView<S> dxs,
@@ -159,11 +185,11 @@ class FeedForward::Group {
     // Branch-free, so that the CPU vectorizes it: a store per element either way.
     if (dpre_out != nullptr)
       B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-        dpre[i] = pre[i] > S(0) ? dpre[i] : S(0);
+        dpre[i] = detail::activation_grad<Act>(pre[i], dpre[i]);
         dpre_out[i] = detail::stored<T>(dpre[i]);
       });
     else
-      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { dpre[i] = pre[i] > S(0) ? dpre[i] : S(0); });
+      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { dpre[i] = detail::activation_grad<Act>(pre[i], dpre[i]); });
     const ConstMatrixView<T> dp = dpre_t.view();
     B::grouped_gemm_wgrad(ctx, offsets, n_, xs, dp, S(1), g1_.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::transpose, dp, weight<T>(ctx, w1_, w1n_), dxs, config_.precision);

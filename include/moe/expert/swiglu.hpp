@@ -1,18 +1,22 @@
 #pragma once
-// moe::expert::SwiGLU: the gated-linear-unit expert of Shazeer, "GLU Variants Improve
-// Transformer" (2020), as used by Mixtral (Jiang et al., 2024):
-//   E(x) = (silu(x W1) * (x W3)) W2,   silu(a) = a * sigmoid(a),   * elementwise,
-// W1, W3: d x h, W2: h x d, no biases. Parameters are stacked over the experts under the Hugging
-// Face Mixtral names, "experts.w1" [n, d, h], "experts.w3" [n, d, h], "experts.w2" [n, h, d];
-// Hugging Face stores each expert's matrices transposed (w1, w3 as [h, d], w2 as [d, h]), so a
-// checkpoint's per-expert tensors are transposed on import. Each weight is applied by one grouped
-// GEMM; the elementwise gate runs per element. With Precision::bf16 the GEMMs' operands are kept
-// as BFloat16 (moe/expert/narrow.hpp) and w1, w3 are copied side by side, [w1 | w3], so one
-// grouped GEMM computes x W1 and x W3 (x read once), and one computes dx = [dh1 | dh3] [w1 | w3]^T.
+// moe::expert::GluWith<A>: the gated-linear-unit expert of Shazeer, "GLU Variants Improve
+// Transformer" (2020), with the activation A (moe/activation.hpp):
+//   E(x) = (A(x W1) * (x W3)) W2,   * elementwise,
+// W1, W3: d x h, W2: h x d, no biases. expert::SwiGLU (A = silu, silu(a) = a * sigmoid(a)) is
+// Mixtral's expert (Jiang et al., 2024), expert::GeGLU (A = gelu) Shazeer's GEGLU. Parameters are
+// stacked over the experts under the Hugging Face Mixtral names, "experts.w1" [n, d, h],
+// "experts.w3" [n, d, h], "experts.w2" [n, h, d]; Hugging Face stores each expert's matrices
+// transposed (w1, w3 as [h, d], w2 as [d, h]), so a checkpoint's per-expert tensors are
+// transposed on import. Each weight is applied by one grouped GEMM; the elementwise gate runs
+// per element. With Precision::bf16 the GEMMs' operands are kept as BFloat16
+// (moe/expert/narrow.hpp) and w1, w3 are copied side by side, [w1 | w3], so one grouped GEMM
+// computes x W1 and x W3 (x read once), and one computes dx = [dh1 | dh3] [w1 | w3]^T.
 //
-// Config's options make it GPT-OSS's expert (Hugging Face's GptOssExperts): with a = x W1 + b1,
-// u = x W3 + b3, L = limit, a' = min(a, L), u' = clamp(u, -L, L) (no clamp when L = 0),
-//   E(x) = (a' * sigmoid(alpha a') * (u' + up_offset)) W2 + b2,
+// Config's options make SwiGLU GPT-OSS's expert (Hugging Face's GptOssExperts): with
+// a = x W1 + b1, u = x W3 + b3, L = limit, a' = min(a, L), u' = clamp(u, -L, L) (no clamp when
+// L = 0), and alpha the activation's input scale, act(a') = f(alpha a') / alpha (silu:
+// a' * sigmoid(alpha a'), GPT-OSS's expression),
+//   E(x) = (act(a') * (u' + up_offset)) W2 + b2,
 // GPT-OSS: bias, alpha = 1.702, limit = 7, up_offset = 1. The defaults (no bias, alpha 1, no
 // clamp, no offset) are Mixtral's expert, computed by its own expressions, bit for bit.
 // The biases "experts.b1" [n, h], "experts.b3" [n, h], "experts.b2" [n, d] start at zero and
@@ -20,9 +24,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "moe/activation.hpp"
 #include "moe/error.hpp"
 #include "moe/expert/narrow.hpp"
 #include "moe/expert_group.hpp"
@@ -31,12 +37,15 @@
 
 namespace moe::detail {
 
-// The elementwise step of SwiGLU with its options, on a = x W1 + b1 and u = x W3 + b3:
-// value(a, u) = a' sigmoid(alpha a') (u' + offset), a' = min(a, limit), u' = clamp(u, -limit,
-// limit) when clamp is set. The derivative through a clamp is 0 where the input lies strictly
-// beyond the bound, 1 elsewhere (at the bound too, as PyTorch's clamp).
-template <class S>
-struct SwiGLUStep {
+// The elementwise step of GluWith<Act> on a = x W1 (+ b1) and u = x W3 (+ b3). Without options,
+// plain_value(a, u) = f(a) u. With them, value(a, u) = act(a') (u' + offset), a' = min(a,
+// limit), u' = clamp(u, -limit, limit) when clamp is set, act(a') = f(alpha a') / alpha, whose
+// derivative is f'(alpha a') (alpha = 1: f itself, exactly). The derivative through a clamp is 0
+// where the input lies strictly beyond the bound, 1 elsewhere (at the bound too, as PyTorch's
+// clamp). Silu keeps the expressions of Mixtral's and GPT-OSS's experts, act(a') = a'
+// sigmoid(alpha a') without the division, so that SwiGLU's results are those expressions' bits.
+template <class Act, class S>
+struct GluStep {
   S alpha, limit, offset;
   bool clamp;
 
@@ -44,49 +53,103 @@ struct SwiGLUStep {
     S da, du;
   };
 
+  static constexpr bool silu = std::is_same_v<Act, activation::Silu>;
+
+  MOE_HD static S plain_value(S a, S u) { return Act::f(a) * u; }
+  // g times the partial derivatives of plain_value at (a, u).
+  MOE_HD static Grad plain_grad(S a, S u, S g) {
+    if constexpr (silu) {
+      const S s = sigmoid(a);
+      return {g * u * s * (S(1) + a * (S(1) - s)), g * a * s};
+    } else {
+      return {activation_grad<Act>(a, g * u), g * Act::f(a)};
+    }
+  }
+
   MOE_HD S gate_in(S a) const { return clamp && a > limit ? limit : a; }
   MOE_HD S up_in(S u) const { return clamp ? (u > limit ? limit : (u < -limit ? -limit : u)) : u; }
-  MOE_HD S value(S a, S u) const {
-    const S g = gate_in(a);
-    return g * sigmoid(alpha * g) * (up_in(u) + offset);
+  // act(g) = f(alpha g) / alpha.
+  MOE_HD S act(S g) const {
+    if constexpr (silu)
+      return g * sigmoid(alpha * g);
+    else
+      return Act::f(alpha * g) / alpha;
   }
+  MOE_HD S value(S a, S u) const { return act(gate_in(a)) * (up_in(u) + offset); }
   // dv times the partial derivatives of value at (a, u).
   MOE_HD Grad grad(S a, S u, S dv) const {
-    const S g = gate_in(a), s = sigmoid(alpha * g);
-    const S da = clamp && a > limit ? S(0) : dv * (up_in(u) + offset) * s * (S(1) + alpha * g * (S(1) - s));
-    const S du = clamp && (u > limit || u < -limit) ? S(0) : dv * g * s;
-    return {da, du};
+    const S g = gate_in(a);
+    if constexpr (silu) {
+      const S s = sigmoid(alpha * g);
+      const S da = clamp && a > limit ? S(0) : dv * (up_in(u) + offset) * s * (S(1) + alpha * g * (S(1) - s));
+      const S du = clamp && (u > limit || u < -limit) ? S(0) : dv * g * s;
+      return {da, du};
+    } else {
+      const S da = clamp && a > limit ? S(0) : activation_grad<Act>(alpha * g, dv * (up_in(u) + offset));
+      const S du = clamp && (u > limit || u < -limit) ? S(0) : dv * act(g);
+      return {da, du};
+    }
   }
 };
+
+// SwiGLU's step, Mixtral's and GPT-OSS's expressions.
+template <class S>
+using SwiGLUStep = GluStep<activation::Silu, S>;
 
 }  // namespace moe::detail
 
 namespace moe::expert {
 
-struct SwiGLU {
-  struct Config {
-    Index hidden = 0;        // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
-    bool bias = false;       // b1, b3 [n, h] and b2 [n, d] (GPT-OSS); Mixtral has none
-    double alpha = 1.0;      // the gate's activation a * sigmoid(alpha a): 1 is silu (GPT-OSS: 1.702)
-    double limit = 0.0;      // > 0: a clamped to at most limit, u to [-limit, limit] (GPT-OSS: 7); 0: none
-    double up_offset = 0.0;  // the linear branch is u + up_offset, after the clamp (GPT-OSS: 1)
-    Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
-  };
+// The Config of every GluWith<A>.
+struct GluConfig {
+  Index hidden = 0;        // h, the hidden width of each expert (Mixtral: 14336 for d = 4096)
+  bool bias = false;       // b1, b3 [n, h] and b2 [n, d] (GPT-OSS); Mixtral has none
+  double alpha = 1.0;      // the activation's input scale, act(a) = f(alpha a) / alpha; 1: f (GPT-OSS's silu: 1.702)
+  double limit = 0.0;      // > 0: a clamped to at most limit, u to [-limit, limit] (GPT-OSS: 7); 0: none
+  double up_offset = 0.0;  // the linear branch is u + up_offset, after the clamp (GPT-OSS: 1)
+  Precision precision = Precision::fp32;  // of the GEMMs; bf16 / tf32: operands rounded, fp32 accumulation (float only)
+};
+
+template <class Act>
+struct GluWith {
+  static_assert(Activation<Act>,
+                "moe::expert::GluWith<Act>: Act is not an activation; it needs `static constexpr const char* name` "
+                "and static MOE_HD member templates `S f(S x)` and `S df(S x)` for float and double "
+                "(moe/activation.hpp, docs/experts.md \"Activations\")");
+  using Config = GluConfig;
+  using ActivationType = Act;
+
+ private:
+  static constexpr auto named_ = detail::family_with_activation<Act>("GLU");
+
+ public:
+  // The name in a checkpoint's metadata ("moe.expert"): "SwiGLU" with silu, else from the
+  // activation's name, "GLU<gelu>" with Gelu (GeGLU).
+  static constexpr const char* io_name = std::is_same_v<Act, activation::Silu> ? "SwiGLU" : named_.data();
+
   template <Backend B>
   class Group;
 };
 
+// Mixtral's expert (and, with Config's options, GPT-OSS's): (silu(x W1) * (x W3)) W2.
+using SwiGLU = GluWith<activation::Silu>;
+// Shazeer's GEGLU: (gelu(x W1) * (x W3)) W2, with the exact gelu.
+using GeGLU = GluWith<activation::Gelu>;
+
+template <class Act>
 template <Backend B>
-class SwiGLU::Group {
+class GluWith<Act>::Group {
   using S = typename B::Scalar;
   template <class T>
   using Buffer = typename B::template Buffer<T>;
 
  public:
+  using Step = detail::GluStep<Act, S>;
+
   struct Saved {
     Buffer<S> h1;   // [rows x h] x W1 (+ b1), the gate's pre-activation, before the clamp
     Buffer<S> h3;   // [rows x h] x W3 (+ b3), the linear branch, before the clamp
-    Buffer<S> act;  // [rows x h] silu(h1) * h3 (with the options: as in the header), the input of W2
+    Buffer<S> act;  // [rows x h] f(h1) * h3 (with the options: as in the header), the input of W2
     // Precision::bf16 (float) instead: x [W1 | W3] (+ [b1 | b3]) as one matrix, and the narrow operands.
     Buffer<S> h13;           // [rows x 2h]
     Buffer<BFloat16> xs16;   // [rows x d] the gathered rows
@@ -97,18 +160,23 @@ class SwiGLU::Group {
   // shard: which experts of a sharded layer this group holds (default: all of them).
   Group(const Config& config, Index d_model, Index n_experts, std::uint64_t seed, ExpertShard shard = {})
       : config_(config), d_(d_model), n_(n_experts) {
-    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, "expert::SwiGLU: precision = ",
+    const std::string who = std::string("expert::") + GluWith::io_name;
+    detail::require(config.precision == Precision::fp32 || std::is_same_v<S, float>, who, ": precision = ",
                     to_string(config.precision), " needs a float backend, this one computes in ", sizeof(S) * 8,
                     "-bit floating point");
-    detail::require(config.hidden >= 1, "expert::SwiGLU: hidden = ", config.hidden,
+    detail::require(config.hidden >= 1, who, ": hidden = ", config.hidden,
                     ", expected at least 1 (set Config::hidden)");
-    detail::require(d_model >= 1, "expert::SwiGLU: d_model = ", d_model, ", expected at least 1");
-    detail::require(n_experts >= 1, "expert::SwiGLU: n_experts = ", n_experts, ", expected at least 1");
-    detail::require(std::isfinite(config.alpha), "expert::SwiGLU: alpha = ", config.alpha,
-                    ", expected a finite number (1: silu, GPT-OSS: 1.702)");
-    detail::require(std::isfinite(config.limit) && config.limit >= 0, "expert::SwiGLU: limit = ", config.limit,
+    detail::require(d_model >= 1, who, ": d_model = ", d_model, ", expected at least 1");
+    detail::require(n_experts >= 1, who, ": n_experts = ", n_experts, ", expected at least 1");
+    if constexpr (Step::silu)
+      detail::require(std::isfinite(config.alpha), who, ": alpha = ", config.alpha,
+                      ", expected a finite number (1: silu, GPT-OSS: 1.702)");
+    else  // act(a) = f(alpha a) / alpha
+      detail::require(std::isfinite(config.alpha) && config.alpha != 0, who, ": alpha = ", config.alpha,
+                      ", expected a finite number other than 0 (1: ", Act::name, " itself)");
+    detail::require(std::isfinite(config.limit) && config.limit >= 0, who, ": limit = ", config.limit,
                     ", expected a finite number >= 0 (0: no clamp, GPT-OSS: 7)");
-    detail::require(std::isfinite(config.up_offset), "expert::SwiGLU: up_offset = ", config.up_offset,
+    detail::require(std::isfinite(config.up_offset), who, ": up_offset = ", config.up_offset,
                     ", expected a finite number (GPT-OSS: 1)");
     const Index h = config.hidden;
     w1_.resize(n_ * d_, h);
@@ -128,7 +196,7 @@ class SwiGLU::Group {
     // Uniform in (-1/sqrt(fan_in), 1/sqrt(fan_in)], a pure function of (seed, name, element).
     typename B::Context ctx;
     const double bound_in = 1.0 / std::sqrt(static_cast<double>(d_));
-    const Index first = detail::shard_first(shard, n_, "expert::SwiGLU");
+    const Index first = detail::shard_first(shard, n_, who.c_str());
     detail::init_uniform<B>(ctx, w1_.view(), seed, "experts.w1", bound_in, first * d_ * h);
     detail::init_uniform<B>(ctx, w3_.view(), seed, "experts.w3", bound_in, first * d_ * h);
     detail::init_uniform<B>(ctx, w2_.view(), seed, "experts.w2", 1.0 / std::sqrt(static_cast<double>(h)), first * h * d_);
@@ -160,39 +228,17 @@ class SwiGLU::Group {
     saved.act.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w1_.view(), saved.h1.view(), config_.precision);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w3_.view(), saved.h3.view(), config_.precision);
-    if (plain()) {
-      const S* h1 = saved.h1.data();
-      const S* h3 = saved.h3.data();
-      S* act = saved.act.data();
-      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = h1[i] * detail::sigmoid(h1[i]) * h3[i]; });
-    } else {
-      S* h1 = saved.h1.data();
-      S* h3 = saved.h3.data();
-      S* act = saved.act.data();
-      const detail::SwiGLUStep<S> step = glu_step();
-      const S* b1 = config_.bias ? b1_.data() : nullptr;
-      const S* b3 = config_.bias ? b3_.data() : nullptr;
-      const Index n = n_;
-      for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
-        const Index i = r * h + c;
-        if (b1 != nullptr) {
-          const Index at = segment_of_row(offsets, n, r) * h + c;
-          h1[i] += b1[at];
-          h3[i] += b3[at];
-        }
-        act[i] = step.value(h1[i], h3[i]);
-      });
-    }
+    activate(ctx, offsets, rows, saved.h1.data(), saved.h3.data(), h, saved.act.data());
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<S>(saved.act.view()), w2_.view(), ys, config_.precision);
     if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
   }
 
-  // With g = dys W2^T and s = sigmoid(h1):
-  //   d h3 = g * silu(h1),   d h1 = g * h3 * s * (1 + h1 (1 - s)),
+  // With g = dys W2^T:
+  //   d h3 = g * f(h1),   d h1 = g * h3 * f'(h1)   (silu: f'(a) = s (1 + a (1 - s)), s = sigmoid(a)),
   //   dW2 += act^T dys,  dW1 += xs^T d h1,  dW3 += xs^T d h3,  dxs = d h1 W1^T + d h3 W3^T.
-  // With the options (a' = min(h1, L), u' = clamp(h3, -L, L), s = sigmoid(alpha a')):
-  //   d h3 = g * a' s, 0 where |h3| > L;   d h1 = g * (u' + up_offset) * s * (1 + alpha a' (1 - s)),
-  //   0 where h1 > L;   db1 += rows of d h1, db3 += rows of d h3, db2 += rows of dys, per expert.
+  // With the options (a' = min(h1, L), u' = clamp(h3, -L, L), act(a') = f(alpha a') / alpha):
+  //   d h3 = g * act(a'), 0 where |h3| > L;   d h1 = g * (u' + up_offset) * f'(alpha a'), 0 where
+  //   h1 > L;   db1 += rows of d h1, db3 += rows of d h3, db2 += rows of dys, per expert.
   void backward(typename B::Context& ctx, ConstMatrixView<S> xs, const Index* offsets, const Saved& saved,
                 ConstMatrixView<S> dys, MatrixView<S> dxs) {
     if constexpr (std::is_same_v<S, float>) {
@@ -214,13 +260,12 @@ class SwiGLU::Group {
       S* dh3 = dh3_.data();
       if (plain()) {
         B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-          const S a = h1[i], g = dh1[i];
-          const S s = detail::sigmoid(a);
-          dh3[i] = g * a * s;
-          dh1[i] = g * h3[i] * s * (S(1) + a * (S(1) - s));
+          const auto d_in = Step::plain_grad(h1[i], h3[i], dh1[i]);
+          dh1[i] = d_in.da;
+          dh3[i] = d_in.du;
         });
       } else {
-        const detail::SwiGLUStep<S> step = glu_step();
+        const Step step = glu_step();
         B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
           const auto d_in = step.grad(h1[i], h3[i], dh1[i]);
           dh1[i] = d_in.da;
@@ -253,6 +298,38 @@ class SwiGLU::Group {
     return version_.hand_out(std::move(p));
   }
 
+  // act = the elementwise step on a = x W1 and u = x W3 (detail::GluStep), both [rows x h] at
+  // the row stride ld (h1 and h3: h; the halves of h13: 2 h), written as T [rows x h]. With
+  // bias, b1 and b3 are first added to a and u in place (saved so for backward).
+  template <class T>
+  void activate(typename B::Context& ctx, const Index* offsets, Index rows, S* a, S* u, Index ld, T* act) const {
+    const Index h = config_.hidden;
+    if (plain()) {
+      // One store per element, no row lookup; contiguous rows (fp32) vectorize on the CPU.
+      if (ld == h)
+        B::for_each(ctx, rows * h, [=] MOE_HD(Index i) { act[i] = detail::stored<T>(Step::plain_value(a[i], u[i])); });
+      else
+        B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
+          const Index at = i / h * ld + i % h;
+          act[i] = detail::stored<T>(Step::plain_value(a[at], u[at]));
+        });
+      return;
+    }
+    const Step step = glu_step();
+    const S* b1 = config_.bias ? b1_.data() : nullptr;
+    const S* b3 = config_.bias ? b3_.data() : nullptr;
+    const Index n = n_;
+    for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
+      const Index at = r * ld + c;
+      if (b1 != nullptr) {
+        const Index b = segment_of_row(offsets, n, r) * h + c;
+        a[at] += b1[b];
+        u[at] += b3[b];
+      }
+      act[r * h + c] = detail::stored<T>(step.value(a[at], u[at]));
+    });
+  }
+
   // Precision::bf16 on float: the same math with BFloat16 operands, x [W1 | W3] as one GEMM.
   void forward_narrow(typename B::Context& ctx, ConstMatrixView<S> xs_wide, const Index* offsets, MatrixView<S> ys,
                       Saved& saved) const {
@@ -261,30 +338,7 @@ class SwiGLU::Group {
     saved.h13.resize(rows, 2 * h);
     saved.act16.resize(rows, h);
     B::grouped_gemm(ctx, offsets, n_, Op::none, xs, w13(ctx), saved.h13.view(), config_.precision);
-    if (plain()) {
-      const S* h13 = saved.h13.data();
-      BFloat16* act = saved.act16.data();
-      B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
-        const S h1 = h13[i / h * 2 * h + i % h], h3 = h13[i / h * 2 * h + h + i % h];
-        act[i] = to_bfloat16(h1 * detail::sigmoid(h1) * h3);
-      });
-    } else {
-      S* h13 = saved.h13.data();
-      BFloat16* act = saved.act16.data();
-      const detail::SwiGLUStep<S> step = glu_step();
-      const S* b1 = config_.bias ? b1_.data() : nullptr;
-      const S* b3 = config_.bias ? b3_.data() : nullptr;
-      const Index n = n_;
-      for_each_element<B>(ctx, rows, h, [=] MOE_HD(Index r, Index c) {
-        const Index at = r * 2 * h + c;
-        if (b1 != nullptr) {
-          const Index b = segment_of_row(offsets, n, r) * h + c;
-          h13[at] += b1[b];
-          h13[at + h] += b3[b];
-        }
-        act[r * h + c] = to_bfloat16(step.value(h13[at], h13[at + h]));
-      });
-    }
+    activate(ctx, offsets, rows, saved.h13.data(), saved.h13.data() + h, 2 * h, saved.act16.data());
     B::grouped_gemm(ctx, offsets, n_, Op::none, ConstMatrixView<BFloat16>(saved.act16.view()),
                     w2n_.get(ctx, version_.value(), w2_.view()), ys, config_.precision);
     if (config_.bias) add_expert_bias<B>(ctx, offsets, n_, b2_.data(), ys);
@@ -308,10 +362,9 @@ class SwiGLU::Group {
       BFloat16* dh13 = dh13_.data();
       B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
         const Index at = i / h * 2 * h + i % h;
-        const S a = h13[at], b = h13[at + h], g = g_of[i];
-        const S s = detail::sigmoid(a);
-        dh13[at] = to_bfloat16(g * b * s * (S(1) + a * (S(1) - s)));
-        dh13[at + h] = to_bfloat16(g * a * s);
+        const auto d_in = Step::plain_grad(h13[at], h13[at + h], g_of[i]);
+        dh13[at] = to_bfloat16(d_in.da);
+        dh13[at + h] = to_bfloat16(d_in.du);
       });
     } else {
       const S* h13 = saved.h13.data();
@@ -322,7 +375,7 @@ class SwiGLU::Group {
         dh3_wide = dh3_.data();
       }
       BFloat16* dh13 = dh13_.data();
-      const detail::SwiGLUStep<S> step = glu_step();
+      const Step step = glu_step();
       B::for_each(ctx, rows * h, [=] MOE_HD(Index i) {
         const Index at = i / h * 2 * h + i % h;
         const auto d_in = step.grad(h13[at], h13[at + h], g_of[i]);
@@ -364,11 +417,11 @@ class SwiGLU::Group {
     return w13n_.get(ctx, version_.value(), w1_.view(), w3_.view());
   }
 
-  // Mixtral's expert: no bias, silu, no clamp, no offset (the expressions without options).
+  // No bias, alpha 1, no clamp, no offset (with silu, Mixtral's expert): the expressions without options.
   [[nodiscard]] bool plain() const {
     return !config_.bias && config_.alpha == 1.0 && config_.limit == 0.0 && config_.up_offset == 0.0;
   }
-  [[nodiscard]] detail::SwiGLUStep<S> glu_step() const {
+  [[nodiscard]] Step glu_step() const {
     return {static_cast<S>(config_.alpha), static_cast<S>(config_.limit), static_cast<S>(config_.up_offset),
             config_.limit > 0.0};
   }

@@ -36,7 +36,8 @@ using Metadata = std::map<std::string, std::string>;
 // The value of "format" in a file written by moe::io::save.
 inline constexpr std::string_view layer_format = "moe.layer/1";
 
-// Field lists of the library's Configs, in declaration order.
+// Field lists of the library's Configs, in declaration order. expert::FeedForward::Config is the
+// Config of every expert::FeedForwardWith<A>, expert::SwiGLU::Config that of every GluWith<A>.
 template <class V>
 void config_fields(expert::FeedForward::Config& c, V&& v) {
   v("hidden", c.hidden);
@@ -112,7 +113,9 @@ void config_fields(gate::SigmoidBias::Config& c, V&& v) {
   v("w_load", c.w_load);
 }
 
-// The names written as "moe.expert" and "moe.gate".
+// The names written as "moe.expert" and "moe.gate". An expert over another activation than its
+// family's default is named after the activation, "FeedForward<gelu>", "GLU<gelu>" (the io_name
+// of expert::FeedForwardWith<A> and expert::GluWith<A>).
 template <class T>
 constexpr std::string_view family_name() {
   if constexpr (std::is_same_v<T, expert::FeedForward>) return "FeedForward";
