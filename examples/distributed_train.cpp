@@ -88,6 +88,8 @@ int run(int argc, char** argv) {
     const double mse = sum_over_ranks(mixture::mse(f.y(), data.y.view(), &dy, global_count));
     layer.zero_grad();
     layer.backward(f, dy.view());  // the replicated gradients come back summed over the ranks
+    // The whole layer's gradient norm (every rank's experts, the gate once), the same on every rank.
+    (void)moe::optim::clip_grad_norm(layer, 1.0);
     adam.step(layer.parameters());  // each rank steps its experts and its copy of the gate
     if (rank == 0 && (step % (steps / 5) == 0 || step == steps - 1))
       std::printf("step %4lld  train mse %.4f  cv2(load) %.4f  balance loss %.5f\n", static_cast<long long>(step), mse,
@@ -103,7 +105,8 @@ int run(int argc, char** argv) {
   const double mse = sum_over_ranks(mixture::mse(f.y(), eval.y.view(), nullptr, count));
   const double baseline = sum_over_ranks(mixture::mse(zero.view(), eval.y.view(), nullptr, count));
   layer.verify_replicas();  // throws on every rank if a replicated weight differs anywhere
-  if (!save.empty()) moe::io::save_sharded(layer, save);
+  // A training checkpoint: every rank's experts with their Adam state, the noise generator's position.
+  if (!save.empty()) moe::io::save_sharded(layer, adam, save, {.noise = &rng});
   if (rank == 0) {
     std::printf("held-out mse %.4f (predicting zero: %.4f); tokens per expert:", mse, baseline);
     for (const Index c : f.stats().tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));

@@ -2,6 +2,9 @@
 // compute per token, on a regression problem whose target really is a mixture: the inputs fall
 // into C hidden clusters and each cluster has its own linear map. The mixtures should beat the
 // single expert, and the balancing losses (MATH.md 3) should keep the experts' load even.
+// Training as usual for larger models (docs/training.md): Adam on a learning rate warmed up over
+// the first half epoch, then decayed along a cosine to a tenth, and the gradients' global norm
+// clipped.
 //
 //   train_mixture [--quick] [--seed N] [--epochs N]
 
@@ -44,8 +47,14 @@ struct Sizes {
   Index eval = 4096;
   Index batch = 256;
   int epochs = 20;
-  double lr = 3e-3;
+  double lr = 1e-2;        // the peak of the schedule: warm-up over half an epoch, cosine to lr / 10
+  double clip = 0.1;       // the gradients' global norm is scaled down to at most this
   double w_balance = 0.1;  // w_importance = w_load, as in the paper's experiments
+
+  [[nodiscard]] long steps() const { return static_cast<long>(epochs) * static_cast<long>(train / batch); }
+  [[nodiscard]] moe::optim::WarmupCosine schedule() const {
+    return {.lr = lr, .warmup_steps = static_cast<long>(train / batch / 2), .total_steps = steps(), .min_lr = lr / 10};
+  }
 };
 
 // On the held-out set, at inference: no noise, and the load is the count of tokens per expert.
@@ -69,15 +78,21 @@ struct Run {
                .gate = {.k = top_k, .w_importance = s.w_balance, .w_load = s.w_balance},
                .seed = seed}),
         adam({.lr = s.lr}),
+        schedule(s.schedule()),
+        clip(s.clip),
         rng(seed + 1) {}
 
   std::string name;
   Index n, k, hidden;  // hidden: h of each expert
   Model layer;
   moe::optim::Adam<Cpu> adam;
+  moe::optim::WarmupCosine schedule;
+  double clip;
   moe::Rng rng;  // the gate's training noise
   double train_mse = 0;
   double train_cv2_load = 0;  // mean over the epoch's batches, of the smooth load the loss sees
+  double max_grad_norm = 0;   // the largest gradient norm of the epoch, before clipping
+  Index clipped = 0;          // the steps whose gradients were clipped, from the start
   Evaluation eval;
 
   Index active_params() const { return k * 2 * layer.config().d_model * hidden + layer.config().d_model * n; }
@@ -92,12 +107,17 @@ void train_epoch(Run& run, const Data& data, Index batch) {
   Matrix dy(batch, data.x.cols());
   double sum_mse = 0, sum_cv2 = 0;
   const Index batches = data.x.rows() / batch;
+  run.max_grad_norm = 0;
   for (Index b = 0; b < batches; ++b) {
     const auto f = run.layer.forward(data.x.view().block_rows(b * batch, batch), moe::Mode::train, run.rng);
     sum_mse += mse(f.y(), data.y.view().block_rows(b * batch, batch), &dy);
     sum_cv2 += f.stats().cv2_load;
     run.layer.zero_grad();
     run.layer.backward(f, dy.view());  // aux_scale = 1 adds the gradient of the balancing losses
+    const double norm = moe::optim::clip_grad_norm(run.layer, run.clip);
+    run.max_grad_norm = std::max(run.max_grad_norm, norm);
+    run.clipped += norm > run.clip ? 1 : 0;
+    run.adam.set_lr(run.schedule(run.adam.steps()));
     run.adam.step(run.layer.parameters());
   }
   run.train_mse = sum_mse / static_cast<double>(batches);
@@ -174,7 +194,7 @@ int main(int argc, char** argv) {
     std::printf("eval MSE of predicting 0: %.4f\n", mse(Matrix(s.eval, s.d, S(0)).view(), eval.y.view()));
     std::printf(
         "each epoch, per model: train MSE, eval MSE; for the mixtures, CV^2(load) in training\n"
-        "(the smooth estimate the loss sees, mean over batches) and at eval (token counts)\n");
+        "(the smooth estimate the loss sees, mean over batches) and at eval (token counts); the last step's lr\n");
     for (int epoch = 1; epoch <= s.epochs; ++epoch) {
       std::printf("epoch %2d", epoch);
       for (auto& r : runs) {
@@ -183,7 +203,7 @@ int main(int argc, char** argv) {
         std::printf(" | %s %.4f %.4f", r.name.c_str(), r.train_mse, r.eval.mse);
         if (r.n > 1) std::printf(" cv2 %.4f %.3f", r.train_cv2_load, r.eval.cv2_load);
       }
-      std::printf("\n");
+      std::printf(" | lr %.1e\n", runs[0].adam.lr());
     }
 
     std::printf("\n%-7s %2s %2s %6s %12s %7s %9s %9s %9s %9s %10s %7s\n", "model", "n", "k", "hidden", "active/token",
@@ -196,6 +216,10 @@ int main(int argc, char** argv) {
     std::printf(
         "active/token: weights each token meets, k * 2 d hidden in experts + d n in the gate's logits.\n"
         "cv2, max/min (tokens per expert), purity: eval set at inference; train cv2: last epoch.\n");
+    std::printf("gradient norm: largest of the last epoch before clipping to %.3g (steps clipped of %ld):", s.clip,
+                s.steps());
+    for (const auto& r : runs) std::printf(" %s %.3g (%lld)", r.name.c_str(), r.max_grad_norm, ll(r.clipped));
+    std::printf("\n");
     std::printf("%.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 
     // What the example claims. k = 1 is reported but not required to win: its gate value is always

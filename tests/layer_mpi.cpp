@@ -3,7 +3,9 @@
 // those of one process (comm::Local) holding the same weights and the concatenated batch, in
 // training (noise drawn) and inference, flat and hierarchical; uneven and empty batches; all
 // tokens routed to one rank's experts; the same bits run after run; replicated parameters the
-// same bits on every rank after an optimizer step; and the failures every rank must see.
+// same bits on every rank after an optimizer step; the global gradient norm and clipping; training
+// checkpoints (the optimizer's state) that resume bit for bit and load into other rank counts;
+// and the failures every rank must see.
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -481,6 +484,157 @@ TEST_CASE("a checkpoint written by every rank loads into one process and into 2 
   const auto missing = error_of([&] { io::load_sharded(reader, dir); });
   if (reader.expert_shard().first + reader.experts().n_experts() > scratch.config().n_experts - 1 || p == 1)
     CHECK(contains(missing, io::shard_file_name(p - 1, p)));
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (me == 0) std::filesystem::remove_all(dir);
+}
+
+namespace {
+
+// The same gradients on both layers: random in the reference, each rank's share copied.
+template <class L, class R>
+void set_gradients(L& sharded, R& reference, std::uint64_t seed) {
+  for (auto& p : reference.parameters()) test::fill_uniform(p.grad, ++seed, -1, 1);
+  const ExpertShard shard = sharded.expert_shard();
+  auto mine = sharded.parameters();
+  for (auto& p : reference.parameters()) {
+    const auto* q = test::find_parameter<L>(mine, p.name);
+    REQUIRE(q != nullptr);
+    ConstMatrixView<typename L::Scalar> from = p.grad;
+    if (p.name.rfind("experts.", 0) == 0)
+      from = rows_of(from, shard.first * (p.grad.rows / reference.config().n_experts), q->grad.rows);
+    copy_view(from, q->grad);
+  }
+}
+
+template <class S>
+bool same_on_every_rank(S v) {
+  S root = v;
+  MPI_Bcast(&root, sizeof root, MPI_BYTE, 0, MPI_COMM_WORLD);
+  return std::memcmp(&root, &v, sizeof v) == 0;
+}
+
+// The optimizer's state of the sharded layer's parameters equals the reference's, bit for bit: a
+// reference holding every expert, its rows of the rank's experts; one sharded alike, the same.
+template <class L, class OL, class R, class OR>
+void check_same_moments(L& sharded, OL& sharded_opt, R& reference, OR& reference_opt) {
+  using S = typename L::Scalar;
+  const ExpertShard shard = sharded.expert_shard();
+  auto params = sharded.parameters();
+  for (auto& p : reference.parameters()) {
+    const auto* q = test::find_parameter<L>(params, p.name);
+    REQUIRE(q != nullptr);
+    const auto theirs = reference_opt.state(p), mine = sharded_opt.state(*q);
+    REQUIRE(theirs.size() == mine.size());
+    for (std::size_t j = 0; j < mine.size(); ++j) {
+      ConstMatrixView<S> expected = theirs[j];
+      if (p.name.rfind("experts.", 0) == 0 && reference.experts().n_experts() == reference.config().n_experts)
+        expected = rows_of(expected, shard.first * (p.value.rows / reference.config().n_experts), q->value.rows);
+      INFO(p.name << " state " << j);
+      CHECK(test::same_bits(ConstMatrixView<S>(mine[j]), expected));
+    }
+  }
+  CHECK(sharded_opt.steps() == reference_opt.steps());
+}
+
+}  // namespace
+
+TEST_CASE("the gradients' global norm: every rank's experts and the replicated parameters once, as one process") {
+  const int p = world_size();
+  auto c = flat_config<double>();
+  c.shared_experts = 1;  // a replicated stack of experts as well
+  Sharded<double> sharded(c, comm::Mpi(MPI_COMM_WORLD, {.timeout_seconds = 60}));
+  Reference<double> reference(c);
+  set_gradients(sharded, reference, 40);
+  // Each expert's sum is made on the rank that holds it and added in the global order: the same
+  // bits as one process, on every rank.
+  const double norm = optim::grad_norm(sharded);
+  CHECK(norm == optim::grad_norm(reference));
+  CHECK(same_on_every_rank(norm));
+  CHECK(optim::grad_norm<Cpu<double>>(sharded.parameters()) <= norm);  // this rank's alone
+  CHECK(optim::clip_grad_norm(sharded, norm / 2) == norm);
+  CHECK(optim::clip_grad_norm(reference, norm / 2) == norm);
+  check_gradients(sharded, reference, 0.0, "clipped:");
+  CHECK(optim::grad_norm(sharded) == optim::grad_norm(reference));
+  // A NaN in the last rank's first expert: every rank refuses, naming it.
+  const Index culprit = sharded.placement().bounds[static_cast<std::size_t>(p - 1)];
+  if (world_rank() == p - 1)
+    for (auto& q : sharded.parameters())
+      if (q.name == "experts.w2") q.grad(1, 2) = std::nan("");
+  const auto e = error_of([&] { (void)optim::clip_grad_norm(sharded, 1.0); });
+  INFO(e);
+  CHECK(contains(e, "the gradient of experts.w2 (expert " + std::to_string(culprit) + ") is nan"));
+}
+
+TEST_CASE("a sharded training checkpoint resumes bit for bit and loads into one process and into 2 ranks") {
+  using Adam = optim::Adam<Cpu<double>>;
+  const int p = world_size(), me = world_rank();
+  const auto dir = shared_directory();
+  auto c = flat_config<double>();
+  c.shared_experts = 1;
+  const Sizes sizes = uneven_sizes(p);
+  const optim::WarmupCosine schedule{.lr = 2e-2, .warmup_steps = 2, .total_steps = 8, .min_lr = 1e-3};
+  // Each rank's batch depends on the step and the rank; the noise is drawn from rng.
+  const auto train = [&](Sharded<double>& layer, Adam& adam, Rng& rng, int steps) {
+    for (int i = 0; i < steps; ++i) {
+      const auto step = static_cast<std::uint64_t>(adam.steps());
+      Matrix<double> x = test::random_matrix<double>(sizes[static_cast<std::size_t>(me)], c.d_model,
+                                                     300 + 10 * step + static_cast<std::uint64_t>(me));
+      Matrix<double> dy = test::random_matrix<double>(x.rows(), c.d_model, 500 + 10 * step + static_cast<std::uint64_t>(me));
+      auto f = layer.forward(x.view(), Mode::train, rng);
+      layer.zero_grad();
+      layer.backward(f, dy.view());
+      (void)optim::clip_grad_norm(layer, 0.5);
+      adam.set_lr(schedule(adam.steps()));
+      adam.step(layer.parameters());
+    }
+  };
+  const Adam::Config oc{.lr = 2e-2, .weight_decay = 1e-2};
+  Sharded<double> straight(c, comm::Mpi());
+  Adam straight_adam(oc);
+  Rng straight_rng(3);
+  train(straight, straight_adam, straight_rng, 5);
+
+  Sharded<double> first(c, comm::Mpi());
+  Adam first_adam(oc);
+  Rng first_rng(3);
+  train(first, first_adam, first_rng, 3);
+  io::save_sharded(first, first_adam, dir, {.noise = &first_rng});
+
+  auto other_seed = c;
+  other_seed.seed = 9;  // other initial weights: the load replaces them all
+  Sharded<double> resumed(other_seed, comm::Mpi());
+  Adam resumed_adam(oc);
+  Rng resumed_rng(1);
+  io::load_sharded(resumed, resumed_adam, dir, {.noise = &resumed_rng});
+  check_same_moments(resumed, resumed_adam, first, first_adam);
+  CHECK(resumed_rng.step() == first_rng.step());
+  train(resumed, resumed_adam, resumed_rng, 2);
+  auto a = straight.parameters(), b = resumed.parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].name);
+    CHECK(test::same_bits(ConstMatrixView<double>(a[i].value), ConstMatrixView<double>(b[i].value)));
+  }
+
+  // One process reads every rank's state; two ranks read theirs from it.
+  Reference<double> one(c);
+  Adam one_adam(oc);
+  io::load_sharded(one, one_adam, dir);
+  check_same_moments(first, first_adam, one, one_adam);
+  if (p % 2 == 0) {
+    MPI_Comm pair = MPI_COMM_NULL;
+    MPI_Comm_split(MPI_COMM_WORLD, me / 2, me, &pair);
+    {
+      Sharded<double> two(c, comm::Mpi(pair));
+      Adam two_adam(oc);
+      io::load_sharded(two, two_adam, dir / io::shard_index_name);
+      check_same_moments(two, two_adam, one, one_adam);
+    }
+    MPI_Comm_free(&pair);
+  }
+  // The layer alone loads from it too.
+  Sharded<double> weights(c, comm::Mpi());
+  io::load_sharded(weights, dir);
   MPI_Barrier(MPI_COMM_WORLD);
   if (me == 0) std::filesystem::remove_all(dir);
 }

@@ -162,7 +162,7 @@ struct LayerConfig {
   // sigmoid(x w), w [d x 1] a trainable parameter "shared_gate.w_gate" (needs shared_experts >= 1).
   bool shared_gate = false;
   std::uint64_t seed = 0;              // parameter initialization
-  bool check_finite = true;            // reject NaN and Inf in inputs, noise and output gradients
+  bool check_finite = true;            // reject NaN and Inf in inputs, noise, output gradients and gate values
   int threads = 0;                     // CPU threads, 0: all that OpenMP offers; results do not depend on it
 };
 
@@ -391,11 +391,13 @@ class Layer {
                         f.routing_.gate.rows() == t_count && f.routing_.gate.cols() == k,
                     "moe::Layer::forward: the gate produced routing of shape ", f.routing_.expert.rows(), " x ",
                     f.routing_.expert.cols(), ", expected [T x k] = ", t_count, " x ", k);
-    // The plan counts the invalid slots (an index out of range, an expert twice for one token, a
-    // non-finite gate value); only then is the routing read to name the first.
-    f.plan_.build(ctx, f.routing_.expert.view(), n, f.routing_.gate.view());
+    // The plan counts the invalid slots (an index out of range, an expert twice for one token,
+    // with check_finite a non-finite gate value); only then is the routing read to name the first.
+    const auto* checked_gates = config_.check_finite ? &f.routing_.gate : nullptr;
+    f.plan_.build(ctx, f.routing_.expert.view(), n,
+                  checked_gates != nullptr ? ConstMatrixView<Scalar>(checked_gates->view()) : ConstMatrixView<Scalar>{});
     if (f.plan_.invalid() > 0) {
-      detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_, &f.routing_.gate);
+      detail::check_routing<B>(ctx, f.routing_.expert, n, "moe::Layer::forward", check_, checked_gates);
       detail::fail("moe::Layer::forward: the gate's routing has ", f.plan_.invalid(), " invalid slots");
     }
 

@@ -1,6 +1,7 @@
 #pragma once
 // The whole backend-independent library. Add a backend header, e.g. <moe/backend/cpu.hpp>.
 
+#include "moe/activation.hpp"
 #include "moe/backend.hpp"
 #include "moe/balance.hpp"
 #include "moe/comm/local.hpp"
@@ -21,7 +22,10 @@
 #include "moe/layer.hpp"
 #include "moe/mode.hpp"
 #include "moe/optim/adam.hpp"
+#include "moe/optim/clip.hpp"
+#include "moe/optim/schedule.hpp"
 #include "moe/optim/sgd.hpp"
+#include "moe/optim/state.hpp"
 #include "moe/parameter.hpp"
 #include "moe/precision.hpp"
 #include "moe/random.hpp"

@@ -183,8 +183,7 @@ class Hierarchy<Gate, Depth>::Policy {
                       "gate::Hierarchy: levels[", l, "]'s gate produced routing of shape ", lv.routing.expert.rows(),
                       " x ", lv.routing.expert.cols(), ", expected ", rows, " x ", kl);
       detail::check_routing<B>(ctx, lv.routing.expert, width,
-                               ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str(), check_,
-                               &lv.routing.gate);
+                               ("gate::Hierarchy: levels[" + std::to_string(l) + "]").c_str(), check_);
       routing.loss_aux += lv.routing.loss_aux;
       routing.loss_z += lv.routing.loss_z;
       routing.deferred.insert(routing.deferred.end(), lv.routing.deferred.begin(), lv.routing.deferred.end());

@@ -184,8 +184,15 @@ void parse_value(const std::string& key, const std::string& text, T& out) {
   }
 }
 
+// What Describable passes to config_fields (a named type: nvcc does not accept a lambda in the
+// requirement).
+struct FieldProbe {
+  template <class T>
+  void operator()(const char*, T&) const {}
+};
+
 template <class C>
-concept Describable = requires(C& c) { config_fields(c, [](const char*, auto&) {}); };
+concept Describable = requires(C& c, FieldProbe probe) { config_fields(c, probe); };
 
 // A Config without a field list does not compile where a layer is saved or loaded: a file
 // written without the configuration could not be loaded.
