@@ -167,6 +167,20 @@ concept GateFamily = requires { typename Gate::Config; typename Gate::template P
 // clang-format on
 
 namespace detail {
+// What is wrong with slot j of a routing row (expert: the row's k indices, gate: its gate values
+// or null): 0 nothing (an expert in [0, n) named once, its gate value finite, or kNotRouted), 1
+// an index out of range, 2 an expert an earlier slot names, 3 a non-finite gate value. The one
+// rule of both the routing plan's count (RoutingPlan::invalid) and check_routing's message.
+template <class S>
+MOE_HD inline int slot_fault(const Index* expert, Index j, Index n, const S* gate) {
+  const Index v = expert[j];
+  if (v == kNotRouted) return 0;
+  if (v < 0 || v >= n) return 1;
+  for (Index i = 0; i < j; ++i)
+    if (expert[i] == v) return 2;
+  return gate != nullptr && !is_finite(gate[j]) ? 3 : 0;
+}
+
 // At the call boundary: every slot of a gate's routing [R x k] is an expert in [0, n) or
 // kNotRouted, no row names an expert twice (its gradient would be wrong: MATH.md 5 differentiates
 // each expert's gate once), and, when `gate` [R x k] is given, every routed slot's gate value is
@@ -183,20 +197,12 @@ void check_routing(typename B::Context& ctx, const typename B::template Buffer<I
   const Index* e = expert.data();
   const S* g = gate != nullptr ? gate->data() : nullptr;
   Index* bad = scratch.data();
-  // bad[r] = 3 j + reason for the first bad slot j of row r (reason 0: out of range, 1: an
-  // expert named again, 2: a non-finite gate value), -1 when the row is valid.
+  // bad[r] = 3 j + slot_fault - 1 for the first bad slot j of row r, -1 when the row is valid.
   B::for_each(ctx, rows, [=] MOE_HD(Index r) {
     Index first = -1;
     for (Index j = 0; j < k && first < 0; ++j) {
-      const Index v = e[r * k + j];
-      if (v == kNotRouted) continue;
-      if (v < 0 || v >= n) {
-        first = 3 * j;
-        continue;
-      }
-      for (Index i = 0; i < j; ++i)
-        if (e[r * k + i] == v) first = 3 * j + 1;
-      if (first < 0 && g != nullptr && !is_finite(g[r * k + j])) first = 3 * j + 2;
+      const int fault = slot_fault(e + r * k, j, n, g != nullptr ? g + r * k : nullptr);
+      if (fault != 0) first = 3 * j + fault - 1;
     }
     bad[r] = first;
   });

@@ -54,13 +54,9 @@ struct RoutingPlan {
       B::for_each(ctx, slots, [=] MOE_HD(Index s) {
         const Index t = s / kk, j = s % kk;
         const Index v = e[t * stride + j];
-        Index bin = v == kNotRouted ? n : (v >= 0 && v < n ? v : n + 1);
-        if (bin < n) {
-          for (Index i = 0; i < j; ++i)
-            if (e[t * stride + i] == v) bin = n + 1;
-          if (g != nullptr && !is_finite(g[t * g_stride + j])) bin = n + 1;
-        }
-        key[s] = bin;
+        key[s] = detail::slot_fault(e + t * stride, j, n, g != nullptr ? g + t * g_stride : nullptr) != 0 ? n + 1
+                 : v == kNotRouted                                                                      ? n
+                                                                                                        : v;
       });
     }
     B::histogram(ctx, key_.data(), slots, n_experts + 2, counts.data());

@@ -59,6 +59,14 @@ struct TensorCheck {
   double analytic_at_worst = 0, numeric_at_worst = 0;
   bool zero = false;  // every probed numeric derivative is exactly 0: nothing reaches this tensor
   bool passed = true;
+
+  // " (worst element i: analytic a, numeric n)", as the report names a failing tensor's worst.
+  [[nodiscard]] std::string worst_text() const {
+    char text[160];
+    std::snprintf(text, sizeof text, " (worst element %lld: analytic %.9g, numeric %.9g)",
+                  static_cast<long long>(worst_element), analytic_at_worst, numeric_at_worst);
+    return text;
+  }
 };
 
 struct GradCheckReport {
@@ -85,11 +93,7 @@ struct GradCheckReport {
                     static_cast<long long>(t.probed), static_cast<long long>(t.size), t.relative_error,
                     t.passed ? "" : "  FAILED");
       out << line;
-      if (!t.passed) {
-        std::snprintf(line, sizeof line, " (worst element %lld: analytic %.9g, numeric %.9g)",
-                      static_cast<long long>(t.worst_element), t.analytic_at_worst, t.numeric_at_worst);
-        out << line;
-      }
+      if (!t.passed) out << t.worst_text();
       if (t.zero) out << "  (numeric gradient exactly 0)";
       out << '\n';
     }
@@ -231,12 +235,7 @@ GradCheckReport check_gradients(L& layer, MatrixView<typename L::Scalar> x, Cons
     t.zero = t.probed > 0 && all_zero;
     t.passed = !(t.relative_error >= report.tolerance) && std::isfinite(t.relative_error);
     report.worst = std::max(report.worst, t.relative_error);
-    if (!t.passed) {
-      char detail_text[160];
-      std::snprintf(detail_text, sizeof detail_text, " (worst element %lld: analytic %.9g, numeric %.9g)",
-                    static_cast<long long>(t.worst_element), t.analytic_at_worst, t.numeric_at_worst);
-      report.failures.push_back(name + ": relative error " + std::to_string(t.relative_error) + detail_text);
-    }
+    if (!t.passed) report.failures.push_back(name + ": relative error " + std::to_string(t.relative_error) + t.worst_text());
     if (t.zero) report.zero_grads.push_back(name);
     report.tensors.push_back(std::move(t));
   };
